@@ -1,0 +1,551 @@
+"""A Celery worker pool whose tasks run as works on cmwq_exec's shared per-CPU pools.
+
+Select it with the ``worker_pool`` setting::
+
+    app.conf.worker_pool = "cmwq_exec.celery:TaskPool"
+
+or, since ``-P`` only accepts Celery's own names, with ``-P custom``::
+
+    CELERY_CUSTOM_WORKER_POOL=cmwq_exec.celery:TaskPool celery -A proj worker -P custom -c 50
+
+What ``-c/--concurrency`` means here
+    ``max_active`` of the pool's workqueue: at most N tasks of this worker run at once. Threads are
+    not created up front; concurrency management starts another worker thread only when the running
+    one blocks (inside :func:`cmwq_exec.blocking`, a cmwq future wait, or found blocked or hogging
+    the CPU by the watchdog), so a large ``-c`` costs nothing until tasks actually block. Prefetch
+    follows it as for every pool (``worker_prefetch_multiplier`` x concurrency); ``pool_grow`` /
+    ``pool_shrink`` and ``--autoscale`` change it at run time (:meth:`TaskPool.grow`,
+    :meth:`TaskPool.shrink`).
+
+Everything the ``threads`` pool lacks
+    * soft time limit: :class:`celery.exceptions.SoftTimeLimitExceeded` is raised inside the task's
+      thread (``PyThreadState_SetAsyncExc``); the task may catch it;
+    * hard time limit: the task is reported failed with ``TimeLimitExceeded`` at once (the
+      ``timeout_callback``, exactly as prefork does when it kills a child), its slot is given back
+      at once, and its thread is unwound by an exception the task's tracer does not record (so the
+      result is not written twice). A task that swallows it (``except BaseException:``) keeps
+      its thread until it returns by itself: it is *abandoned* - not counted against the
+      concurrency, its eventual return value discarded, shown as ``abandoned`` in ``inspect stats``;
+    * ``revoke(terminate=True)``: every task gets its own job id (passed as the ``pid`` of
+      ``accept_callback``, so ``inspect active`` shows it as ``worker_pid``); ``terminate_job``
+      unwinds that task's thread the same way and gives its slot back;
+    * ``grow``/``shrink`` (``--autoscale``, ``pool_grow``, ``pool_shrink``), ``inspect stats`` with
+      the pool state, warm shutdown that finishes started tasks and leaves unstarted ones unacked
+      (the broker delivers them again), cold shutdown that unwinds the running ones.
+
+Async exceptions arrive when the thread next executes Python bytecode: a task blocked in one long
+C call (``time.sleep(60)``, a socket read without timeout) sees its limit when that call returns.
+
+Callbacks (accept, result, timeout) run on the consumer's event loop thread when there is one
+(redis, amqp): the broker connection is only ever used from that thread, as with prefork. Without an
+event loop they run, in order, as works of the pool's control workqueue.
+
+Metrics: set ``cmwq_metrics_port`` (or the environment variable ``CMWQ_METRICS_PORT``) to serve
+Prometheus metrics from the worker process; ``cmwq_metrics_addr`` / ``CMWQ_METRICS_ADDR`` (default
+``127.0.0.1``) chooses the address.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
+from celery.concurrency.base import BasePool
+from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
+
+from .workqueue import WQ, DelayedWork, Work, WorkQueue
+
+__all__ = ["TaskPool"]
+
+log = logging.getLogger("cmwq_exec.celery")
+
+# -- async exceptions --------------------------------------------------------------------------------
+
+# A private prototype rather than ctypes.pythonapi's shared function object, whose argtypes other
+# code may set differently. ``exc`` is a class pointer (the interpreter raises ``exc()``), or NULL to
+# clear a pending one. PyDLL-style: the GIL is held during the call.
+_SetAsyncExc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+
+
+def _async_raise(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Make ``exc_type`` raise in thread ``thread_id`` at its next bytecode; None clears it."""
+    _SetAsyncExc(thread_id, None if exc_type is None else id(exc_type))
+
+
+class _Unwind(BaseException):
+    """Unwinds a task thread after a hard time limit or a terminate.
+
+    A BaseException, so Celery's tracer re-raises it instead of recording a result: the result was
+    already reported by the timeout callback, or by the revoke. Never leaves this module.
+    """
+
+
+# -- jobs ----------------------------------------------------------------------------------------------
+
+_QUEUED, _RUNNING, _DONE, _CANCELLED = "queued", "running", "done", "cancelled"
+
+
+class _Job:
+    """One task handed to the pool; also the ApplyResult Celery keeps a weak reference to.
+
+    Fields: ``I:`` set at creation; ``P:`` under the pool's ``_lock``; ``X:`` the running thread's.
+
+    Invariants (under the pool's lock):
+      * ``in_target`` is True only while ``state == _RUNNING``, and only then may another thread
+        inject an exception into ``thread_id``;
+      * at most three injections per job ever: the soft limit, then one ``_Unwind`` (hard limit
+        or terminate, whichever comes first); ``soft_sent``/``unwind`` record them;
+      * a job with ``unwind`` set while it ran is *abandoned*: it holds no concurrency slot
+        (the pool raised max_active by one for it until its thread returns).
+    """
+
+    __slots__ = ("pool", "pid", "target", "args", "kwargs", "callback", "accept_callback",
+                 "error_callback", "timeout_callback", "soft", "hard", "state", "in_target",
+                 "thread_id", "soft_sent", "unwind", "revoked_early", "timers", "__weakref__")
+
+    def __init__(self, pool: TaskPool, pid: int, target: Callable[..., Any], args: Any, kwargs: Any,
+                 callback: Any, accept_callback: Any, error_callback: Any, timeout_callback: Any,
+                 soft: float | None, hard: float | None) -> None:
+        self.pool = pool  # I
+        self.pid = pid  # I: the job id Celery sees as worker_pid
+        self.target = target  # I
+        self.args = args  # I
+        self.kwargs = kwargs  # I
+        self.callback = callback  # I
+        self.accept_callback = accept_callback  # I
+        self.error_callback = error_callback  # I
+        self.timeout_callback = timeout_callback  # I
+        self.soft = soft  # I: seconds, or None
+        self.hard = hard  # I: seconds, or None
+        self.state = _QUEUED  # P
+        self.in_target = False  # P
+        self.thread_id = 0  # P: set when it starts
+        self.soft_sent = False  # P
+        self.unwind: str | None = None  # P: "hard" or "terminated" once decided
+        self.revoked_early = False  # P: terminate() before it started: do not run the target
+        self.timers: tuple[DelayedWork, ...] = ()  # X
+
+    def terminate(self, signal: int | None = None) -> None:
+        """Celery's ApplyResult.terminate: revoke(terminate=True) of this task."""
+        self.pool._terminate(self)
+
+    def __repr__(self) -> str:
+        return f"<cmwq celery job {self.pid} {self.state}>"
+
+
+def _check_limit(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ImproperlyConfigured(
+            f"cmwq_exec.celery.TaskPool: {what} must be a non-negative integer "
+            f"(the number of tasks that may run at once), got {value!r}")
+    return value
+
+
+def _check_seconds(value: object, what: str) -> float | None:
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"cmwq_exec.celery.TaskPool: {what} must be a number of seconds, got {value!r}")
+    return float(value)
+
+
+class TaskPool(BasePool):
+    """Celery pool running each task as a work of one cmwq workqueue (``max_active`` = concurrency).
+
+    Fields: ``I:`` set in ``__init__``/``on_start``; ``P:`` under ``_lock``; ``O:`` under
+    ``_outbox_lock``; ``M:`` the consumer's (main) thread.
+
+    Invariants (under ``_lock``):
+      * ``_jobs`` holds every queued and running job (abandoned ones included) by job id;
+      * the workqueue's max_active is ``max(1, limit + abandoned)``; while ``limit`` is 0 new jobs
+        wait in ``_held`` (a workqueue cannot have max_active 0);
+      * after ``_closing`` no job starts its target.
+    """
+
+    body_can_be_buffer = True
+    #: stopping waits for threads: not from inside a signal handler.
+    signal_safe = False
+    uses_semaphore = False
+    task_join_will_block = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limit = _check_limit(self.limit, "concurrency (-c/--concurrency, worker_concurrency)")
+        self._default_soft = _check_seconds(self.options.get("soft_timeout"), "soft time limit")  # I
+        self._default_hard = _check_seconds(self.options.get("timeout"), "time limit")  # I
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a job stops running
+        self._jobs: dict[int, _Job] = {}  # P
+        self._held: deque[Work] = deque()  # P: works waiting while limit == 0
+        self._abandoned = 0  # P
+        self._closing = False  # P
+        self._job_ids = itertools.count(1)
+        self._outbox_lock = threading.Lock()
+        self._outbox: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()  # O
+        self._drain_scheduled = False  # O
+        self._drain_lock = threading.Lock()  # one drainer at a time: callbacks run in order
+        self._hub: Any = None  # O: the consumer's event loop while it runs
+        self._wq: WorkQueue | None = None  # I
+        self._control: WorkQueue | None = None  # I
+        self._drain_work: Work | None = None  # I
+        self._metrics_server: Any = None  # I
+        self._max_active = 0  # P: what we last gave the workqueue
+
+    # -- start and stop ---------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        """Create the workqueues (and the metrics server if configured)."""
+        suffix = f"{os.getpid()}.{id(self):x}"
+        self._wq = WorkQueue("celery", max_active=max(1, self.limit))
+        self._max_active = max(1, self.limit)
+        # Limits and callbacks must fire even when every worker thread is busy or none can be
+        # created: unbound (never waits behind a CPU hog) with a rescuer.
+        self._control = WorkQueue(f"celery-control.{suffix}", WQ.UNBOUND | WQ.RESCUER)
+        self._drain_work = Work(self._drain_outbox)
+        self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        conf = self.app.conf if self.app is not None else {}
+        port = conf.get("cmwq_metrics_port") or os.environ.get("CMWQ_METRICS_PORT")
+        if port in (None, ""):
+            return
+        addr = conf.get("cmwq_metrics_addr") or os.environ.get("CMWQ_METRICS_ADDR") or "127.0.0.1"
+        try:
+            port = int(port)
+        except (TypeError, ValueError):
+            raise ImproperlyConfigured(
+                f"cmwq_metrics_port / CMWQ_METRICS_PORT must be a TCP port number, got {port!r}") from None
+        try:
+            from . import metrics
+        except ImportError as exc:
+            raise ImproperlyConfigured(
+                f"cmwq_metrics_port is set but cmwq_exec.metrics cannot be imported ({exc}); "
+                "install prometheus_client") from exc
+        self._metrics_server, _ = metrics.start_http_server(port, addr)
+        log.info("cmwq_exec: serving Prometheus metrics on http://%s:%s/metrics", addr, port)
+
+    def register_with_event_loop(self, loop: Any) -> None:
+        """Deliver callbacks on the consumer's event loop (called again after a reconnect)."""
+        with self._outbox_lock:
+            self._hub = loop
+
+    def on_stop(self) -> None:
+        """Warm shutdown: tasks not started are dropped unacked (the broker redelivers them when
+        the connection closes); started tasks finish; then every callback is delivered.
+        Abandoned tasks (past their hard limit) are not waited for."""
+        self._stop_delivering_to_hub()
+        with self._lock:
+            self._close_locked()
+            while any(job.state is _RUNNING and job.unwind is None for job in self._jobs.values()):
+                self._lock.release()
+                try:
+                    self._drain_outbox()
+                finally:
+                    self._lock.acquire()
+                self._idle.wait(0.05)
+        self._drain_outbox()
+        self._shutdown_metrics()
+
+    def on_terminate(self) -> None:
+        """Cold shutdown: drop unstarted tasks and unwind the running ones (no result is written
+        for them; with acks_late their messages return to the broker)."""
+        self._stop_delivering_to_hub()
+        with self._lock:
+            self._close_locked()
+            for job in self._jobs.values():
+                self._unwind_locked(job, "terminated")
+        self._drain_outbox()
+        self._shutdown_metrics()
+
+    def on_close(self) -> None:
+        with self._lock:
+            self._closing = True
+
+    def flush(self) -> None:
+        """The connection was lost: queued tasks can no longer be acked, the broker will deliver
+        them again, so they must not run here."""
+        with self._lock:
+            self._cancel_queued_locked()
+
+    def _close_locked(self) -> None:
+        self._closing = True
+        self._cancel_queued_locked()
+
+    def _cancel_queued_locked(self) -> None:
+        for job in list(self._jobs.values()):
+            if job.state is _QUEUED:
+                job.state = _CANCELLED
+                del self._jobs[job.pid]
+        self._held.clear()
+
+    def _stop_delivering_to_hub(self) -> None:
+        with self._outbox_lock:
+            self._hub = None
+
+    def _shutdown_metrics(self) -> None:
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    # -- applying ---------------------------------------------------------------------------------
+
+    def on_apply(self, target: Callable[..., Any], args: Any = None, kwargs: Any = None,
+                 callback: Any = None, accept_callback: Any = None, error_callback: Any = None,
+                 timeout_callback: Any = None, soft_timeout: float | None = None,
+                 timeout: float | None = None, **_: Any) -> _Job:
+        """Queue one task; returns its job (Celery keeps it to ``terminate()`` it)."""
+        soft = _check_seconds(soft_timeout, "soft_time_limit")
+        hard = _check_seconds(timeout, "time_limit")
+        job = _Job(self, next(self._job_ids), target, args or (), kwargs or {}, callback,
+                   accept_callback, error_callback, timeout_callback,
+                   self._default_soft if soft is None else soft,
+                   self._default_hard if hard is None else hard)
+        work = Work(self._run, job)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("cmwq_exec.celery.TaskPool is shutting down")
+            self._jobs[job.pid] = job
+            if self.limit == 0:
+                self._held.append(work)
+                return job
+        assert self._wq is not None
+        self._wq.queue_work(work)
+        return job
+
+    def _run(self, job: _Job) -> None:
+        """Run one task on a cmwq worker thread.
+
+        The only code into which another thread may inject an exception is between setting
+        ``in_target`` and the end of the guarded ``_leave`` calls below; _leave clears whatever
+        is still pending, so nothing escapes into the worker once this returns.
+        """
+        with self._lock:
+            if job.state is not _QUEUED:
+                return  # cancelled by shutdown or a lost connection
+            job.state = _RUNNING
+            job.thread_id = threading.get_ident()
+        self._deliver(job.accept_callback, job.pid, time.monotonic())
+        self._arm_limits(job)
+        outcome: tuple[Any, Any] | None = None
+        try:
+            try:
+                with self._lock:
+                    if job.unwind is not None or job.revoked_early:
+                        raise _Unwind()
+                    job.in_target = True
+                outcome = (job.callback, job.target(*job.args, **job.kwargs))
+            finally:
+                # An exception may be injected (at most three times) until _leave has run; each
+                # firing is caught by the next level and _leave runs again (it is idempotent).
+                try:
+                    self._leave(job)
+                except BaseException:
+                    try:
+                        self._leave(job)
+                    except BaseException:
+                        try:
+                            self._leave(job)
+                        except BaseException:
+                            self._leave(job)
+        except _Unwind:
+            outcome = None
+        except Exception:
+            outcome = (job.error_callback, ExceptionInfo())
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt... from the task itself
+            try:
+                raise WorkerLostError(f"task raised {exc!r}") from exc
+            except WorkerLostError:
+                outcome = (job.error_callback, ExceptionInfo())
+        # From here on nothing can be injected: the job is DONE.
+        for timer in job.timers:
+            timer.cancel()
+        with self._lock:
+            unwound = job.unwind is not None
+            self._jobs.pop(job.pid, None)
+            self._idle.notify_all()
+        if unwound:
+            self._release_abandoned(job)
+            return  # already reported (timeout_callback, or revoked by Celery)
+        if outcome is not None and outcome[0] is not None:
+            self._deliver(outcome[0], outcome[1])
+
+    def _leave(self, job: _Job) -> None:
+        """Close the injection window (idempotent; see _run)."""
+        with self._lock:
+            job.in_target = False
+            job.state = _DONE
+        _async_raise(job.thread_id, None)
+
+    def _arm_limits(self, job: _Job) -> None:
+        assert self._control is not None
+        timers = []
+        if job.soft is not None:
+            timer = DelayedWork(self._soft_limit, job)
+            self._control.queue_delayed_work(timer, job.soft)
+            timers.append(timer)
+        if job.hard is not None:
+            timer = DelayedWork(self._hard_limit, job)
+            self._control.queue_delayed_work(timer, job.hard)
+            timers.append(timer)
+        job.timers = tuple(timers)
+
+    # -- limits and terminate -------------------------------------------------------------------
+
+    def _soft_limit(self, job: _Job) -> None:
+        with self._lock:
+            if job.state is not _RUNNING or job.soft_sent or job.unwind is not None:
+                return
+            job.soft_sent = True
+            if job.in_target:
+                _async_raise(job.thread_id, SoftTimeLimitExceeded)
+        self._deliver(job.timeout_callback, True, job.soft)
+
+    def _hard_limit(self, job: _Job) -> None:
+        with self._lock:
+            if job.state is not _RUNNING or job.unwind is not None:
+                return
+            self._unwind_locked(job, "hard")
+        self._deliver(job.timeout_callback, False, job.hard)
+
+    def _terminate(self, job: _Job) -> None:
+        with self._lock:
+            if job.state is _QUEUED:
+                job.revoked_early = True  # it will report accepted (so Celery revokes) and not run
+            elif job.state is _RUNNING:
+                self._unwind_locked(job, "terminated")
+
+    def terminate_job(self, pid: int, signal: int | None = None) -> None:
+        """revoke(terminate=True) and cancel: unwind the thread running job ``pid``."""
+        with self._lock:
+            job = self._jobs.get(pid)
+        if job is not None:
+            self._terminate(job)
+
+    def _unwind_locked(self, job: _Job, why: str) -> None:
+        """Decide that ``job`` ends now; give its slot back. P: held."""
+        if job.state is not _RUNNING or job.unwind is not None:
+            return
+        job.unwind = why
+        if job.in_target:
+            _async_raise(job.thread_id, _Unwind)
+        self._abandoned += 1
+        self._update_max_active_locked()
+
+    def _release_abandoned(self, job: _Job) -> None:
+        with self._lock:
+            self._abandoned -= 1
+            self._update_max_active_locked()
+
+    # -- concurrency --------------------------------------------------------------------------------
+
+    def _update_max_active_locked(self) -> None:
+        """P: held. Lock order: ours, then the workqueue's."""
+        wanted = max(1, self.limit + self._abandoned)
+        if wanted != self._max_active and self._wq is not None:
+            self._max_active = wanted
+            self._wq.set_max_active(wanted)
+
+    def grow(self, n: int = 1) -> None:
+        """Allow ``n`` more tasks to run at once (pool_grow, autoscale)."""
+        n = _check_limit(n, "pool_grow n")
+        with self._lock:
+            self.limit += n
+            self._update_max_active_locked()
+            held = list(self._held) if self.limit else []
+            if held:
+                self._held.clear()
+        for work in held:
+            assert self._wq is not None
+            self._wq.queue_work(work)
+
+    def shrink(self, n: int = 1) -> None:
+        """Allow ``n`` fewer tasks to run at once. Running tasks finish; no new one starts until
+        fewer than the new limit run."""
+        n = _check_limit(n, "pool_shrink n")
+        with self._lock:
+            if n > self.limit:
+                raise ValueError(f"cannot shrink the pool by {n}: its limit is {self.limit}")
+            self.limit -= n
+            self._update_max_active_locked()
+
+    @property
+    def num_processes(self) -> int:
+        """The concurrency limit (Celery sizes prefetch and autoscaling by it)."""
+        return self.limit
+
+    def restart(self) -> None:
+        raise NotImplementedError("cmwq_exec.celery.TaskPool does not restart (tasks are threads)")
+
+    # -- callbacks ----------------------------------------------------------------------------------
+
+    def _deliver(self, fn: Callable[..., Any] | None, *args: Any) -> None:
+        """Run ``fn(*args)`` on the consumer's thread (or the control workqueue), after every
+        callback delivered before it."""
+        if fn is None:
+            return
+        with self._outbox_lock:
+            self._outbox.append((fn, args))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
+            hub = self._hub
+        if hub is not None:
+            hub.call_soon(self._drain_outbox)
+        else:
+            assert self._control is not None and self._drain_work is not None
+            self._control.queue_work(self._drain_work)
+
+    def _drain_outbox(self) -> None:
+        with self._drain_lock:
+            while True:
+                with self._outbox_lock:
+                    if not self._outbox:
+                        self._drain_scheduled = False
+                        return
+                    batch, self._outbox = self._outbox, deque()
+                for fn, args in batch:
+                    try:
+                        fn(*args)
+                    except Exception:
+                        log.exception("cmwq_exec.celery: callback %r failed", fn)
+
+    # -- inspect stats ------------------------------------------------------------------------------
+
+    def _get_info(self) -> dict[str, Any]:
+        info = super()._get_info()
+        with self._lock:
+            jobs = list(self._jobs.values())
+            held = len(self._held)
+            limit = self.limit
+        running = sum(1 for job in jobs if job.state is _RUNNING and job.unwind is None)
+        abandoned = sum(1 for job in jobs if job.unwind is not None)
+        info.update({
+            "max-concurrency": limit,
+            "running": running,
+            "queued": len(jobs) - running - abandoned + held,
+            "abandoned": abandoned,
+            "timeouts": [self._default_soft, self._default_hard],
+        })
+        try:
+            from .system import get_system
+
+            pools = [pool.stats() for pool in get_system().pools]
+        except Exception as exc:  # stats must never break inspect
+            pools = [{"error": repr(exc)}]
+        info["workers"] = sum(p.get("nr_workers", 0) for p in pools)
+        info["pools"] = pools
+        if self._wq is not None:
+            info["workqueue"] = {k: v for k, v in self._wq.stats().items()
+                                 if k not in ("queue_latency", "execution")}
+        return info

@@ -1,0 +1,316 @@
+"""The ``concurrent.futures`` face: :class:`CMWQExecutor`, a workqueue that returns futures.
+
+Every executor is a workqueue on the shared pools; ``max_workers`` is its ``max_active``. Each
+submitted call is a one-shot work that is also its own future (:class:`CMWQFuture`), so a submit
+allocates one object.
+
+Waiting on a CMWQ future from inside a worker tells the pool the worker sleeps (another worker takes
+over), and first *helps*: a future whose work has not started yet is claimed and run inline on the
+waiting thread (Java ForkJoinPool's join helping), so nested submit-and-wait cannot deadlock on a
+worker limit. ``concurrent.futures.wait`` and ``as_completed`` get the sleep notification (their
+waiter's event is swapped for one that reports) but do not help.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
+from concurrent.futures.thread import BrokenThreadPool
+from typing import Any
+
+from .blocking import blocking
+from .worker import current
+from .workqueue import WQ, WorkQueue
+
+#: Helping runs works inline on the waiting thread; past this depth it just waits.
+MAX_HELP_DEPTH = 64
+
+_shutting_down = False
+_executors: weakref.WeakSet[CMWQExecutor] = weakref.WeakSet()
+_help = threading.local()
+
+
+class _BlockingEvent(threading.Event):
+    """The event of a ``concurrent.futures`` waiter installed from a worker: waiting on it sleeps."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with blocking():
+            return super().wait(timeout)
+
+
+class _Waiters(list):  # type: ignore[type-arg]
+    """A future's waiter list: a waiter installed from a worker gets a reporting event."""
+
+    def append(self, waiter: Any) -> None:
+        if getattr(current, "worker", None) is not None and not isinstance(waiter.event, _BlockingEvent):
+            event = _BlockingEvent()
+            if waiter.event.is_set():
+                event.set()
+            waiter.event = event
+        super().append(waiter)
+
+
+class CMWQFuture(Future):  # type: ignore[type-arg]
+    """A submitted call: the future users hold and the one-shot work the pools run."""
+
+    _reusable = False
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Future.__init__, inlined (the submit path is hot), with a reporting waiter list
+        self._condition = threading.Condition()
+        self._state = PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._waiters = _Waiters()
+        self._done_callbacks: list[Callable[[Future[Any]], Any]] = []
+        self._fn: Callable[..., Any] | None = fn
+        self._args = args
+        self._kwargs = kwargs
+        self._pwq: Any = None
+        self._color = 0
+        self._queued_at = 0.0
+
+    def _claim(self) -> bool:
+        """PENDING -> RUNNING for whoever runs it (a worker, or a helper). False if cancelled or
+        already claimed."""
+        with self._condition:
+            state = self._state
+            if state == PENDING:
+                self._state = RUNNING
+                return True
+        if state == CANCELLED:
+            return self.set_running_or_notify_cancel()  # notifies waiters, returns False
+        return False
+
+    def _run(self) -> BaseException | None:
+        fn, args, kwargs = self._fn, self._args, self._kwargs
+        self._fn = self._args = self._kwargs = None  # type: ignore[assignment]
+        try:
+            result = fn(*args, **kwargs)  # type: ignore[misc]
+        except BaseException as exc:
+            self.set_exception(exc)
+            return exc
+        self.set_result(result)
+        return None
+
+    def _execute(self) -> BaseException | None:
+        if not self._claim():
+            return None
+        return self._run()
+
+    def _help(self) -> None:
+        """Run this future's work inline if nobody started it yet (called on a worker's thread)."""
+        depth = getattr(_help, "depth", 0)
+        if depth >= MAX_HELP_DEPTH or not self._claim():
+            return
+        _help.depth = depth + 1
+        try:
+            self._run()
+        finally:
+            _help.depth = depth
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state != FINISHED and getattr(current, "worker", None) is not None:
+            if self._state == PENDING:
+                self._help()
+            with blocking():
+                return super().result(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state != FINISHED and getattr(current, "worker", None) is not None:
+            if self._state == PENDING:
+                self._help()
+            with blocking():
+                return super().exception(timeout)
+        return super().exception(timeout)
+
+
+class _InitFuture(CMWQFuture):
+    """A future of an executor with an initializer or a thread name prefix."""
+
+    _executor: CMWQExecutor
+
+    def _execute(self) -> BaseException | None:
+        if not self._claim():
+            return None
+        executor = self._executor
+        if not executor._prepare_thread(self):
+            return None
+        prefix = executor._thread_name_prefix
+        if not prefix:
+            return self._run()
+        thread = threading.current_thread()
+        name = thread.name
+        thread.name = f"{prefix}_{name}"
+        try:
+            return self._run()
+        finally:
+            thread.name = name
+
+
+_counter = itertools.count()
+
+
+class CMWQExecutor(Executor):
+    """A ``concurrent.futures.Executor`` running calls on the shared concurrency-managed pools.
+
+    Drop-in for ``ThreadPoolExecutor``: ``max_workers`` still means at most that many of this
+    executor's calls run at once, but ``None`` (the default) needs no guess: concurrency management
+    starts a thread only when the running ones block. ``rescuer`` reserves one thread that keeps
+    this executor's calls moving when no worker thread can be created.
+    """
+
+    def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "",
+                 initializer: Callable[..., object] | None = None, initargs: tuple[Any, ...] = (), *,
+                 name: str | None = None, rescuer: bool = True, unbound: bool = False) -> None:
+        if max_workers is not None:
+            if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+                raise TypeError(f"max_workers must be an int or None, got {type(max_workers).__name__}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if not isinstance(thread_name_prefix, str):
+            raise TypeError(f"thread_name_prefix must be a str, got {type(thread_name_prefix).__name__}")
+        flags = WQ(0)
+        if rescuer:
+            flags |= WQ.RESCUER
+        if unbound:
+            flags |= WQ.UNBOUND
+        self._wq = WorkQueue(name or f"executor-{next(_counter)}", flags, max_active=max_workers)
+        self._thread_name_prefix = thread_name_prefix
+        self._initializer = initializer
+        self._initargs = initargs
+        self._initialized = threading.local()
+        self._shutdown = False
+        self._broken: str | None = None
+        self._shutdown_lock = threading.Lock()
+        self._future_class: type[CMWQFuture] = CMWQFuture
+        if initializer is not None or thread_name_prefix:
+            self._future_class = type("_Future", (_InitFuture,), {"_executor": self})
+        _executors.add(self)
+
+    @property
+    def workqueue(self) -> WorkQueue:
+        """The workqueue behind this executor."""
+        return self._wq
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CMWQFuture:
+        with self._shutdown_lock:
+            if self._broken:
+                raise BrokenThreadPool(self._broken)
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if _shutting_down:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            future = self._future_class(fn, args, kwargs)
+            self._wq._queue(future)
+        return future
+
+    submit.__doc__ = Executor.submit.__doc__
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Like ``Executor.map``; ``chunksize`` > 1 sends that many calls per work."""
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = _chunks(zip(*iterables), chunksize)
+        results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
+        return itertools.chain.from_iterable(results)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            for work in self._wq._pending_works():
+                work.cancel()
+        if wait:
+            worker = getattr(current, "worker", None)
+            pwq = worker.current_pwq if worker is not None else None
+            if pwq is not None and pwq.wq is self._wq:
+                raise RuntimeError("shutdown(wait=True) from one of the executor's own calls would "
+                                   "wait for itself; use shutdown(wait=False)")
+            self._wq.flush()
+            if self._wq._rescuer is not None:
+                self._wq._rescuer.stop()
+
+    shutdown.__doc__ = Executor.shutdown.__doc__
+
+    # -- initializer ------------------------------------------------------------------------------
+
+    def _prepare_thread(self, future: CMWQFuture) -> bool:
+        """Run the initializer once per worker thread; a failure breaks the executor."""
+        if self._initializer is None or getattr(self._initialized, "done", False):
+            return True
+        if self._broken:
+            future.set_exception(BrokenThreadPool(self._broken))
+            return False
+        try:
+            self._initializer(*self._initargs)
+        except BaseException as exc:
+            self._break("A thread initializer failed, the thread pool is not usable anymore")
+            future.set_exception(BrokenThreadPool(self._broken))
+            future.exception().__cause__ = exc  # type: ignore[union-attr]
+            return False
+        self._initialized.done = True
+        return True
+
+    def _break(self, reason: str) -> None:
+        with self._shutdown_lock:
+            if self._broken:
+                return
+            self._broken = reason
+        for work in self._wq._pending_works():
+            if isinstance(work, CMWQFuture) and work._claim():
+                work.set_exception(BrokenThreadPool(reason))
+
+    def __repr__(self) -> str:
+        return f"<CMWQExecutor {self._wq.name!r} max_workers={self._wq.max_active}>"
+
+
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[tuple[Any, ...]]:
+    it = iter(iterable)
+    while chunk := tuple(itertools.islice(it, size)):
+        yield chunk
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    return [fn(*args) for args in chunk]
+
+
+def _python_exit() -> None:
+    """Interpreter shutdown: refuse new calls, let queued ones finish (like ThreadPoolExecutor)."""
+    global _shutting_down
+    _shutting_down = True
+    for executor in list(_executors):
+        try:
+            executor._wq.flush()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+
+
+def after_fork() -> None:
+    """In a forked child: locks held by the parent's threads at fork time are fresh again."""
+    for executor in list(_executors):
+        executor._shutdown_lock = threading.Lock()
+
+
+if sys.version_info >= (3, 9):
+    threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+else:  # pragma: no cover
+    atexit.register(_python_exit)

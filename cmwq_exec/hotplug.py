@@ -1,0 +1,257 @@
+"""CPU hotplug: knowing which CPUs are usable, and the trustee that drains a pool whose CPU left.
+
+Changes are learnt from kernel uevents on a ``NETLINK_KOBJECT_UEVENT`` socket (``offline@`` and
+``online@`` for ``/devices/system/cpu/cpuN``), with polling of the online mask and the process's
+affinity mask as a fallback and for affinity changes (``taskset``, cgroup cpusets), which send no
+uevent. :meth:`System.cpu_down` and :meth:`System.cpu_up` are the explicit API.
+
+The trustee (one thread per pool going down, states START, IN_CHARGE, BUTCHER, RELEASE, DONE) takes
+the manager role, marks every worker ROGUE (unbound, out of ``nr_running``), drains the worklist with
+those workers, new rogue ones and the rescuers, then destroys workers as they go idle. If the CPU
+comes back meanwhile it rebinds the remaining workers and hands the pool back. Whoever reports the
+CPU down never waits for any of it: like today's kernel, the pool just runs unbound meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+from . import plugin
+from .pool import (
+    TRUSTEE_BUTCHER,
+    TRUSTEE_DONE,
+    TRUSTEE_IN_CHARGE,
+    TRUSTEE_RELEASE,
+    TRUSTEE_START,
+    WorkerCreationError,
+    WorkerPool,
+)
+from .worker import ROGUE, set_thread_affinity, start_thread
+
+if TYPE_CHECKING:
+    from .system import System
+
+log = logging.getLogger("cmwq_exec.hotplug")
+
+NETLINK_KOBJECT_UEVENT = 15
+
+
+def _pool_of(system: System, cpu: int) -> WorkerPool:
+    if isinstance(cpu, bool) or not isinstance(cpu, int):
+        raise TypeError(f"cpu must be an int, got {type(cpu).__name__}")
+    pool = system.cpu_pools.get(cpu)
+    if pool is None:
+        raise ValueError(f"cpu {cpu} is not a possible CPU of this machine (have {sorted(system.cpu_pools)})")
+    return pool
+
+
+def _set_online(system: System, pool: WorkerPool, online: bool) -> bool:
+    """Flip the pool's online state; returns False if it already was so."""
+    with system.lock:
+        with pool.lock:
+            if pool.online == online:
+                return False
+            pool.online = online
+        usable = set(system.usable)
+        usable.add(pool.cpu) if online else usable.discard(pool.cpu)  # type: ignore[arg-type]
+        system.usable = usable or system.usable
+        system.online_pools = [p for p in system.cpu_pools.values() if p.online]
+    return True
+
+
+def _trustee_event(pool: WorkerPool, state: str) -> None:
+    hook = plugin.events.trustee_state
+    if hook is not None:
+        hook(pool=pool, state=state)
+
+
+def cpu_down(system: System, cpu: int) -> None:
+    """``cpu`` is no longer usable: hand its pool to a trustee. Returns at once."""
+    pool = _pool_of(system, cpu)
+    if not _set_online(system, pool, False):
+        return
+    with pool.lock:
+        if pool.trustee_state == TRUSTEE_RELEASE:
+            pool.trustee_state = TRUSTEE_IN_CHARGE  # came back and goes again: keep draining
+            pool.trustee_cond.notify_all()
+            return
+        if pool.trustee_state != TRUSTEE_DONE:
+            return
+        pool.trustee_state = TRUSTEE_START
+    _trustee_event(pool, TRUSTEE_START)
+    start_thread(lambda: Trustee(pool).run(), f"cmwq/trustee:{pool.name}")
+
+
+def cpu_up(system: System, cpu: int) -> None:
+    """``cpu`` is usable again: the trustee, if any, hands its pool back."""
+    pool = _pool_of(system, cpu)
+    if not _set_online(system, pool, True):
+        return
+    with pool.lock:
+        if pool.trustee_state != TRUSTEE_DONE:
+            pool.trustee_state = TRUSTEE_RELEASE
+            pool.trustee_cond.notify_all()
+            return
+        need_worker = pool.nr_workers == 0
+    if need_worker:
+        pool.start()
+
+
+class Trustee:
+    """Governs a pool whose CPU went down until it is drained (or the CPU is back)."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def run(self) -> None:
+        pool = self.pool
+        system = pool.system
+        cooldown = system.config.trustee_cooldown
+        with pool.lock:
+            while pool.managing:  # claim the manager role
+                pool.trustee_cond.wait()
+            pool.managing = True
+            for worker in pool.workers:
+                pool.worker_set_flags(worker, ROGUE, wakeup=False)
+                set_thread_affinity(worker, system.usable)
+            assert pool.nr_running == 0
+            if pool.idle_timer is not None:
+                pool.idle_timer.cancel()
+                pool.idle_timer = None
+            if pool.trustee_state == TRUSTEE_START:
+                pool.trustee_state = TRUSTEE_IN_CHARGE
+        _trustee_event(pool, TRUSTEE_IN_CHARGE)
+        with pool.lock:
+            while pool.trustee_state != TRUSTEE_RELEASE:
+                if pool.worklist:
+                    self.drain_pass()
+                else:
+                    if pool.trustee_state == TRUSTEE_IN_CHARGE:
+                        pool.trustee_state = TRUSTEE_BUTCHER
+                        pool.lock.release()
+                        _trustee_event(pool, TRUSTEE_BUTCHER)
+                        pool.lock.acquire()
+                        continue
+                    for worker in [w for w in pool.idle if not w.woken]:
+                        pool.destroy_worker(worker, "trustee")
+                    if pool.nr_workers == 0:
+                        break
+                for worker in pool.workers:  # a worker that bound itself meanwhile
+                    set_thread_affinity(worker, system.usable)
+                pool.trustee_cond.wait(cooldown)
+            released = pool.trustee_state == TRUSTEE_RELEASE
+            if released:
+                for worker in list(pool.workers):
+                    pool.worker_clr_flags(worker, ROGUE)
+                    set_thread_affinity(worker, {pool.cpu} if system.config.pin_workers else system.usable)
+            pool.managing = False
+            pool.trustee_state = TRUSTEE_DONE
+            need_worker = pool.online and pool.nr_idle == 0
+            if pool.online and pool.worklist and pool.need_more_worker(pool):
+                pool.wake_up_worker()
+        if released:
+            _trustee_event(pool, TRUSTEE_RELEASE)
+        _trustee_event(pool, TRUSTEE_DONE)
+        if need_worker:
+            pool.start()
+
+    def drain_pass(self) -> None:
+        """Wake an idle worker per pending work, create a rogue one if none is idle, call the
+        rescuers. L: held (dropped while creating)."""
+        pool = self.pool
+        left = len(pool.worklist)
+        for worker in reversed(list(pool.idle)):
+            if left <= 0:
+                break
+            if not worker.woken:
+                worker.woken = True
+                worker.park.release()
+                left -= 1
+        pool.send_mayday()
+        if left > 0 and not pool.idle:
+            pool.lock.release()
+            try:
+                worker = pool.create_worker(rogue=True)
+            except WorkerCreationError as exc:
+                log.debug("trustee of %s: %s", pool.name, exc)
+                worker = None
+            pool.lock.acquire()
+            if worker is not None:
+                pool.start_worker(worker)
+                pool.wake_up_worker()
+
+
+class HotplugMonitor:
+    """Watches for CPUs becoming usable or unusable and takes pools down and up accordingly."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.stopping = False
+        self.sock: socket.socket | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
+            sock.bind((0, 1))  # port id chosen by the kernel; group 1: kernel uevents
+            self.sock = sock
+        except (OSError, AttributeError) as exc:
+            log.debug("no uevent socket (%s): polling only", exc)
+            self.sock = None
+        self.thread = start_thread(self.run, "cmwq-hotplug")
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def run(self) -> None:
+        from .system import usable_cpus
+
+        interval = self.system.config.hotplug_poll_interval
+        while not self.stopping:
+            sock = self.sock
+            try:
+                if sock is not None:
+                    ready, _, _ = select.select([sock], [], [], interval)
+                    if ready:
+                        sock.recv(65536)  # any cpu uevent: re-read the masks below
+                else:
+                    threading.Event().wait(interval)
+            except (OSError, ValueError):
+                if self.stopping:
+                    return
+                self.sock = None
+            if self.stopping:
+                return
+            try:
+                self.sync(usable_cpus())
+            except Exception:
+                log.exception("cpu hotplug: re-reading the usable CPUs failed")
+
+    def sync(self, usable: set[int]) -> None:
+        """Bring the pools in line with ``usable``."""
+        system = self.system
+        for cpu, pool in system.cpu_pools.items():
+            if pool.online and cpu not in usable:
+                cpu_down(system, cpu)
+            elif not pool.online and cpu in usable:
+                cpu_up(system, cpu)
+
+
+def parse_uevent(data: bytes) -> tuple[str, str] | None:
+    """``(action, cpu devpath)`` for a CPU uevent, e.g. ``("offline", "/devices/system/cpu/cpu1")``."""
+    head = data.split(b"\0", 1)[0].decode(errors="replace")
+    action, _, devpath = head.partition("@")
+    if devpath.startswith("/devices/system/cpu/cpu") and devpath[len("/devices/system/cpu/cpu"):].isdigit():
+        return action, devpath
+    return None
+
+

@@ -1,0 +1,197 @@
+"""The plugin manager: pluggy for the project ``cmwq_exec``.
+
+Policy hooks are resolved into one plain callable per hook (:class:`Policy`) that every pool calls on
+its hot path: while only the kernel's formulas are registered that callable *is* the formula, so
+plugins cost nothing until one is registered. Event hooks are exposed as :data:`events`, whose
+attribute of the same name is ``None`` while no plugin implements the hook; call sites test it first.
+
+A hook implementation that raises is logged once (with its plugin's name) and skipped: for a policy
+hook the next answer, in the end the kernel's, is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+from . import hookspecs, policy
+
+log = logging.getLogger("cmwq_exec.plugin")
+
+POLICY_HOOKS = (
+    "need_more_worker",
+    "may_start_working",
+    "keep_working",
+    "need_to_create_worker",
+    "need_to_manage_workers",
+    "too_many_workers",
+)
+EVENT_HOOKS = tuple(
+    name[len("cmwq_") :]
+    for name in dir(hookspecs)
+    if name.startswith("cmwq_")
+    and name[len("cmwq_") :] not in POLICY_HOOKS
+    and name != "cmwq_select_pool"
+)
+
+_lock = threading.Lock()
+_reported: set[tuple[str, str]] = set()
+_pm: pluggy.PluginManager | None = None
+
+
+class Policy:
+    """The policy functions in force: attribute per policy hook, each ``f(pool) -> bool``.
+
+    ``select_pool`` is ``None`` while no plugin chooses pools.
+    """
+
+    need_more_worker: Callable[[Any], bool] = staticmethod(policy.need_more_worker)
+    may_start_working: Callable[[Any], bool] = staticmethod(policy.may_start_working)
+    keep_working: Callable[[Any], bool] = staticmethod(policy.keep_working)
+    need_to_create_worker: Callable[[Any], bool] = staticmethod(policy.need_to_create_worker)
+    need_to_manage_workers: Callable[[Any], bool] = staticmethod(policy.need_to_manage_workers)
+    too_many_workers: Callable[[Any], bool] = staticmethod(policy.too_many_workers)
+    select_pool: Callable[..., Any] | None = None
+
+
+class Events:
+    """One attribute per event hook: ``None`` while unimplemented, else ``f(**kwargs)``."""
+
+    def __init__(self) -> None:
+        for name in EVENT_HOOKS:
+            setattr(self, name, None)
+
+
+current_policy = Policy()
+events = Events()
+_listeners: list[Callable[[], None]] = []
+
+
+def _report(plugin_name: str, hook: str, exc: BaseException) -> None:
+    key = (plugin_name, hook)
+    if key in _reported:
+        return
+    _reported.add(key)
+    log.error("cmwq_exec plugin %r raised in %s; using the next answer", plugin_name, hook,
+              exc_info=exc)
+
+
+def _impls(pm: pluggy.PluginManager, hook: str) -> list[tuple[str, Callable[..., Any]]]:
+    caller = getattr(pm.hook, hook)
+    # pluggy calls the last registered first; tryfirst/trylast already ordered in this list.
+    return [(impl.plugin_name, impl.function) for impl in reversed(caller.get_hookimpls())]
+
+
+def _policy_caller(name: str, impls: list[tuple[str, Callable[..., Any]]],
+                   default: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    hook = "cmwq_" + name
+
+    def call(pool: Any) -> bool:
+        for plugin_name, fn in impls:
+            try:
+                answer = fn(pool=pool)
+            except Exception as exc:  # a plugin never wedges a pool
+                _report(plugin_name, hook, exc)
+                continue
+            if answer is not None:
+                return bool(answer)
+        return default(pool)
+
+    call.__name__ = name
+    return call
+
+
+def _event_caller(hook: str, impls: list[tuple[str, Callable[..., Any]]]) -> Callable[..., None]:
+    def call(**kwargs: Any) -> None:
+        for plugin_name, fn in impls:
+            try:
+                fn(**kwargs)
+            except Exception as exc:
+                _report(plugin_name, hook, exc)
+
+    call.__name__ = hook
+    return call
+
+
+def _select_caller(impls: list[tuple[str, Callable[..., Any]]]) -> Callable[..., Any]:
+    def call(workqueue: Any, pools: list[Any], current_pool: Any) -> Any:
+        for plugin_name, fn in impls:
+            try:
+                answer = fn(workqueue=workqueue, pools=pools, current_pool=current_pool)
+            except Exception as exc:
+                _report(plugin_name, "cmwq_select_pool", exc)
+                continue
+            if answer is not None:
+                if answer in pools:
+                    return answer
+                _report(plugin_name, "cmwq_select_pool",
+                        ValueError(f"returned {answer!r}, which is not one of the online pools"))
+        return current_pool
+
+    return call
+
+
+def _rebuild() -> None:
+    """Recompute :data:`current_policy` and :data:`events` from what is registered."""
+    pm = get_plugin_manager()
+    for name in POLICY_HOOKS:
+        default = getattr(policy, name)
+        impls = [(p, f) for p, f in _impls(pm, "cmwq_" + name) if p != "cmwq_exec.default_policy"]
+        setattr(current_policy, name, _policy_caller(name, impls, default) if impls else default)
+    select = _impls(pm, "cmwq_select_pool")
+    current_policy.select_pool = _select_caller(select) if select else None
+    for name in EVENT_HOOKS:
+        impls = _impls(pm, "cmwq_" + name)
+        setattr(events, name, _event_caller("cmwq_" + name, impls) if impls else None)
+    for listener in list(_listeners):
+        listener()
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener`` whenever the registered plugins change (pools re-read their policy)."""
+    _listeners.append(listener)
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The project's plugin manager, created on first use with the default policy registered and
+    the ``cmwq_exec`` entry points loaded (unless ``CMWQ_EXEC_DISABLE_PLUGIN_AUTOLOAD`` is set)."""
+    global _pm
+    with _lock:
+        if _pm is None:
+            pm = pluggy.PluginManager("cmwq_exec")
+            pm.add_hookspecs(hookspecs)
+            pm.register(policy.DefaultPolicy(), name="cmwq_exec.default_policy")
+            if not os.environ.get("CMWQ_EXEC_DISABLE_PLUGIN_AUTOLOAD"):
+                try:
+                    pm.load_setuptools_entrypoints("cmwq_exec")
+                except Exception as exc:
+                    log.error("loading cmwq_exec entry-point plugins failed: %s", exc, exc_info=exc)
+            _pm = pm
+            created = True
+        else:
+            created = False
+    if created:
+        _rebuild()
+    return _pm
+
+
+def register(plugin: object, name: str | None = None) -> str:
+    """Register ``plugin`` (an object or module with ``@hookimpl`` functions); returns its name."""
+    pm = get_plugin_manager()
+    registered = pm.register(plugin, name=name)
+    if registered is None:
+        raise ValueError(f"plugin {name or plugin!r} is blocked or already registered")
+    _rebuild()
+    return registered
+
+
+def unregister(plugin: object | None = None, name: str | None = None) -> None:
+    """Unregister a plugin given by object or by name."""
+    pm = get_plugin_manager()
+    pm.unregister(plugin, name=name)
+    _rebuild()

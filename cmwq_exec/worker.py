@@ -1,0 +1,307 @@
+"""Workers and rescuers: the threads that run works.
+
+A worker belongs to one pool for life. It sleeps parked on its own lock while idle; the pool wakes
+it by releasing that lock. Its loop is the kernel's ``worker_thread``: leave idle, manage the pool if
+it is the last idle worker, run works while it is the only runner, go idle again.
+
+A rescuer belongs to one workqueue. Summoned by a pool that cannot get a worker (mayday), it moves to
+that pool and runs the workqueue's works there one at a time, so a workqueue that reserved one always
+makes progress even when no thread can be created.
+
+Worker fields: ``I:`` set at creation; ``L:`` under the pool lock; ``X:`` the worker's own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from . import plugin
+
+if TYPE_CHECKING:
+    from .pool import WorkerPool
+
+log = logging.getLogger("cmwq_exec.worker")
+
+# worker flags
+IDLE = 1 << 0  # on the idle list
+PREP = 1 << 1  # between works: leaving idle, managing, about to sleep
+DIE = 1 << 2  # reaped: exit when woken
+ROGUE = 1 << 3  # its CPU went down; unbound and not counted (trustee in charge)
+SLEEPING = 1 << 4  # inside blocking(): told us it sleeps
+CPU_INTENSIVE = 1 << 5  # the watchdog saw it burn CPU in the current work
+STUCK = 1 << 6  # seen blocked without an annotation: uncounted until it idles or burns CPU
+RESCUER = 1 << 7  # a workqueue's rescuer, never counted
+HOG_SEEN = 1 << 8  # the watchdog counted the current work as CPU-intensive (bookkeeping only)
+#: flags that take a worker out of nr_running (the kernel's WORKER_NOT_RUNNING)
+NOT_RUNNING = PREP | ROGUE | SLEEPING | CPU_INTENSIVE | STUCK | RESCUER
+
+#: The worker running on this thread, if any: ``current.worker``.
+current = threading.local()
+
+
+def current_worker() -> Worker | None:
+    """The worker (or rescuer) the calling thread is, or None."""
+    return getattr(current, "worker", None)
+
+
+def start_thread(target: Any, name: str) -> threading.Thread:
+    """Start a daemon thread running ``target`` (the fault-injection point of the tests)."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+class Worker:
+    """A worker thread of a pool (the kernel's ``struct worker``)."""
+
+    __slots__ = (
+        "pool", "id", "thread", "native_id", "flags", "park", "woken", "last_active",
+        "current_work", "current_pwq", "scheduled", "sleep_depth", "work_seq", "cpu_sample",
+        "work_started", "__weakref__",
+    )
+
+    def __init__(self, pool: WorkerPool, worker_id: int) -> None:
+        self.pool = pool  # I (X for a rescuer, which moves)
+        self.id = worker_id  # I
+        self.thread: threading.Thread | None = None  # I
+        self.native_id = 0  # X: set by the thread itself
+        self.flags = PREP  # L
+        self.park = threading.Lock()  # parked on while idle; released to wake it
+        self.park.acquire()
+        self.woken = False  # L: park released and not yet consumed
+        self.last_active = time.monotonic()  # L
+        self.current_work: Any = None  # L
+        self.current_pwq: Any = None  # L
+        self.scheduled: deque[Any] = deque()  # L: works that collided with the one we run
+        self.sleep_depth = 0  # X: nesting of blocking()
+        self.work_seq = 0  # L: bumped per work; the watchdog tells works apart with it
+        self.cpu_sample = 0  # watchdog's: thread CPU ns at its last look, for work_seq
+        self.work_started = 0.0  # L: monotonic time the current work started
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def thread_main(self) -> None:
+        pool = self.pool
+        current.worker = self
+        self.native_id = threading.get_native_id()
+        system = pool.system
+        if pool.cpu is None or system.config.pin_workers:
+            system.bind_thread(pool)
+        park, lock = self.park, pool.lock
+        park.acquire()
+        lock.acquire()
+        while True:
+            # woke up
+            if self.flags & DIE:
+                lock.release()
+                return
+            pool.worker_leave_idle(self)
+            while True:  # recheck
+                if not pool.need_more_worker(pool):
+                    if pool.manage_requested and pool.manage_workers(self):
+                        continue
+                    break
+                # the last idle worker about to work first makes another one
+                if not pool.may_start_working(pool) and pool.manage_workers(self):
+                    continue
+                pool.worker_clr_flags(self, PREP)
+                worklist = pool.worklist
+                while worklist:
+                    self.process_one_work(worklist.popleft())
+                    scheduled = self.scheduled
+                    while scheduled:
+                        self.process_one_work(scheduled.popleft())
+                    if not pool.keep_working(pool):
+                        break
+                pool.worker_set_flags(self, PREP, wakeup=False)
+                if self.flags & STUCK:
+                    self.flags &= ~STUCK  # a worker found blocked is counted again once it idles
+                if pool.need_to_manage_workers(pool) and pool.manage_workers(self):
+                    continue
+                break
+            pool.worker_enter_idle(self)
+            lock.release()
+            park.acquire()
+            lock.acquire()
+
+    def process_one_work(self, work: Any) -> None:
+        """Run one work. Called and returns with the pool lock held; drops it while the work runs.
+
+        A reusable work already running on another worker of this pool is handed to that worker
+        instead (non-reentrancy: a work never runs concurrently with itself).
+        """
+        pool = self.pool
+        if work._reusable:
+            running = work._worker
+            if running is not None and running is not self:
+                running.scheduled.append(work)
+                work._where = "scheduled"
+                return
+            work._worker = self
+            work._where = None
+            work._pending.release()  # from here on it may be queued again
+        pwq = work._pwq
+        color = work._color
+        queued_at = work._queued_at
+        self.current_work = work
+        self.current_pwq = pwq
+        self.work_seq += 1
+        pool.nr_started += 1
+        pwq.nr_started += 1
+        timing = pool.system.timing
+        pool.lock.release()
+
+        if timing:
+            started = time.monotonic()
+            cpu_started = time.thread_time()
+        else:
+            started = cpu_started = 0.0
+        self.work_started = started
+        started_hook = plugin.events.work_started
+        if started_hook is not None:
+            started_hook(pool=pool, workqueue=pwq.wq, work=work)
+        error = work._execute()
+        finished_hook = plugin.events.work_finished
+        if finished_hook is not None:
+            finished_hook(pool=pool, workqueue=pwq.wq, work=work, error=error)
+        error = None
+        wq = pwq.wq
+        if wq._max_active is not None:
+            wq._work_done()
+
+        pool.lock.acquire()
+        if timing:
+            ended = time.monotonic()
+            pwq.observe(started - queued_at, ended - started, time.thread_time() - cpu_started)
+        if self.flags & (CPU_INTENSIVE | HOG_SEEN):
+            pool.worker_clr_flags(self, CPU_INTENSIVE | HOG_SEEN)
+        self.current_work = None
+        self.current_pwq = None
+        if work._reusable:
+            work._worker = None
+            if pool.nr_done_waiters:
+                pool.done_cond.notify_all()
+        pwq.nr_completed += 1
+        wq._drop_in_flight(pwq, color)
+
+    # -- sleep notifications (the scheduler hook of this design) ---------------------------------
+
+    def sleep_begin(self) -> None:
+        """The worker's thread is about to sleep: hand over to another worker if it was the last
+        runner. X: called on the worker's own thread, from blocking()."""
+        self.sleep_depth += 1
+        if self.sleep_depth == 1:
+            pool = self.pool
+            with pool.lock:
+                pool.worker_set_flags(self, SLEEPING, wakeup=True)
+
+    def sleep_end(self) -> None:
+        """The worker's thread woke up and runs again."""
+        self.sleep_depth -= 1
+        if self.sleep_depth == 0:
+            pool = self.pool
+            with pool.lock:
+                pool.worker_clr_flags(self, SLEEPING)
+
+    def count_cm_wakeup(self) -> None:
+        """A wakeup happened because this worker stopped running. L: held."""
+        pwq = self.current_pwq
+        if pwq is not None:
+            pwq.nr_cm_wakeups += 1
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.pool.name}:{self.id} flags={self.flags:#x}>"
+
+
+class Rescuer:
+    """The rescuer of one workqueue: a reserved thread that runs its works where workers are lacking."""
+
+    def __init__(self, wq: Any, system: Any) -> None:
+        self.wq = wq
+        self.cond = threading.Condition(threading.Lock())
+        self.pools: deque[WorkerPool] = deque()  # under cond: pools that sent mayday
+        self.stopping = False  # under cond
+        self.worker = Worker(system.unbound_pool, -1)
+        self.worker.flags = RESCUER
+        self.thread = start_thread(self.thread_main, f"cmwq/rescuer:{wq.name}")
+
+    def summon(self, pool: WorkerPool) -> None:
+        """Mayday from ``pool``. Called with ``pool.lock`` held (lock order: pool, then rescuer)."""
+        with self.cond:
+            if pool not in self.pools:
+                self.pools.append(pool)
+                self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    def thread_main(self) -> None:
+        worker = self.worker
+        current.worker = worker
+        worker.native_id = threading.get_native_id()
+        while True:
+            with self.cond:
+                while not self.pools and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                pool = self.pools.popleft()
+            try:
+                self.rescue(pool)
+            except Exception:
+                log.exception("rescuer of %s failed on pool %s", self.wq.name, pool.name)
+
+    def rescue(self, pool: WorkerPool) -> None:
+        """Run this workqueue's pending works on ``pool``, one at a time, while the pool still lacks
+        workers; then kick the pool so a regular worker takes over."""
+        worker = self.worker
+        worker.pool = pool
+        pool.system.bind_thread(pool)
+        wq = self.wq
+        with pool.lock:
+            while True:
+                work = None
+                for i, candidate in enumerate(pool.worklist):
+                    if candidate._pwq.wq is wq:
+                        work = candidate
+                        del pool.worklist[i]
+                        break
+                if work is None:
+                    break
+                pwq = work._pwq
+                worker.process_one_work(work)
+                pwq.nr_rescued += 1
+                rescued = plugin.events.work_rescued
+                if rescued is not None:
+                    rescued(pool=pool, workqueue=wq, work=work)
+                if not (pool.need_to_create_worker(pool) or not pool.online):
+                    break
+            if pool.need_more_worker(pool):
+                pool.wake_up_worker()
+
+
+def thread_cpu_ns(worker: Worker) -> int | None:
+    """CPU time the worker's thread has used, in ns, or None if it has exited."""
+    thread = worker.thread
+    if thread is None or thread.ident is None:
+        return None
+    try:
+        return time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
+    except (OSError, ProcessLookupError):
+        return None
+
+
+def set_thread_affinity(worker: Worker, cpus: set[int]) -> None:
+    """Bind another worker's thread (best effort: the thread may be gone, the CPUs offline)."""
+    if worker.native_id:
+        try:
+            os.sched_setaffinity(worker.native_id, cpus)
+        except OSError:
+            pass
