@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures._base import (
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -40,6 +42,7 @@ MAX_HELP_DEPTH = 64
 _shutting_down = False
 _executors: weakref.WeakSet[CMWQExecutor] = weakref.WeakSet()
 _help = threading.local()
+_LOGGER = logging.getLogger("concurrent.futures")
 
 
 class _BlockingEvent(threading.Event):
@@ -62,25 +65,110 @@ class _Waiters(list):  # type: ignore[type-arg]
         super().append(waiter)
 
 
+#: Conditions shared by futures (striped by identity). A private Condition per future costs eight
+#: garbage-collected objects, and the collector's passes over them dominated the submit path. Sharing
+#: is safe because every wait on one re-checks its own future's state in a loop.
+_STRIPES = tuple(threading.Condition() for _ in range(256))
+_NO_CALLBACKS: tuple[Any, ...] = ()
+
+
 class CMWQFuture(Future):  # type: ignore[type-arg]
-    """A submitted call: the future users hold and the one-shot work the pools run."""
+    """A submitted call: the future users hold and the one-shot work the pools run.
+
+    A ``concurrent.futures.Future`` in every way that ``wait``, ``as_completed`` and asyncio use; it
+    allocates its waiter and callback lists only when someone installs one.
+    """
 
     _reusable = False
+    __slots__ = ("_condition", "_state", "_result", "_exception", "_waiter_list", "_done_callbacks",
+                 "_fn", "_args", "_kwargs", "_pwq", "_color", "_queued_at")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # Future.__init__, inlined (the submit path is hot), with a reporting waiter list
-        self._condition = threading.Condition()
+        # Future.__init__, inlined (the submit path is hot)
+        self._condition = _STRIPES[id(self) >> 4 & 255]
         self._state = PENDING
         self._result = None
         self._exception: BaseException | None = None
-        self._waiters = _Waiters()
-        self._done_callbacks: list[Callable[[Future[Any]], Any]] = []
+        self._waiter_list: _Waiters | None = None
+        self._done_callbacks: Any = _NO_CALLBACKS
         self._fn: Callable[..., Any] | None = fn
         self._args = args
         self._kwargs = kwargs
         self._pwq: Any = None
         self._color = 0
         self._queued_at = 0.0
+
+    @property
+    def _waiters(self) -> _Waiters:  # used by concurrent.futures.wait/as_completed, under _condition
+        waiters = self._waiter_list
+        if waiters is None:
+            waiters = self._waiter_list = _Waiters()
+        return waiters
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        with self._condition:
+            if self._state not in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+                if self._done_callbacks is _NO_CALLBACKS:
+                    self._done_callbacks = []
+                self._done_callbacks.append(fn)
+                return
+        try:
+            fn(self)
+        except Exception:
+            _LOGGER.exception("exception calling callback for %r", self)
+
+    def set_result(self, result: Any) -> None:
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = FINISHED
+            if self._waiter_list:
+                for waiter in self._waiter_list:
+                    waiter.add_result(self)
+            self._condition.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._exception = exception
+            self._state = FINISHED
+            if self._waiter_list:
+                for waiter in self._waiter_list:
+                    waiter.add_exception(self)
+            self._condition.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()
+
+    def _wait_done(self, timeout: float | None) -> None:
+        """Wait (on the shared condition, so in a loop) until finished or cancelled; raise
+        CancelledError or TimeoutError like Future.result. Called with _condition held."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._state not in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+            if deadline is None:
+                self._condition.wait()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError()
+            self._condition.wait(left)
+        if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            raise CancelledError()
+
+    def _get(self, timeout: float | None, want_result: bool) -> Any:
+        with self._condition:
+            self._wait_done(timeout)
+            if not want_result:
+                return self._exception
+            if self._exception is not None:
+                try:
+                    raise self._exception
+                finally:
+                    self = None  # type: ignore[assignment]  # break the reference cycle
+            return self._result
 
     def _claim(self) -> bool:
         """PENDING -> RUNNING for whoever runs it (a worker, or a helper). False if cancelled or
@@ -126,20 +214,22 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             if self._state == PENDING:
                 self._help()
             with blocking():
-                return super().result(timeout)
-        return super().result(timeout)
+                return self._get(timeout, True)
+        return self._get(timeout, True)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state != FINISHED and getattr(current, "worker", None) is not None:
             if self._state == PENDING:
                 self._help()
             with blocking():
-                return super().exception(timeout)
-        return super().exception(timeout)
+                return self._get(timeout, False)  # type: ignore[no-any-return]
+        return self._get(timeout, False)  # type: ignore[no-any-return]
 
 
 class _InitFuture(CMWQFuture):
     """A future of an executor with an initializer or a thread name prefix."""
+
+    __slots__ = ()
 
     _executor: CMWQExecutor
 

@@ -23,7 +23,9 @@ from .watchdog import Watchdog
 log = logging.getLogger("cmwq_exec.system")
 
 try:
-    _sched_getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu
+    # PyDLL keeps the GIL across the call: a CDLL call would release it and hand the GIL to a worker
+    # on every submit.
+    _sched_getcpu = ctypes.PyDLL(None).sched_getcpu
     _sched_getcpu.restype = ctypes.c_int
     _sched_getcpu.argtypes = []
 except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
@@ -139,6 +141,12 @@ class System:
     def local_pool(self) -> WorkerPool:
         """The pool of the CPU the calling thread runs on (another online one if that is down)."""
         cpu = _sched_getcpu() if _sched_getcpu is not None else 0
+        pool = self.cpu_pools.get(cpu)
+        if pool is not None and pool.online:
+            return pool
+        return self._fallback_pool(cpu)
+
+    def _fallback_pool(self, cpu: int) -> WorkerPool:
         pool = self.cpu_pools.get(cpu)
         if pool is not None and pool.online:
             return pool

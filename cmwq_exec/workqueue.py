@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import plugin, timer
-from .worker import Rescuer, current_worker
+from .worker import Rescuer, current, current_worker
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -331,7 +331,7 @@ class WorkQueue:
             return system.unbound_pool
         if work._reusable and work._worker is not None:
             return work._worker.pool  # non-reentrancy: where it runs now
-        worker = current_worker()
+        worker = getattr(current, "worker", None)
         if worker is not None and worker.pool.online and worker.pool.cpu is not None:
             pool = worker.pool
         else:
