@@ -439,8 +439,30 @@ class TaskPool(BasePool):
         job.unwind = why
         if job.in_target:
             _async_raise(job.thread_id, _Unwind)
+            self._disarm_request(job)
         self._abandoned += 1
         self._update_max_active_locked()
+
+    def _disarm_request(self, job: _Job) -> None:
+        """Make the tracer of an unwound task record nothing if the task survives the unwind.
+
+        Its outcome is already reported (TimeLimitExceeded, or REVOKED). A task that swallows the
+        unwind and returns would otherwise have its tracer store SUCCESS over it, run its
+        callbacks and count a chord part twice. The tracer reads those from the request
+        Context it pushed on the task's request stack (a per-thread stack keyed by thread id),
+        so flag that Context: ``ignore_result``, no chord, chain, callbacks or errbacks. Best
+        effort: it relies on Celery internals and logs, never raises, if they change.
+        """
+        try:
+            name, task_id = job.args[0], job.args[1]
+            task = self.app.tasks[name] if self.app is not None else None
+            storage = task.request_stack._local.__storage__ if task is not None else {}
+            for context in storage.get(job.thread_id, {}).get("stack", ()):
+                if getattr(context, "id", None) == task_id:
+                    context.ignore_result = True
+                    context.chord = context.chain = context.callbacks = context.errbacks = None
+        except Exception:  # noqa: BLE001
+            log.debug("cmwq_exec.celery: could not disarm the request of job %s", job.pid, exc_info=True)
 
     def _release_abandoned(self, job: _Job) -> None:
         with self._lock:

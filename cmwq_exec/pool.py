@@ -74,8 +74,10 @@ class WorkerPool:
         self.cm_wakeups = 0  # wakeups by concurrency management (a runner slept, or was found stuck)
         self.cpu_intensive = 0  # workers found hogging the CPU by the watchdog
         self.nr_mayday = 0  # mayday timer found the pool unable to get a worker
-        self.last_progress = time.monotonic()  # L: last time a work started or the worklist emptied
-        self.watchdog_armed = False  # L
+        self.watchdog_armed = False  # L: the watchdog looks at this pool while it has pending works
+        self.wd_started = 0  # L: nr_started at the watchdog's last sign of progress
+        self.wd_progress_at = time.monotonic()  # L: when that was
+        self.stall_warned = False  # L: the current stall was reported
         self.read_policy()
 
     # -- policy -----------------------------------------------------------------------------------

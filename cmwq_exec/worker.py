@@ -80,7 +80,8 @@ class Worker:
         self.scheduled: deque[Any] = deque()  # L: works that collided with the one we run
         self.sleep_depth = 0  # X: nesting of blocking()
         self.work_seq = 0  # L: bumped per work; the watchdog tells works apart with it
-        self.cpu_sample = 0  # watchdog's: thread CPU ns at its last look, for work_seq
+        self.cpu_sample: tuple[int, int, int, float] | None = None  # L: the watchdog's last look:
+        # (work_seq, CPU ns at its first look at that work, CPU ns now, when)
         self.work_started = 0.0  # L: monotonic time the current work started
 
     # -- the loop ---------------------------------------------------------------------------------
