@@ -29,8 +29,7 @@ class blocking(contextlib.ContextDecorator):
             worker.sleep_begin()
         return self
 
-    def __exit__(self, *exc_info: Any) -> bool:
+    def __exit__(self, *exc_info: Any) -> None:
         worker = getattr(current, "worker", None)
         if worker is not None:
             worker.sleep_end()
-        return False

@@ -13,10 +13,8 @@ waiter's event is swapped for one that reports) but do not help.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
-import sys
 import threading
 import time
 import weakref
@@ -99,7 +97,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         self._queued_at = 0.0
 
     @property
-    def _waiters(self) -> _Waiters:  # used by concurrent.futures.wait/as_completed, under _condition
+    def _waiters(self) -> _Waiters:  # type: ignore[override]  # used by concurrent.futures.wait/as_completed, under _condition
         waiters = self._waiter_list
         if waiters is None:
             waiters = self._waiter_list = _Waiters()
@@ -128,7 +126,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
                     waiter.add_result(self)
             self._condition.notify_all()
         if self._done_callbacks:
-            self._invoke_callbacks()
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def set_exception(self, exception: BaseException | None) -> None:
         with self._condition:
@@ -141,7 +139,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
                     waiter.add_exception(self)
             self._condition.notify_all()
         if self._done_callbacks:
-            self._invoke_callbacks()
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def _wait_done(self, timeout: float | None) -> None:
         """Wait (on the shared condition, so in a loop) until finished or cancelled; raise
@@ -319,7 +317,7 @@ class CMWQExecutor(Executor):
             raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunks(zip(*iterables), chunksize)
+        chunks = _chunks(zip(*iterables, strict=False), chunksize)
         results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
         return itertools.chain.from_iterable(results)
 
@@ -400,7 +398,5 @@ def after_fork() -> None:
         executor._shutdown_lock = threading.Lock()
 
 
-if sys.version_info >= (3, 9):
-    threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
-else:  # pragma: no cover
-    atexit.register(_python_exit)
+# Runs before threading joins non-daemon threads, like ThreadPoolExecutor's own exit hook.
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]

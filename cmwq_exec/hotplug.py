@@ -30,7 +30,7 @@ from .pool import (
     WorkerCreationError,
     WorkerPool,
 )
-from .worker import ROGUE, set_thread_affinity, start_thread
+from .worker import ROGUE, Worker, set_thread_affinity, start_thread
 
 if TYPE_CHECKING:
     from .system import System
@@ -147,7 +147,8 @@ class Trustee:
             if released:
                 for worker in list(pool.workers):
                     pool.worker_clr_flags(worker, ROGUE)
-                    set_thread_affinity(worker, {pool.cpu} if system.config.pin_workers else system.usable)
+                    pinned = pool.cpu is not None and system.config.pin_workers
+                    set_thread_affinity(worker, {pool.cpu} if pinned else system.usable)  # type: ignore[arg-type]
             pool.managing = False
             pool.trustee_state = TRUSTEE_DONE
             need_worker = pool.online and pool.nr_idle == 0
@@ -164,16 +165,17 @@ class Trustee:
         rescuers. L: held (dropped while creating)."""
         pool = self.pool
         left = len(pool.worklist)
-        for worker in reversed(list(pool.idle)):
+        for idle in reversed(list(pool.idle)):
             if left <= 0:
                 break
-            if not worker.woken:
-                worker.woken = True
-                worker.park.release()
+            if not idle.woken:
+                idle.woken = True
+                idle.park.release()
                 left -= 1
         pool.send_mayday()
         if left > 0 and not pool.idle:
             pool.lock.release()
+            worker: Worker | None
             try:
                 worker = pool.create_worker(rogue=True)
             except WorkerCreationError as exc:

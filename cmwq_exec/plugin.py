@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import pluggy
 
@@ -59,8 +59,24 @@ class Policy:
     select_pool: Callable[..., Any] | None = None
 
 
+EventCaller = Optional[Callable[..., None]]  # noqa: UP045 (a runtime alias on 3.10)
+
+
 class Events:
     """One attribute per event hook: ``None`` while unimplemented, else ``f(**kwargs)``."""
+
+    worker_created: EventCaller
+    worker_destroyed: EventCaller
+    worker_create_failed: EventCaller
+    manager_ran: EventCaller
+    mayday: EventCaller
+    work_rescued: EventCaller
+    trustee_state: EventCaller
+    cpu_intensive: EventCaller
+    worker_blocked: EventCaller
+    stall: EventCaller
+    work_started: EventCaller
+    work_finished: EventCaller
 
     def __init__(self) -> None:
         for name in EVENT_HOOKS:

@@ -245,7 +245,8 @@ class WorkerPool:
         with self.lock:
             if self.mayday_timer is None:
                 return
-            if self.need_to_create_worker(self) or (self.trustee_state == TRUSTEE_IN_CHARGE and self.worklist):
+            draining = self.trustee_state == TRUSTEE_IN_CHARGE and self.worklist
+            if draining or self.need_to_create_worker(self):
                 self.nr_mayday += 1
                 self.send_mayday()
             self.mayday_timer = timer.add_timer(self.system.config.mayday_interval, self.mayday_timeout)
@@ -353,6 +354,7 @@ class WorkerPool:
             assert self.nr_running == len(running), (self.nr_running, len(running))
 
     def __repr__(self) -> str:
-        return f"<WorkerPool {self.name} workers={self.nr_workers} idle={self.nr_idle} running={self.nr_running}>"
+        return (f"<WorkerPool {self.name} workers={self.nr_workers} idle={self.nr_idle} "
+                f"running={self.nr_running}>")
 
 

@@ -22,6 +22,7 @@ from .watchdog import Watchdog
 
 log = logging.getLogger("cmwq_exec.system")
 
+_sched_getcpu: Any
 try:
     # PyDLL keeps the GIL across the call: a CDLL call would release it and hand the GIL to a worker
     # on every submit.
@@ -200,7 +201,8 @@ def configure(**options: Any) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise ValueError(f"configure(): unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise ValueError(f"configure(): unknown option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(names))}")
     with _system_lock:
         if _system is not None:
             raise RuntimeError("configure() must be called before the first workqueue or executor "

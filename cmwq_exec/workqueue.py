@@ -228,7 +228,7 @@ class DelayedWork(Work):
 class WorkQueue:
     """A workqueue: a name, flags and ``max_active``, queueing works on the shared pools."""
 
-    def __init__(self, name: str, flags: WQ | int = WQ(0), max_active: int | None = None) -> None:
+    def __init__(self, name: str, flags: WQ | int = 0, max_active: int | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"WorkQueue name must be a non-empty string, got {name!r}")
         try:
@@ -497,7 +497,7 @@ class WorkQueue:
 
     def stats(self) -> dict[str, Any]:
         """Totals over all pools (for metrics and ``top``)."""
-        total = {"workqueue": self.name, "started": 0, "completed": 0, "inflight": 0,
+        total: dict[str, Any] = {"workqueue": self.name, "started": 0, "completed": 0, "inflight": 0,
                  "cpu_seconds": 0.0, "cpu_intensive": 0, "cm_wakeups": 0, "mayday": 0, "rescued": 0}
         latency = [0] * len(BUCKETS)
         execution = [0] * len(BUCKETS)
@@ -523,7 +523,7 @@ class WorkQueue:
 
     def _pending_works(self) -> list[Any]:
         """Works of this workqueue not yet started (on a worklist or inactive)."""
-        found = []
+        found: list[Any] = []
         for pwq in self._pwqs:
             with pwq.pool.lock:
                 found.extend(w for w in pwq.pool.worklist if w._pwq is pwq)
