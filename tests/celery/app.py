@@ -1,0 +1,210 @@
+"""The Celery app the integration tests and the benchmark start workers with.
+
+One module serves both sides: the test process builds an app with :func:`make_app` for the broker
+and queue of each test, and ``celery -A tests.celery.app worker`` builds the same app from the
+environment (``CMWQ_TEST_BROKER``, ``CMWQ_TEST_BACKEND``, ``CMWQ_TEST_QUEUE``, ``CMWQ_TEST_POOL``).
+
+Tasks that matter for "no task lost" record their completion in Redis (``SADD``), so a test checks
+every id arrived whatever happened to the worker that first received it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+
+import cmwq_exec
+
+#: The results store and the Redis the record tasks write to (db chosen for these tests).
+DEFAULT_BACKEND = "redis://127.0.0.1:6379/14"
+POOL = "cmwq_exec.celery:TaskPool"
+
+
+def make_app(broker: str, backend: str = DEFAULT_BACKEND, queue: str = "celery",
+             pool: str | None = None, **conf: Any) -> Celery:
+    """An app whose tasks all go to ``queue``. ``pool``: the ``worker_pool`` setting, or None."""
+    app = Celery("cmwq_test", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=600,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        # redis broker: a message of a killed worker comes back after 5 s, looked for every 1 s
+        broker_transport_options={"visibility_timeout": 5, "unacked_restore_interval": 1,
+                                  "unacked_restore_throttle": 1},
+        worker_prefetch_multiplier=int(os.environ.get("CMWQ_TEST_PREFETCH", "4")),
+    )
+    if pool:
+        app.conf.worker_pool = pool
+    extra = os.environ.get("CMWQ_TEST_CONF")  # JSON settings for the worker side of a test
+    if extra:
+        app.conf.update(json.loads(extra))
+    app.conf.update(conf)
+    _register_tasks(app)
+    return app
+
+
+def _redis(app: Celery) -> redis.Redis:
+    client = getattr(app, "_cmwq_redis", None)
+    if client is None:
+        client = app._cmwq_redis = redis.Redis.from_url(app.conf.result_backend)
+    return client
+
+
+_MAX_SCRIPT = """
+local old = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > old then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+def _register_tasks(app: Celery) -> None:
+    @app.task(name="t.add", shared=False)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="t.tsum", shared=False)
+    def tsum(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(name="t.sleep", shared=False)
+    def sleep(seconds: float, token: Any = None) -> Any:
+        """I/O-bound: tells the pool it blocks, as a well-behaved library call would."""
+        with cmwq_exec.blocking():
+            time.sleep(seconds)
+        return token
+
+    @app.task(name="t.sleep_raw", shared=False)
+    def sleep_raw(seconds: float, token: Any = None) -> Any:
+        """I/O-bound without the annotation (the watchdog has to notice)."""
+        time.sleep(seconds)
+        return token
+
+    @app.task(name="t.echo_socket", shared=False)
+    def echo_socket(port: int, payload: bytes = b"x") -> int:
+        """A real local socket round trip to a server that answers after a delay."""
+        with socket.create_connection(("127.0.0.1", port)) as conn, cmwq_exec.blocking():
+            conn.sendall(payload)
+            return len(conn.recv(64))
+
+    @app.task(name="t.spin", shared=False)
+    def spin(iterations: int) -> int:
+        """CPU-bound pure Python."""
+        total = 0
+        for i in range(iterations):
+            total += i * i
+        return total
+
+    @app.task(name="t.record", shared=False, acks_late=True, reject_on_worker_lost=True)
+    def record(key: str, token: str, seconds: float = 0.0) -> str:
+        """Sleep, then SADD ``token`` to ``key`` and count the run in ``key:runs``."""
+        if seconds:
+            with cmwq_exec.blocking():
+                time.sleep(seconds)
+        client = _redis(app)
+        client.sadd(key, token)
+        client.incr(key + ":runs")
+        return token
+
+    @app.task(name="t.record_early", shared=False, acks_late=False)
+    def record_early(key: str, token: str, seconds: float = 0.0) -> str:
+        """Like t.record but acked when it starts: the message is gone once the task runs, so
+        nothing but the pool finishing it can bring it to ``key``."""
+        client = _redis(app)
+        client.sadd(key + ":started", token)
+        if seconds:
+            with cmwq_exec.blocking():
+                time.sleep(seconds)
+        client.sadd(key, token)
+        client.incr(key + ":runs")
+        return token
+
+    @app.task(name="t.gauge", shared=False)
+    def gauge(key: str, seconds: float) -> int:
+        """Counts how many of these run at once: ``key:peak`` is the most seen together."""
+        client = _redis(app)
+        now = client.incr(key + ":now")
+        client.eval(_MAX_SCRIPT, 1, key + ":peak", now)
+        try:
+            with cmwq_exec.blocking():
+                time.sleep(seconds)
+        finally:
+            client.decr(key + ":now")
+        return now
+
+    @app.task(name="t.soft_limited", shared=False)
+    def soft_limited(seconds: float) -> str:
+        """Polls in short sleeps so the soft limit lands promptly; reports that it caught it."""
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(0.02)
+        except SoftTimeLimitExceeded:
+            return "soft-limit-caught"
+        return "finished"
+
+    @app.task(name="t.spin_until", shared=False)
+    def spin_until(seconds: float, key: str | None = None) -> str:
+        """CPU-bound loop for ``seconds``; marks ``key`` unwound if interrupted by anything."""
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                pass
+        finally:
+            if key:
+                _redis(app).set(key + ":unwound", "1")
+        return "finished"
+
+    @app.task(name="t.long", shared=False, bind=True)
+    def long(self: Any, key: str, seconds: float) -> str:
+        """Marks ``key:started``, sleeps in short steps; ``key:finished`` only if it ran out, and
+        ``key:unwound`` whenever it stops (a terminate lands here)."""
+        client = _redis(app)
+        client.set(key + ":started", self.request.id)
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                with cmwq_exec.blocking():
+                    time.sleep(0.02)
+            client.set(key + ":finished", "1")
+        finally:
+            client.set(key + ":unwound", "1")
+        return "finished"
+
+    @app.task(name="t.stubborn", shared=False)
+    def stubborn(key: str, seconds: float) -> str:
+        """Ignores every interruption (swallows BaseException) and runs for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                with cmwq_exec.blocking():
+                    time.sleep(0.02)
+            except BaseException:  # noqa: BLE001 - the point of this task
+                _redis(app).incr(key + ":ignored")
+        _redis(app).set(key + ":done", "1")
+        return "stubborn-finished"
+
+    @app.task(name="t.thread_count", shared=False)
+    def thread_count() -> int:
+        import threading
+
+        return threading.active_count()
+
+
+#: The app ``celery -A tests.celery.app worker`` runs.
+app = make_app(
+    os.environ.get("CMWQ_TEST_BROKER", "redis://127.0.0.1:6379/13"),
+    os.environ.get("CMWQ_TEST_BACKEND", DEFAULT_BACKEND),
+    os.environ.get("CMWQ_TEST_QUEUE", "celery"),
+    os.environ.get("CMWQ_TEST_POOL") or None,
+)

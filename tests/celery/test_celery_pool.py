@@ -1,0 +1,186 @@
+"""cmwq_exec.celery:TaskPool against real brokers and real ``celery worker`` processes.
+
+Each test runs once with Redis and once with RabbitMQ as the broker (results in Redis), on its own
+queue. Some workers select the pool with the ``worker_pool`` setting, others with
+``-P custom`` + ``CELERY_CUSTOM_WORKER_POOL``: both ways must work.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from celery import chord, group
+from celery.exceptions import TimeLimitExceeded
+
+from conftest import BROKERS, wait_for
+
+pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def members(redis_client: Any, name: str) -> set[str]:
+    return {m.decode() for m in redis_client.smembers(name)}
+
+
+def test_tasks_groups_chords_and_the_concurrency_limit(celery_app, start_worker, results_redis, key):
+    """Results are right, and -c is max_active: at most 3 run at once, and 3 do."""
+    worker = start_worker(concurrency=3, via="setting")
+    t = celery_app.tasks
+    assert t["t.add"].delay(2, 3).get(timeout=20) == 5
+    assert group(t["t.add"].s(i, i) for i in range(20))().get(timeout=20) == [2 * i for i in range(20)]
+    assert chord((t["t.add"].s(i, 1) for i in range(10)), t["t.tsum"].s())().get(timeout=20) == 55
+    # nested: a chord whose header is a group of chains
+    header = [t["t.add"].s(i, 1) | t["t.add"].s(10) for i in range(5)]
+    assert chord(header, t["t.tsum"].s())().get(timeout=20) == sum(i + 11 for i in range(5))
+
+    results = group(t["t.gauge"].s(key, 0.3) for _ in range(12))()
+    results.get(timeout=30)
+    assert int(results_redis.get(key + ":peak")) == 3, worker.tail()
+
+
+def test_time_limits_soft_hard_and_an_ignored_hard_limit(celery_app, start_worker, results_redis, key):
+    worker = start_worker(concurrency=1, via="custom")
+    t = celery_app.tasks
+
+    # soft: SoftTimeLimitExceeded raised inside the task, which catches it
+    started = time.monotonic()
+    assert t["t.soft_limited"].apply_async((30,), soft_time_limit=0.5).get(timeout=20) == "soft-limit-caught"
+    assert time.monotonic() - started < 10
+
+    # hard: reported failed with TimeLimitExceeded, and the thread really unwound
+    r = t["t.spin_until"].apply_async((60, key + "h"), time_limit=1)
+    with pytest.raises(TimeLimitExceeded):
+        r.get(timeout=20)
+    wait_for(lambda: results_redis.get(key + "h:unwound"), 10, "the hard-limited thread to unwind")
+
+    # a task that swallows the hard limit: failed at once, its slot given back (-c 1 and another
+    # task runs meanwhile), shown as abandoned, and its late return value is discarded
+    r = t["t.stubborn"].apply_async((key, 4.0), time_limit=0.5)
+    with pytest.raises(TimeLimitExceeded):
+        r.get(timeout=20)
+    assert not results_redis.get(key + ":done"), "the result should come from the limit, not the end"
+    assert t["t.add"].delay(1, 1).get(timeout=10) == 2
+    pool = worker.stats()["pool"]
+    assert pool["abandoned"] == 1 and pool["max-concurrency"] == 1, pool
+    assert int(results_redis.get(key + ":ignored") or 0) >= 1
+    wait_for(lambda: results_redis.get(key + ":done"), 20, "the stubborn task to end by itself")
+    wait_for(lambda: worker.stats()["pool"]["abandoned"] == 0, 10, "abandoned to drop to 0")
+    assert r.state == "FAILURE" and isinstance(r.result, TimeLimitExceeded)
+    assert worker.alive()
+
+
+def test_revoke_terminate_stops_only_that_task(celery_app, start_worker, results_redis, key):
+    worker = start_worker(concurrency=2, via="setting")
+    t = celery_app.tasks
+    victim = t["t.long"].delay(key + "v", 60)
+    survivor = t["t.long"].delay(key + "s", 1.5)
+    wait_for(lambda: results_redis.get(key + "v:started") and results_redis.get(key + "s:started"),
+             20, "both tasks to start")
+
+    active = celery_app.control.inspect([worker.name]).active()[worker.name]
+    pids = {task["id"]: task["worker_pid"] for task in active}
+    assert set(pids) == {victim.id, survivor.id}, active
+    assert len(set(pids.values())) == 2, f"every task needs its own id: {pids}"
+    assert worker.pid not in pids.values()
+
+    celery_app.control.revoke(victim.id, terminate=True, signal="SIGTERM")
+    wait_for(lambda: victim.state == "REVOKED", 10, "the victim to be REVOKED")
+    wait_for(lambda: results_redis.get(key + "v:unwound"), 10, "the victim's thread to unwind")
+    assert not results_redis.get(key + "v:finished")
+    assert survivor.get(timeout=20) == "finished"  # the other task was not touched
+    assert t["t.add"].delay(2, 2).get(timeout=10) == 4
+    assert worker.stats()["pool"]["running"] == 0
+
+
+def test_autoscale_grows_under_load_and_shrinks_when_idle(celery_app, start_worker, results_redis, key):
+    worker = start_worker(concurrency=None, via="custom", args=("--autoscale=6,1",),
+                          env={"AUTOSCALE_KEEPALIVE": "1"})
+    assert worker.stats()["pool"]["max-concurrency"] == 1
+    results = group(celery_app.tasks["t.gauge"].s(key, 0.5) for _ in range(18))()
+    grown = wait_for(lambda: worker.stats()["pool"]["max-concurrency"] >= 4 and worker.stats(), 20,
+                     "autoscale to grow the pool")
+    assert grown["autoscaler"]["max"] == 6
+    results.get(timeout=30)
+    assert 1 < int(results_redis.get(key + ":peak")) <= 6
+    wait_for(lambda: worker.stats()["pool"]["max-concurrency"] == 1, 20, "autoscale to shrink back")
+
+
+def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_worker, results_redis, key):
+    with socket.socket() as probe:  # a free port for the metrics server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = start_worker(concurrency=2, via="custom", env={"CMWQ_METRICS_PORT": str(port)})
+    stats = worker.stats()
+    pool = stats["pool"]
+    assert pool["implementation"] == "cmwq_exec.celery:TaskPool"
+    assert pool["max-concurrency"] == 2 and pool["running"] == 0
+    assert {p["pool"] for p in pool["pools"]} >= {"cpu0", "unbound"}
+    assert pool["workqueue"]["workqueue"] == "celery"
+    assert stats["prefetch_count"] == 2 * 4
+
+    replies = celery_app.control.pool_grow(3, destination=[worker.name], reply=True)
+    assert "ok" in replies[0][worker.name], replies
+    stats = worker.stats()
+    assert stats["pool"]["max-concurrency"] == 5 and stats["prefetch_count"] == 5 * 4
+
+    results = group(celery_app.tasks["t.gauge"].s(key, 0.4) for _ in range(15))()
+    results.get(timeout=30)
+    assert int(results_redis.get(key + ":peak")) == 5
+
+    celery_app.control.pool_shrink(4, destination=[worker.name], reply=True)
+    stats = worker.stats()
+    assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 1 * 4
+    assert stats["pool"]["workqueue"]["completed"] >= 15
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "cmwq_pool_workers" in body and 'workqueue="celery"' in body
+
+
+def test_sigkill_mid_batch_loses_no_task(celery_app, start_worker, results_redis, key):
+    """acks_late + task_reject_on_worker_lost: what a killed worker held goes to the next one."""
+    first = start_worker(concurrency=4, via="setting")
+    tokens = [f"r{i}" for i in range(24)]
+    for token in tokens:
+        celery_app.tasks["t.record"].delay(key, token, 0.3)
+    wait_for(lambda: results_redis.scard(key) >= 4, 20, "a few tasks to finish")
+    assert results_redis.scard(key) < len(tokens), "the batch ended before the kill: nothing tested"
+    first.kill()
+    start_worker(concurrency=4, via="custom")
+    wait_for(lambda: members(results_redis, key) == set(tokens), 60,
+             f"every task to complete (missing {set(tokens) - members(results_redis, key)})")
+
+
+def test_warm_shutdown_finishes_started_tasks_and_returns_the_rest(celery_app, start_worker, results_redis,
+                                                                    key):
+    """SIGTERM: tasks already running (and acked: acks_late=False) finish; tasks prefetched but not
+    started stay unacked and go back to the broker; a later worker does them. Nothing runs twice."""
+    first = start_worker(concurrency=2, via="custom")
+    tokens = [f"w{i}" for i in range(12)]
+    for token in tokens:
+        celery_app.tasks["t.record_early"].delay(key, token, 0.6)
+    wait_for(lambda: results_redis.scard(key + ":started") >= 2, 20, "two tasks to start")
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit(30) == 0, first.tail()
+    started = members(results_redis, key + ":started")
+    done = members(results_redis, key)
+    assert started == done, f"started but not finished at shutdown: {started - done}\n{first.tail()}"
+    assert len(done) < len(tokens), "every task ran before the shutdown: nothing tested"
+
+    start_worker(concurrency=4, via="setting")
+    wait_for(lambda: members(results_redis, key) == set(tokens), 40,
+             f"the returned tasks to complete (missing {set(tokens) - members(results_redis, key)})")
+    assert int(results_redis.get(key + ":runs")) == len(tokens), "a task ran twice"
+
+
+def test_bad_concurrency_is_a_clear_error(celery_app, start_worker, broker):
+    if broker != BROKERS["redis"]:
+        pytest.skip("the check does not depend on the broker")
+    worker = start_worker(via="setting", concurrency=None, ready=False,
+                          env={"CMWQ_TEST_CONF": json.dumps({"worker_concurrency": 2.5})})
+    assert worker.wait_exit(30) != 0
+    assert "concurrency" in worker.tail() and "2.5" in worker.tail(), worker.tail()
