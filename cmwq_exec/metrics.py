@@ -128,7 +128,7 @@ def cumulative_buckets(histogram: Mapping[str, Any]) -> tuple[list[tuple[str, fl
         raise ValueError("histogram bounds must end with +inf")
     buckets: list[tuple[str, float]] = []
     running = 0
-    for bound, count in zip(bounds, counts):
+    for bound, count in zip(bounds, counts, strict=True):
         running += count
         buckets.append((floatToGoString(bound), running))
     return buckets, running, float(histogram["sum"])
@@ -155,7 +155,7 @@ def _merge_by_name(stats: Iterable[Mapping[str, Any]], key: str) -> list[dict[st
             if isinstance(v, Mapping):
                 if tuple(v["buckets"]) != into[k]["buckets"]:
                     raise ValueError(f"workqueues named {name!r} use different {k} buckets")
-                into[k]["counts"] = [a + b for a, b in zip(into[k]["counts"], v["counts"])]
+                into[k]["counts"] = [a + b for a, b in zip(into[k]["counts"], v["counts"], strict=True)]
                 into[k]["sum"] += v["sum"]
             elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != key:
                 into[k] += v
@@ -205,15 +205,15 @@ class CMWQCollector:
         wq_stats: Sequence[Mapping[str, Any]] = (),
     ) -> Iterator[Metric]:
         for name, doc, key in _POOL_GAUGES:
-            family = GaugeMetricFamily(name, doc, labels=["pool"])
+            gauge = GaugeMetricFamily(name, doc, labels=["pool"])
             for stats in pool_stats:
-                family.add_metric([str(stats["pool"])], stats[key])
-            yield family
+                gauge.add_metric([str(stats["pool"])], stats[key])
+            yield gauge
         for name, doc, key in _POOL_COUNTERS:
-            family = CounterMetricFamily(name, doc, labels=["pool"])
+            counter = CounterMetricFamily(name, doc, labels=["pool"])
             for stats in pool_stats:
-                family.add_metric([str(stats["pool"])], stats.get(key, 0))
-            yield family
+                counter.add_metric([str(stats["pool"])], stats.get(key, 0))
+            yield counter
         online = GaugeMetricFamily(
             "cmwq_pool_online",
             "1 if the pool's CPU is online (the pool runs bound to it), 0 while its CPU is "
@@ -225,21 +225,21 @@ class CMWQCollector:
         yield online
 
         for name, doc, key in _WQ_COUNTERS:
-            family = CounterMetricFamily(name, doc, labels=["workqueue"])
+            counter = CounterMetricFamily(name, doc, labels=["workqueue"])
             for stats in wq_stats:
-                family.add_metric([stats["workqueue"]], stats[key])
-            yield family
+                counter.add_metric([stats["workqueue"]], stats[key])
+            yield counter
         for name, doc, key in _WQ_GAUGES:
-            family = GaugeMetricFamily(name, doc, labels=["workqueue"])
+            gauge = GaugeMetricFamily(name, doc, labels=["workqueue"])
             for stats in wq_stats:
-                family.add_metric([stats["workqueue"]], stats[key])
-            yield family
+                gauge.add_metric([stats["workqueue"]], stats[key])
+            yield gauge
         for name, doc, key in _WQ_HISTOGRAMS:
-            family = HistogramMetricFamily(name, doc, labels=["workqueue"])
+            histogram = HistogramMetricFamily(name, doc, labels=["workqueue"])
             for stats in wq_stats:
                 buckets, _count, total = cumulative_buckets(stats[key])
-                family.add_metric([stats["workqueue"]], buckets, total)
-            yield family
+                histogram.add_metric([stats["workqueue"]], buckets, total)
+            yield histogram
 
 
 def _get_system() -> Any:
@@ -250,7 +250,7 @@ def _get_system() -> Any:
 
 
 # Registries that already hold our collector, so register() is idempotent.
-_registered: "weakref.WeakKeyDictionary[CollectorRegistry, CMWQCollector]" = weakref.WeakKeyDictionary()
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, CMWQCollector] = weakref.WeakKeyDictionary()
 _registered_lock = threading.Lock()
 
 
