@@ -247,15 +247,17 @@ def _run_live(args: argparse.Namespace) -> None:
 
 def render(snap: dict[str, Any], error: str | None = None) -> Any:
     """Build the rich renderable for one snapshot (two tables, and ``error`` if the last read failed)."""
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     stamp = time.strftime("%H:%M:%S", time.localtime(snap["time"]))
-    wqs = Table(title=f"cmwq workqueues — {snap['url']} at {stamp}", title_justify="left")
-    wqs.add_column("workqueue", no_wrap=True)
+    wqs = Table(title=f"cmwq workqueues — {snap['url']} at {stamp}", title_justify="left",
+                box=box.SIMPLE_HEAD)
+    wqs.add_column("workqueue", overflow="fold")  # long names wrap, never lose characters
     for column in ("total", "infl", "done/s", "CPUtime", "CPUitsv", "CMW", "mayday", "rescued"):
-        wqs.add_column(column, justify="right")
+        wqs.add_column(column, justify="right", no_wrap=True, min_width=len(column))
     for row in snap["workqueues"]:
         rate = row.get("completed_per_second")
         wqs.add_row(
@@ -269,10 +271,10 @@ def render(snap: dict[str, Any], error: str | None = None) -> Any:
             str(row["mayday"]),
             str(row["rescued"]),
         )
-    pools = Table(title="cmwq worker pools", title_justify="left")
-    pools.add_column("pool", no_wrap=True)
+    pools = Table(title="cmwq worker pools", title_justify="left", box=box.SIMPLE_HEAD)
+    pools.add_column("pool", overflow="fold")
     for column in ("online", "running", "idle", "workers", "pending", "CMW", "CPUitsv", "mayday"):
-        pools.add_column(column, justify="right")
+        pools.add_column(column, justify="right", no_wrap=True, min_width=len(column))
     for row in snap["pools"]:
         pools.add_row(
             row["pool"],
