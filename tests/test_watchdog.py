@@ -1,0 +1,196 @@
+"""The watchdog: un-annotated blocking, CPU hogs, stall warnings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import cmwq_exec
+from cmwq_exec import WQ, Work, WorkQueue, plugin
+from cmwq_exec import system as _system
+from cmwq_exec.worker import STUCK, current_worker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def fresh_system() -> Iterator[Callable[..., _system.System]]:
+    def make(**config: Any) -> _system.System:
+        config.setdefault("hotplug", False)
+        return _system._reset_for_tests(**config)
+
+    yield make
+    _system._reset_for_tests(hotplug=False)
+
+
+@pytest.fixture
+def pinned_cpu0() -> Iterator[None]:
+    """Run the test thread on CPU 0 so per-CPU works go to cpu0's pool."""
+    old = os.sched_getaffinity(0)
+    if 0 not in old:
+        pytest.skip("CPU 0 is not in this process's affinity mask")
+    os.sched_setaffinity(0, {0})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.blocked: list[tuple[Any, Any, Any]] = []
+        self.intensive: list[tuple[Any, Any, Any]] = []
+        self.stalls: list[tuple[Any, float, dict[int, str]]] = []
+
+    @cmwq_exec.hookimpl
+    def cmwq_worker_blocked(self, pool: Any, worker: Any, work: Any) -> None:
+        with self.lock:
+            self.blocked.append((pool, worker, work))
+
+    @cmwq_exec.hookimpl
+    def cmwq_cpu_intensive(self, pool: Any, worker: Any, work: Any) -> None:
+        with self.lock:
+            self.intensive.append((pool, worker, work))
+
+    @cmwq_exec.hookimpl
+    def cmwq_stall(self, pool: Any, seconds: float, stacks: dict[int, str]) -> None:
+        with self.lock:
+            self.stalls.append((pool, seconds, stacks))
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    rec = Recorder()
+    name = plugin.register(rec, name=f"wd-recorder-{uuid.uuid4().hex[:6]}")
+    try:
+        yield rec
+    finally:
+        plugin.unregister(name=name)
+
+
+def test_unannotated_sleep_is_found_blocked_and_work_behind_it_runs(
+        fresh_system: Any, pinned_cpu0: None, recorder: Recorder) -> None:
+    system = fresh_system()
+    pool = system.cpu_pools[0]
+    release = threading.Event()
+    started = threading.Event()
+    seen: dict[str, Any] = {}
+
+    def sleeper() -> str:
+        seen["worker"] = current_worker()
+        started.set()
+        deadline = time.monotonic() + 30
+        while not release.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)  # un-annotated: no blocking()
+        return "slept"
+
+    def behind() -> str:
+        worker = current_worker()
+        return worker.pool.name if worker is not None else "?"
+
+    with cmwq_exec.CMWQExecutor(unbound=False, rescuer=False) as ex:
+        try:
+            sleeping = ex.submit(sleeper)
+            assert started.wait(10)
+            assert seen["worker"].pool is pool
+            quick = ex.submit(behind)
+            # runs while the sleeper still sleeps
+            assert quick.result(timeout=10) == "cpu0"
+            assert not sleeping.done()
+            wait_for("the sleeper's worker_blocked event",
+                     lambda: any(work is sleeping for _, _, work in recorder.blocked))
+            worker = seen["worker"]
+            assert worker.flags & STUCK, f"sleeping worker not STUCK: {worker!r}"
+            assert not any(work is sleeping for _, _, work in recorder.intensive)
+        finally:
+            release.set()
+        assert sleeping.result(timeout=10) == "slept"
+    # STUCK is cleared once the worker idles
+    wait_for("the sleeper's worker idle and no longer STUCK", lambda: not seen["worker"].flags & STUCK)
+
+
+def test_spinning_worker_is_cpu_intensive_not_blocked(
+        fresh_system: Any, pinned_cpu0: None, recorder: Recorder) -> None:
+    system = fresh_system()
+    pool = system.cpu_pools[0]
+    before = pool.stats()["cpu_intensive"]
+
+    def spin() -> int:
+        n = 0
+        end = time.thread_time() + 0.1
+        while time.thread_time() < end:
+            n += 1
+        return n
+
+    with cmwq_exec.CMWQExecutor(unbound=False, rescuer=False) as ex:
+        spinning = ex.submit(spin)
+        # pending works behind it: the watchdog only looks at pools with a backlog
+        behind = [ex.submit(time.monotonic) for _ in range(5)]
+        assert spinning.result(timeout=10) > 0
+        for f in behind:
+            f.result(timeout=10)
+    assert pool.stats()["cpu_intensive"] > before
+    assert ex.workqueue.stats()["cpu_intensive"] >= 1
+    assert any(work is spinning for _, _, work in recorder.intensive), recorder.intensive
+    assert not any(work is spinning for _, _, work in recorder.blocked), "the spinner was judged blocked"
+
+
+def stuck_in_test_watchdog(release: threading.Event) -> None:
+    release.wait(60)  # un-annotated
+
+
+def test_stall_warned_once_per_stall_with_stacks(fresh_system: Any, recorder: Recorder,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="cmwq_exec.watchdog")
+    # two CPU pools hold a worker each; the unbound pool can have two: one runs the stuck work, the
+    # other becomes the manager and fails at the cap, so nothing else starts there
+    system = fresh_system(max_total_workers=len(_system.usable_cpus()) + 2, create_cooldown=0.02,
+                          stall_timeout=0.3)
+    pool = system.unbound_pool
+    wq = WorkQueue(f"wd-stall-{uuid.uuid4().hex[:6]}", WQ.UNBOUND)
+
+    def warnings() -> list[logging.LogRecord]:
+        return [r for r in caplog.records
+                if r.name == "cmwq_exec.watchdog" and "pool unbound" in r.getMessage()]
+
+    for stall in (1, 2):
+        release = threading.Event()
+        try:
+            for _ in range(6):
+                assert wq.queue_work(Work(stuck_in_test_watchdog, release))
+            wait_for(f"stall warning #{stall}", lambda: len(warnings()) >= stall, timeout=10)
+            # still stalled for several more stall_timeouts: no second warning for this stall
+            deadline = time.monotonic() + 4 * system.config.stall_timeout
+            while time.monotonic() < deadline:
+                assert len(warnings()) == stall, [r.getMessage()[:200] for r in warnings()]
+                time.sleep(0.02)
+            message = warnings()[-1].getMessage()
+            assert "started none" in message
+            assert "--- thread" in message and "stuck_in_test_watchdog" in message, message
+            stalls = [s for s in recorder.stalls if s[0] is pool]
+            assert len(stalls) == stall
+            assert stalls[-1][1] >= system.config.stall_timeout
+            assert any("stuck_in_test_watchdog" in stack for stack in stalls[-1][2].values())
+        finally:
+            release.set()
+        wq.flush()
+
