@@ -142,6 +142,30 @@ def test_unregistering_the_fixed_policy_restores_concurrency_management() -> Non
     assert _unbound_pool().need_more_worker is cmwq_exec.policy.need_more_worker
 
 
+def _module_hooks(limit: str | None) -> list[str]:
+    """The hooks the module-level plugin defines in a fresh interpreter with that environment."""
+    env = {k: v for k, v in os.environ.items() if k != "CMWQ_FIXED_CONCURRENCY"}
+    if limit is not None:
+        env["CMWQ_FIXED_CONCURRENCY"] = limit
+    env["PYTHONPATH"] = os.pathsep.join([str(PLUGINS / "cmwq_fixed_concurrency"), str(ROOT)])
+    probe = ("import json, cmwq_fixed_concurrency as m\n"
+             "print(json.dumps(sorted(n for n in dir(m) if n.startswith('cmwq_'))))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                            timeout=60)
+    if result.returncode != 0:
+        raise ValueError(result.stderr)
+    return json.loads(result.stdout)
+
+
+def test_the_installed_module_is_inert_until_a_limit_is_set() -> None:
+    assert _module_hooks(None) == []
+    assert _module_hooks("3") == [
+        "cmwq_keep_working", "cmwq_may_start_working", "cmwq_need_more_worker",
+        "cmwq_need_to_create_worker", "cmwq_need_to_manage_workers", "cmwq_too_many_workers"]
+    with pytest.raises(ValueError, match="CMWQ_FIXED_CONCURRENCY must be a positive integer"):
+        _module_hooks("0")
+
+
 class _FakeWorker:
     def __init__(self, work: object | None) -> None:
         self.current_work = work
@@ -204,7 +228,9 @@ class _Records(logging.Handler):
 
 @pytest.fixture
 def event_records(registered) -> Iterator[_Records]:
-    registered(cmwq_event_log, "event_log")
+    # Where the plugin is installed (tox installs it), its entry point registered it already.
+    if not plugin.get_plugin_manager().is_registered(cmwq_event_log):
+        registered(cmwq_event_log, "event_log")
     handler = _Records()
     logger = logging.getLogger(cmwq_event_log.LOGGER_NAME)
     old_level = logger.level

@@ -20,8 +20,9 @@ running or blocked):
   its threads.
 
 Use it installed (``pip install plugins/cmwq_fixed_concurrency``; the
-``cmwq_exec`` entry point registers this module, with ``limit`` read from
-``CMWQ_FIXED_CONCURRENCY``) or explicitly::
+``cmwq_exec`` entry point registers this module, which enforces the policy only
+when ``CMWQ_FIXED_CONCURRENCY=N`` is set, and is inert otherwise) or
+explicitly::
 
     from cmwq_exec import plugin
     from cmwq_fixed_concurrency import FixedConcurrency
@@ -35,23 +36,26 @@ from typing import Any
 
 import pluggy
 
-__all__ = ["FixedConcurrency", "default_limit"]
+__all__ = ["LIMIT", "FixedConcurrency", "configured_limit"]
 
 hookimpl = pluggy.HookimplMarker("cmwq_exec")
 
 
-def default_limit() -> int:
-    """``CMWQ_FIXED_CONCURRENCY`` if set, else ThreadPoolExecutor's default ``min(32, cpus + 4)``."""
-    text = os.environ.get("CMWQ_FIXED_CONCURRENCY")
-    if text:
-        try:
-            limit = int(text)
-        except ValueError:
-            raise ValueError(f"CMWQ_FIXED_CONCURRENCY must be a positive integer, not {text!r}") from None
-        if limit < 1:
-            raise ValueError(f"CMWQ_FIXED_CONCURRENCY must be a positive integer, not {text!r}")
-        return limit
-    return min(32, (os.cpu_count() or 1) + 4)
+def configured_limit() -> int | None:
+    """The limit in ``CMWQ_FIXED_CONCURRENCY``, or None when it is unset or empty.
+
+    Raises ValueError for anything but a positive integer.
+    """
+    text = os.environ.get("CMWQ_FIXED_CONCURRENCY", "").strip()
+    if not text:
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"CMWQ_FIXED_CONCURRENCY must be a positive integer, not {text!r}")
+    return limit
 
 
 class FixedConcurrency:
@@ -128,36 +132,35 @@ class FixedConcurrency:
         return self.too_many_workers(pool)
 
 
-# The module itself is the plugin the entry point registers: the hooks below
-# answer with a policy whose limit comes from the environment at import time.
-_policy = FixedConcurrency(default_limit())
+# The module itself is the plugin the entry point registers. Installed, it stays
+# inert (no hook at all, so the pools' hot path is unchanged) until
+# CMWQ_FIXED_CONCURRENCY names the limit: installing a comparison policy must not
+# silently change every cmwq_exec process of the environment.
+LIMIT = configured_limit()
 
+if LIMIT is not None:
+    _policy = FixedConcurrency(LIMIT)
 
-@hookimpl
-def cmwq_need_more_worker(pool: Any) -> bool:
-    return _policy.need_more_worker(pool)
+    @hookimpl
+    def cmwq_need_more_worker(pool: Any) -> bool:
+        return _policy.need_more_worker(pool)
 
+    @hookimpl
+    def cmwq_may_start_working(pool: Any) -> bool:
+        return _policy.may_start_working(pool)
 
-@hookimpl
-def cmwq_may_start_working(pool: Any) -> bool:
-    return _policy.may_start_working(pool)
+    @hookimpl
+    def cmwq_keep_working(pool: Any) -> bool:
+        return _policy.keep_working(pool)
 
+    @hookimpl
+    def cmwq_need_to_create_worker(pool: Any) -> bool:
+        return _policy.need_to_create_worker(pool)
 
-@hookimpl
-def cmwq_keep_working(pool: Any) -> bool:
-    return _policy.keep_working(pool)
+    @hookimpl
+    def cmwq_need_to_manage_workers(pool: Any) -> bool:
+        return _policy.need_to_manage_workers(pool)
 
-
-@hookimpl
-def cmwq_need_to_create_worker(pool: Any) -> bool:
-    return _policy.need_to_create_worker(pool)
-
-
-@hookimpl
-def cmwq_need_to_manage_workers(pool: Any) -> bool:
-    return _policy.need_to_manage_workers(pool)
-
-
-@hookimpl
-def cmwq_too_many_workers(pool: Any) -> bool:
-    return _policy.too_many_workers(pool)
+    @hookimpl
+    def cmwq_too_many_workers(pool: Any) -> bool:
+        return _policy.too_many_workers(pool)
