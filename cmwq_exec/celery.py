@@ -195,6 +195,8 @@ class TaskPool(BasePool):
         self._drain_scheduled = False  # O
         self._drain_lock = threading.Lock()  # one drainer at a time: callbacks run in order
         self._hub: Any = None  # O: the consumer's event loop while it runs
+        self._wake_r = self._wake_w = -1  # I: the pipe that wakes the event loop
+        self._loop: Any = None  # M: the event loop our pipe is registered with
         self._wq: WorkQueue | None = None  # I
         self._control: WorkQueue | None = None  # I
         self._drain_work: Work | None = None  # I
@@ -235,9 +237,20 @@ class TaskPool(BasePool):
         log.info("cmwq_exec: serving Prometheus metrics on http://%s:%s/metrics", addr, port)
 
     def register_with_event_loop(self, loop: Any) -> None:
-        """Deliver callbacks on the consumer's event loop (called again after a reconnect)."""
+        """Deliver callbacks on the consumer's event loop (called again after a reconnect, whose
+        hub reset dropped our reader).
+
+        A pipe wakes the loop: kombu's ``call_soon`` only became thread-safe (and able to wake a
+        sleeping loop) in recent versions.
+        """
+        if self._wake_r < 0:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        loop.add_reader(self._wake_r, self._on_wakeup)
+        self._loop = loop
         with self._outbox_lock:
             self._hub = loop
+            self._drain_scheduled = True
+        self._wake()  # whatever queued up while no loop ran
 
     def on_stop(self) -> None:
         """Warm shutdown: tasks not started are dropped unacked (the broker redelivers them when
@@ -254,7 +267,7 @@ class TaskPool(BasePool):
                     self._lock.acquire()
                 self._idle.wait(0.05)
         self._drain_outbox()
-        self._shutdown_metrics()
+        self._shutdown()
 
     def on_terminate(self) -> None:
         """Cold shutdown: drop unstarted tasks and unwind the running ones (no result is written
@@ -265,7 +278,7 @@ class TaskPool(BasePool):
             for job in self._jobs.values():
                 self._unwind_locked(job, "terminated")
         self._drain_outbox()
-        self._shutdown_metrics()
+        self._shutdown()
 
     def on_close(self) -> None:
         with self._lock:
@@ -289,14 +302,34 @@ class TaskPool(BasePool):
         self._held.clear()
 
     def _stop_delivering_to_hub(self) -> None:
+        """The event loop stopped for good: from now on the control workqueue (and the stopping
+        thread) run the callbacks."""
         with self._outbox_lock:
             self._hub = None
+            self._drain_scheduled = False
 
-    def _shutdown_metrics(self) -> None:
+    def _shutdown(self) -> None:
+        """Release what on_start made. The workqueues go only when no thread of ours is left
+        (an abandoned task may still run: then they stay, idle, until the process exits)."""
         server, self._metrics_server = self._metrics_server, None
         if server is not None:
             server.shutdown()
             server.server_close()
+        with self._lock:
+            idle = not self._jobs
+        if idle:
+            for wq in (self._wq, self._control):
+                if wq is not None:
+                    wq.destroy()
+            if self._loop is not None and self._wake_r >= 0:
+                try:
+                    self._loop.remove_reader(self._wake_r)
+                except Exception:  # noqa: BLE001 - the hub may be closed already
+                    pass
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     # -- applying ---------------------------------------------------------------------------------
 
@@ -314,7 +347,9 @@ class TaskPool(BasePool):
         work = Work(self._run, job)
         with self._lock:
             if self._closing:
-                raise RuntimeError("cmwq_exec.celery.TaskPool is shutting down")
+                # Never started, never acked: the broker delivers it again after we disconnect.
+                job.state = _CANCELLED
+                return job
             self._jobs[job.pid] = job
             if self.limit == 0:
                 self._held.append(work)
@@ -523,10 +558,26 @@ class TaskPool(BasePool):
             self._drain_scheduled = True
             hub = self._hub
         if hub is not None:
-            hub.call_soon(self._drain_outbox)
+            self._wake()
         else:
             assert self._control is not None and self._drain_work is not None
             self._control.queue_work(self._drain_work)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop has plenty of wakeups pending
+        except OSError:
+            log.debug("cmwq_exec.celery: wakeup pipe closed", exc_info=True)
+
+    def _on_wakeup(self, *_: Any) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._drain_outbox()
 
     def _drain_outbox(self) -> None:
         with self._drain_lock:
@@ -555,7 +606,8 @@ class TaskPool(BasePool):
         info.update({
             "max-concurrency": limit,
             "running": running,
-            "queued": len(jobs) - running - abandoned + held,
+            "queued": sum(1 for job in jobs if job.state is _QUEUED),
+            "held": held,
             "abandoned": abandoned,
             "timeouts": [self._default_soft, self._default_hard],
         })

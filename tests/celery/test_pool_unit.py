@@ -1,0 +1,332 @@
+"""cmwq_exec.celery.TaskPool in-process, without a broker: the pool's own contract.
+
+These drive the pool the way Celery's Request does (``apply_async`` with the five callbacks and
+the limits) using plain functions as targets, so each rule is checked in isolation and fast; the
+real-worker tests in test_celery_pool.py check the same rules end to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any
+
+import pytest
+from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
+
+import cmwq_exec
+from cmwq_exec.celery import TaskPool
+from conftest import wait_for
+
+pytestmark = [pytest.mark.celery, pytest.mark.timeout(60)]
+
+
+class Calls:
+    """Records every callback the pool makes, per job."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, Any, tuple[Any, ...]]] = []
+
+    def callbacks(self, tag: Any) -> dict[str, Any]:
+        def record(kind: str) -> Any:
+            def callback(*args: Any) -> None:
+                with self.lock:
+                    self.events.append((kind, tag, args))
+            return callback
+
+        return {"callback": record("success"), "error_callback": record("error"),
+                "accept_callback": record("accept"), "timeout_callback": record("timeout")}
+
+    def of(self, tag: Any, kind: str | None = None) -> list[tuple[Any, ...]]:
+        with self.lock:
+            return [args for k, t, args in self.events if t == tag and (kind is None or k == kind)]
+
+    def kinds(self, tag: Any) -> list[str]:
+        with self.lock:
+            return [k for k, t, _ in self.events if t == tag]
+
+
+@pytest.fixture
+def make_pool():
+    pools: list[TaskPool] = []
+
+    def make(limit: int = 2, **options: Any) -> TaskPool:
+        pool = TaskPool(limit=limit, **options)
+        pool.start()
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        if pool._state == pool.RUN:
+            pool.stop()
+
+
+def test_results_errors_and_a_distinct_id_per_task(make_pool):
+    pool, calls = make_pool(limit=4), Calls()
+    for i in range(6):
+        pool.apply_async(lambda x: x * 10, (i,), **calls.callbacks(i))
+    pool.apply_async(lambda: 1 / 0, **calls.callbacks("boom"))
+    wait_for(lambda: all(calls.of(i, "success") for i in range(6)) and calls.of("boom", "error"), 10,
+             "every job to report")
+    assert [calls.of(i, "success")[0][0] for i in range(6)] == [0, 10, 20, 30, 40, 50]
+    exc = calls.of("boom", "error")[0][0].exception  # billiard wraps it as Celery's Request expects
+    assert isinstance(getattr(exc, "exc", exc), ZeroDivisionError)
+    pids = [calls.of(i, "accept")[0][0] for i in [*range(6), "boom"]]
+    assert len(set(pids)) == 7 and all(isinstance(pid, int) for pid in pids)
+    for i in range(6):  # accepted before the result, exactly once each
+        assert calls.kinds(i) == ["accept", "success"]
+
+
+def test_concurrency_is_max_active_and_follows_grow_and_shrink(make_pool):
+    pool, calls = make_pool(limit=2), Calls()
+    lock = threading.Lock()
+    now = [0]
+    peaks: list[int] = []
+
+    def task() -> None:
+        with lock:
+            now[0] += 1
+            peaks.append(now[0])
+        with cmwq_exec.blocking():
+            time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+
+    for i in range(10):
+        pool.apply_async(task, **calls.callbacks(i))
+    wait_for(lambda: all(calls.of(i, "success") for i in range(10)), 10, "the first batch")
+    assert max(peaks) == 2
+    pool.grow(3)
+    assert pool.num_processes == 5 and pool.info["max-concurrency"] == 5
+    peaks.clear()
+    for i in range(10, 30):
+        pool.apply_async(task, **calls.callbacks(i))
+    wait_for(lambda: all(calls.of(i, "success") for i in range(10, 30)), 10, "the second batch")
+    assert max(peaks) == 5
+    pool.shrink(4)
+    assert pool.num_processes == 1
+    peaks.clear()
+    for i in range(30, 36):
+        pool.apply_async(task, **calls.callbacks(i))
+    wait_for(lambda: all(calls.of(i, "success") for i in range(30, 36)), 10, "the third batch")
+    assert max(peaks) == 1
+    with pytest.raises(ValueError, match="cannot shrink"):
+        pool.shrink(2)
+
+
+def test_a_zero_limit_holds_tasks_until_the_pool_grows(make_pool):
+    pool, calls = make_pool(limit=0), Calls()
+    pool.apply_async(lambda: "ran", **calls.callbacks("held"))
+    time.sleep(0.1)  # give it every chance to run wrongly; the state we wait for is "nothing"
+    assert calls.of("held") == [] and pool.info["held"] == 1
+    pool.grow(1)
+    wait_for(lambda: calls.of("held", "success"), 5, "the held task to run after grow")
+
+
+def test_soft_limit_raises_inside_the_task(make_pool):
+    pool, calls = make_pool(), Calls()
+
+    def polite() -> str:
+        try:
+            while True:
+                time.sleep(0.005)
+        except SoftTimeLimitExceeded:
+            return "caught"
+
+    pool.apply_async(polite, soft_timeout=0.1, **calls.callbacks("soft"))
+    wait_for(lambda: calls.of("soft", "success"), 10, "the task to catch its soft limit")
+    assert calls.of("soft", "timeout") == [(True, 0.1)]
+    assert calls.of("soft", "success") == [("caught",)]
+
+
+def test_hard_limit_reports_at_once_and_unwinds_the_thread(make_pool):
+    pool, calls = make_pool(limit=1), Calls()
+    unwound = threading.Event()
+
+    def runaway() -> None:
+        try:
+            while True:
+                pass
+        finally:
+            unwound.set()
+
+    pool.apply_async(runaway, timeout=0.2, **calls.callbacks("hard"))
+    wait_for(lambda: calls.of("hard", "timeout"), 10, "the hard limit")
+    assert calls.of("hard", "timeout") == [(False, 0.2)]
+    assert unwound.wait(5)
+    pool.apply_async(lambda: "next", **calls.callbacks("next"))
+    wait_for(lambda: calls.of("next", "success"), 5, "the next task")
+    assert calls.kinds("hard") == ["accept", "timeout"]  # never a second, late report
+    wait_for(lambda: pool._abandoned == 0 and pool._wq.max_active == 1, 5, "the slot to be settled")
+
+
+def test_a_task_that_ignores_its_hard_limit_is_abandoned_not_counted(make_pool):
+    pool, calls = make_pool(limit=1), Calls()
+    release = threading.Event()
+    swallowed = []
+
+    def stubborn() -> str:
+        while not release.is_set():
+            try:
+                with cmwq_exec.blocking():
+                    time.sleep(0.005)
+            except BaseException as exc:  # noqa: BLE001 - the point of the test
+                swallowed.append(exc)
+        return "late"
+
+    pool.apply_async(stubborn, timeout=0.1, **calls.callbacks("stubborn"))
+    wait_for(lambda: calls.of("stubborn", "timeout"), 10, "the hard limit")
+    wait_for(lambda: swallowed, 5, "the task to swallow the unwind")
+    # its slot is given back: with limit 1 another task runs while it still runs
+    pool.apply_async(lambda: "other", **calls.callbacks("other"))
+    wait_for(lambda: calls.of("other", "success"), 5, "another task to run beside the abandoned one")
+    info = pool.info
+    assert info["abandoned"] == 1 and info["running"] == 0 and info["max-concurrency"] == 1
+    release.set()
+    wait_for(lambda: pool.info["abandoned"] == 0, 5, "the abandoned task to end")
+    assert calls.kinds("stubborn") == ["accept", "timeout"]  # "late" is discarded
+    assert pool._wq.max_active == 1
+
+
+def test_terminate_job_unwinds_only_that_task(make_pool):
+    pool, calls = make_pool(limit=3), Calls()
+    stop = threading.Event()
+    unwound: list[str] = []
+
+    def long(name: str) -> str:
+        try:
+            while not stop.is_set():
+                with cmwq_exec.blocking():
+                    time.sleep(0.005)
+            return name
+        finally:
+            unwound.append(name)
+
+    pool.apply_async(long, ("victim",), **calls.callbacks("victim"))
+    pool.apply_async(long, ("survivor",), **calls.callbacks("survivor"))
+    wait_for(lambda: calls.of("victim", "accept") and calls.of("survivor", "accept"), 5, "both to start")
+    pool.terminate_job(calls.of("victim", "accept")[0][0], 15)
+    wait_for(lambda: "victim" in unwound, 5, "the victim to unwind")
+    assert "survivor" not in unwound
+    stop.set()
+    wait_for(lambda: calls.of("survivor", "success"), 5, "the survivor to finish")
+    assert calls.kinds("victim") == ["accept"]  # Celery reports the revoke itself
+
+
+def test_terminate_before_start_runs_nothing(make_pool):
+    pool, calls = make_pool(limit=1), Calls()
+    gate = threading.Event()
+    ran = []
+    pool.apply_async(lambda: gate.wait(5), **calls.callbacks("first"))
+    job = pool.apply_async(lambda: ran.append(1), **calls.callbacks("queued"))
+    job.terminate(15)  # Request.terminate on a task not yet started
+    gate.set()
+    wait_for(lambda: calls.of("queued", "accept"), 5, "the revoked task to report accepted")
+    wait_for(lambda: pool.info["running"] == 0, 5, "the pool to settle")
+    assert ran == [] and calls.kinds("queued") == ["accept"]
+
+
+def test_warm_stop_finishes_running_tasks_and_never_starts_queued_ones(make_pool):
+    pool, calls = make_pool(limit=1), Calls()
+
+    def work(name: str) -> str:
+        with cmwq_exec.blocking():
+            time.sleep(0.2)
+        return name
+
+    for name in ("running", "queued1", "queued2"):
+        pool.apply_async(work, (name,), **calls.callbacks(name))
+    wait_for(lambda: calls.of("running", "accept"), 5, "the first task to start")
+    pool.stop()
+    assert calls.of("running", "success") == [("running",)]
+    assert calls.of("queued1") == [] and calls.of("queued2") == []
+
+
+def test_cold_terminate_unwinds_running_tasks(make_pool):
+    pool, calls = make_pool(limit=2), Calls()
+    unwound = threading.Event()
+
+    def forever() -> None:
+        try:
+            while True:
+                with cmwq_exec.blocking():
+                    time.sleep(0.005)
+        finally:
+            unwound.set()
+
+    pool.apply_async(forever, **calls.callbacks("forever"))
+    wait_for(lambda: calls.of("forever", "accept"), 5, "the task to start")
+    pool.terminate()
+    assert unwound.wait(5)
+    assert calls.kinds("forever") == ["accept"]
+
+
+def test_bad_input_gets_a_clear_error(monkeypatch):
+    with pytest.raises(ImproperlyConfigured, match=r"concurrency .* must be a non-negative integer"):
+        TaskPool(limit="eight")
+    with pytest.raises(ImproperlyConfigured, match="got 2.5"):
+        TaskPool(limit=2.5)
+    with pytest.raises(ValueError, match="time limit must be a number of seconds"):
+        TaskPool(limit=1, timeout="soon")
+    pool = TaskPool(limit=1)
+    with pytest.raises(ImproperlyConfigured, match="pool_grow n"):
+        pool.grow(-1)
+    monkeypatch.setenv("CMWQ_METRICS_PORT", "http")
+    with pytest.raises(ImproperlyConfigured, match="CMWQ_METRICS_PORT must be a TCP port"):
+        TaskPool(limit=1).start()
+
+
+def test_worker_default_limits_apply_when_the_task_has_none(make_pool):
+    pool, calls = make_pool(limit=1, soft_timeout=0.1, timeout=5.0), Calls()
+
+    def polite() -> str:
+        try:
+            while True:
+                time.sleep(0.005)
+        except SoftTimeLimitExceeded:
+            return "caught"
+
+    pool.apply_async(polite, **calls.callbacks("t"))
+    wait_for(lambda: calls.of("t", "success"), 10, "the default soft limit")
+    assert pool.info["timeouts"] == [0.1, 5.0]
+
+
+def test_injected_exceptions_never_escape_into_the_worker(make_pool, caplog):
+    """Limits that race the end of their task: every job reports exactly once, no exception
+    reaches the cmwq worker loop, and the pool ends clean."""
+    pool, calls = make_pool(limit=4), Calls()
+    rng = random.Random(5)
+    caplog.set_level(logging.ERROR, logger="cmwq_exec")
+
+    def brief(spin: float) -> str:
+        end = time.perf_counter() + spin
+        while time.perf_counter() < end:
+            pass
+        return "ok"
+
+    n = 300
+    for i in range(n):
+        spin = rng.uniform(0.0, 0.004)
+        pool.apply_async(brief, (spin,), soft_timeout=rng.choice([None, 0.001, 0.002]),
+                         timeout=rng.choice([None, 0.002, 0.003]), **calls.callbacks(i))
+    terminal = {"success", "error"}
+
+    def reported(i: int) -> bool:
+        kinds = calls.kinds(i)
+        return bool(terminal & set(kinds)) or ("timeout", (False,)) in [
+            (k, args[:1]) for k, t, args in calls.events if t == i]
+
+    wait_for(lambda: all(reported(i) for i in range(n)), 30, "every job to report")
+    for i in range(n):
+        finals = [args for kind, tag, args in calls.events
+                  if tag == i and (kind in terminal or (kind == "timeout" and args[0] is False))]
+        assert len(finals) == 1, (i, calls.kinds(i))
+    wait_for(lambda: not pool._jobs and pool._abandoned == 0, 10, "the pool to settle")
+    assert pool._wq.max_active == 4
+    assert not [r for r in caplog.records if "raised" in r.getMessage()], caplog.text
+    pool.apply_async(lambda: "still fine", **calls.callbacks("after"))
+    wait_for(lambda: calls.of("after", "success"), 5, "a task after the storm")
