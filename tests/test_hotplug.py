@@ -190,6 +190,40 @@ def test_explicit_cpu_down_up(fresh_system: Any, trustee_states: TrusteeStates) 
         pool.check_invariants()
 
 
+def test_explicit_rapid_down_up_cycles(fresh_system: Any, trustee_states: TrusteeStates) -> None:
+    """cpu_up while the trustee still drains hands the pool back (RELEASE); down again while it
+    releases keeps it draining. Works flow all along and run exactly once."""
+    need_two_cpus()
+    system = fresh_system()
+    pool = system.cpu_pools[1]
+    flow = Flow(20_000, {1}).start()
+    wait_for("works queued on cpu1", lambda: flow.queued >= 1000)
+    for cycle in range(30):
+        system.cpu_down(1)
+        if cycle % 3 == 0:
+            wait_for("trustee in charge", lambda: pool.stats()["trustee_state"] != "START")
+        system.cpu_up(1)
+        if cycle % 5 == 0:
+            wait_for("trustee done", lambda: pool.stats()["trustee_state"] == "DONE")
+    flow.check(60)
+    wait_for("cpu1's trustee DONE", lambda: pool.stats()["trustee_state"] == "DONE")
+    assert pool.stats()["online"]
+    states = trustee_states.of("cpu1")
+    assert "RELEASE" in states or states.count("DONE") >= 1, states
+    wait_for("cpu1's pool has a worker", lambda: pool.stats()["nr_workers"] >= 1, timeout=5)
+    for worker in pool_workers(pool):
+        assert not worker.flags & ROGUE, worker
+    if system.config.pin_workers:
+        wait_for("cpu1's workers pinned to CPU 1",
+                 lambda: all(os.sched_getaffinity(w.native_id) == {1}
+                             for w in pool_workers(pool) if w.native_id and w.thread.is_alive()))
+    with pool.lock:
+        pool.check_invariants()  # with the trustee DONE it also checks nr_running exactly
+    # and it still serves works queued from CPU 1
+    again = Flow(500, {1}).start()
+    again.check(30)
+
+
 def write_cpu1(value: str) -> None:
     with open(CPU1_ONLINE, "w") as f:
         f.write(value)

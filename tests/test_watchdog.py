@@ -177,7 +177,8 @@ def test_stall_warned_once_per_stall_with_stacks(fresh_system: Any, recorder: Re
         try:
             for _ in range(6):
                 assert wq.queue_work(Work(stuck_in_test_watchdog, release))
-            wait_for(f"stall warning #{stall}", lambda: len(warnings()) >= stall, timeout=10)
+            target = stall
+            wait_for(f"stall warning #{stall}", lambda: len(warnings()) >= target, timeout=10)  # noqa: B023
             # still stalled for several more stall_timeouts: no second warning for this stall
             deadline = time.monotonic() + 4 * system.config.stall_timeout
             while time.monotonic() < deadline:
