@@ -63,10 +63,11 @@ class _Waiters(list):  # type: ignore[type-arg]
         super().append(waiter)
 
 
-#: Conditions shared by futures (striped by identity). A private Condition per future costs eight
-#: garbage-collected objects, and the collector's passes over them dominated the submit path. Sharing
-#: is safe because every wait on one re-checks its own future's state in a loop.
-_STRIPES = tuple(threading.Condition() for _ in range(256))
+#: A future makes its Condition only when someone waits on it or adds a callback: a private
+#: Condition costs eight garbage-collected objects, and the collector's passes over them dominated the
+#: submit path. Until then its state changes under one of these small locks (striped by identity,
+#: never held while taking another lock, so no lock order can be violated).
+_STRIPES = tuple(threading.Lock() for _ in range(64))
 _NO_CALLBACKS: tuple[Any, ...] = ()
 
 
@@ -78,12 +79,12 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
     """
 
     _reusable = False
-    __slots__ = ("_condition", "_state", "_result", "_exception", "_waiter_list", "_done_callbacks",
+    __slots__ = ("_cond", "_state", "_result", "_exception", "_waiter_list", "_done_callbacks",
                  "_fn", "_args", "_kwargs", "_pwq", "_color", "_queued_at")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Future.__init__, inlined (the submit path is hot)
-        self._condition = _STRIPES[id(self) >> 4 & 255]
+        self._cond: threading.Condition | None = None
         self._state = PENDING
         self._result = None
         self._exception: BaseException | None = None
@@ -95,6 +96,36 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         self._pwq: Any = None
         self._color = 0
         self._queued_at = 0.0
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        """The future's Condition, made on first use (what Future's own methods take)."""
+        cond = self._cond
+        if cond is None:
+            with _STRIPES[id(self) >> 4 & 63]:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    def _set_if_no_condition(self, state_from: tuple[str, ...] | None, state_to: str,
+                             result: Any = None, exception: BaseException | None = None) -> bool | None:
+        """Change state without a Condition while nobody waits: None if a Condition exists (the
+        caller must use it), else whether the change was made."""
+        if self._cond is not None:
+            return None
+        with _STRIPES[id(self) >> 4 & 63]:
+            if self._cond is not None:
+                return None
+            if state_from is None:  # set_result / set_exception
+                if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+                    raise InvalidStateError(f"{self._state}: {self!r}")
+            elif self._state not in state_from:
+                return False
+            self._result = result
+            self._exception = exception
+            self._state = state_to
+            return True
 
     @property
     def _waiters(self) -> _Waiters:  # type: ignore[override]  # used by concurrent.futures.wait/as_completed, under _condition
@@ -116,6 +147,10 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             _LOGGER.exception("exception calling callback for %r", self)
 
     def set_result(self, result: Any) -> None:
+        if self._set_if_no_condition(None, FINISHED, result=result):
+            if self._done_callbacks:
+                self._invoke_callbacks()  # type: ignore[attr-defined]
+            return
         with self._condition:
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
                 raise InvalidStateError(f"{self._state}: {self!r}")
@@ -129,6 +164,10 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def set_exception(self, exception: BaseException | None) -> None:
+        if self._set_if_no_condition(None, FINISHED, exception=exception):
+            if self._done_callbacks:
+                self._invoke_callbacks()  # type: ignore[attr-defined]
+            return
         with self._condition:
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
                 raise InvalidStateError(f"{self._state}: {self!r}")
@@ -157,20 +196,25 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             raise CancelledError()
 
     def _get(self, timeout: float | None, want_result: bool) -> Any:
-        with self._condition:
-            self._wait_done(timeout)
-            if not want_result:
-                return self._exception
-            if self._exception is not None:
-                try:
-                    raise self._exception
-                finally:
-                    self = None  # type: ignore[assignment]  # break the reference cycle
-            return self._result
+        if self._state != FINISHED:
+            with self._condition:
+                self._wait_done(timeout)
+        # FINISHED is final and its fields were written before it
+        if not want_result:
+            return self._exception
+        if self._exception is not None:
+            try:
+                raise self._exception
+            finally:
+                self = None  # type: ignore[assignment]  # break the reference cycle
+        return self._result
 
     def _claim(self) -> bool:
         """PENDING -> RUNNING for whoever runs it (a worker, or a helper). False if cancelled or
         already claimed."""
+        claimed = self._set_if_no_condition((PENDING,), RUNNING)
+        if claimed is not None:
+            return claimed  # nobody waited, so a cancelled one needs no notification either
         with self._condition:
             state = self._state
             if state == PENDING:
@@ -196,29 +240,42 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             return None
         return self._run()
 
-    def _help(self) -> None:
-        """Run this future's work inline if nobody started it yet (called on a worker's thread)."""
+    def _help(self, worker: Any) -> None:
+        """Run this future's work inline if nobody started it yet (called on a worker's thread).
+
+        A call of an executor with ``max_workers`` is helped only by a worker running a call of the
+        same executor: inline it takes the waiting caller's place, so the limit still holds."""
+        pwq = self._pwq
+        if pwq is not None and pwq.wq._max_active is not None:
+            mine = worker.current_pwq
+            if mine is None or mine.wq is not pwq.wq:
+                return
         depth = getattr(_help, "depth", 0)
         if depth >= MAX_HELP_DEPTH or not self._claim():
             return
         _help.depth = depth + 1
         try:
-            self._run()
+            self._run_claimed()
         finally:
             _help.depth = depth
 
+    def _run_claimed(self) -> BaseException | None:
+        return self._run()
+
     def result(self, timeout: float | None = None) -> Any:
-        if self._state != FINISHED and getattr(current, "worker", None) is not None:
+        worker = getattr(current, "worker", None)
+        if self._state != FINISHED and worker is not None:
             if self._state == PENDING:
-                self._help()
+                self._help(worker)
             with blocking():
                 return self._get(timeout, True)
         return self._get(timeout, True)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._state != FINISHED and getattr(current, "worker", None) is not None:
+        worker = getattr(current, "worker", None)
+        if self._state != FINISHED and worker is not None:
             if self._state == PENDING:
-                self._help()
+                self._help(worker)
             with blocking():
                 return self._get(timeout, False)  # type: ignore[no-any-return]
         return self._get(timeout, False)  # type: ignore[no-any-return]
@@ -234,6 +291,9 @@ class _InitFuture(CMWQFuture):
     def _execute(self) -> BaseException | None:
         if not self._claim():
             return None
+        return self._run_claimed()
+
+    def _run_claimed(self) -> BaseException | None:
         executor = self._executor
         if not executor._prepare_thread(self):
             return None

@@ -69,6 +69,7 @@ class WorkerPool:
         self.mayday_timer: timer.Timer | None = None  # L
         self.idle_timer: timer.Timer | None = None  # L
         self.next_worker_id = 0  # L
+        self.first_worker_pending = False  # L: the timer thread is trying to create a first worker
         # counters, L: read at scrape time
         self.nr_started = 0  # works started here
         self.cm_wakeups = 0  # wakeups by concurrency management (a runner slept, or was found stuck)
@@ -107,8 +108,8 @@ class WorkerPool:
     def insert_work(self, work: Any) -> None:
         """Append ``work`` to the worklist and wake a worker if the policy says so. L: held."""
         self.worklist.append(work)
-        if self.need_more_worker(self):
-            self.wake_up_worker()
+        if self.need_more_worker(self) and not self.wake_up_worker() and not self.nr_workers:
+            self.schedule_first_worker()
         if not self.watchdog_armed:
             self.system.watchdog.arm(self)
 
@@ -312,15 +313,48 @@ class WorkerPool:
     # -- starting ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the pool's first worker (the pool works without one: the first queued work will
-        find no idle worker and ask for a manager, but one ready worker keeps the first latency low)."""
+        """Create the pool's first worker; if that fails, keep trying from the timer thread."""
         try:
             worker = self.create_worker()
         except WorkerCreationError as exc:
-            log.warning("pool %s: cannot create its first worker: %s", self.name, exc)
+            log.warning("pool %s: cannot create its first worker (will retry): %s", self.name, exc)
+            with self.lock:
+                self.schedule_first_worker()
             return
         with self.lock:
             self.start_worker(worker)
+
+    def schedule_first_worker(self) -> None:
+        """A pool without any worker has nobody to be its manager: the timer thread tries to create
+        one, sends mayday while works wait, and retries after ``create_cooldown``. L: held."""
+        if self.first_worker_pending:
+            return
+        self.first_worker_pending = True
+        timer.add_timer(0, self._create_first_worker)
+
+    def _create_first_worker(self) -> None:
+        with self.lock:
+            if self.nr_workers or self.managing:
+                self.first_worker_pending = False
+                return
+            self.managing = True
+        worker: Worker | None
+        try:
+            worker = self.create_worker(rogue=not self.online)
+        except WorkerCreationError:
+            worker = None
+        with self.lock:
+            self.managing = False
+            if worker is not None:
+                self.first_worker_pending = False
+                self.start_worker(worker)
+                if self.need_more_worker(self):
+                    self.wake_up_worker()
+                return
+            if self.worklist:
+                self.nr_mayday += 1
+                self.send_mayday()
+            timer.add_timer(self.system.config.create_cooldown, self._create_first_worker)
 
     # -- reading ----------------------------------------------------------------------------------
 

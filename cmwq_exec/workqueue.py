@@ -48,6 +48,9 @@ class WQ(enum.IntFlag):
     RESCUER = 4
 
 
+_ALL_FLAGS = WQ.UNBOUND | WQ.ORDERED | WQ.RESCUER
+
+
 class PoolWorkqueue:
     """A workqueue's state on one pool. All fields ``L:`` under ``pool.lock``."""
 
@@ -232,6 +235,8 @@ class WorkQueue:
         if not isinstance(name, str) or not name:
             raise ValueError(f"WorkQueue name must be a non-empty string, got {name!r}")
         try:
+            if isinstance(flags, bool) or not isinstance(flags, int) or flags < 0 or flags & ~_ALL_FLAGS:
+                raise ValueError
             flags = WQ(flags)
         except ValueError:
             raise ValueError(f"WorkQueue flags must be a combination of WQ.UNBOUND, WQ.ORDERED and "
