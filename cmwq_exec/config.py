@@ -55,7 +55,7 @@ class Config:
 
 def from_environment(config: Config) -> Config:
     """Apply ``CMWQ_<FIELD>`` environment variables (e.g. ``CMWQ_PIN_WORKERS=0``)."""
-    changes = {}
+    changes: dict[str, object] = {}
     for field in dataclasses.fields(config):
         raw = os.environ.get("CMWQ_" + field.name.upper())
         if raw is None:
@@ -70,4 +70,4 @@ def from_environment(config: Config) -> Config:
         except ValueError:
             raise ValueError(f"environment variable CMWQ_{field.name.upper()}={raw!r} is not a "
                              f"valid {field.type}") from None
-    return dataclasses.replace(config, **changes)
+    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
