@@ -271,35 +271,51 @@ def run_demo(work: Workload, *, live: bool, console: Any = None) -> dict[str, An
 
 
 def _print_demo_table(report: dict[str, Any], console: Any) -> None:
+    """One column per executor, one row per figure: fits an 80-column terminal."""
     from rich.table import Table
 
     work = report["workload"]
+    results = list(report["results"].values())
     table = Table(title="cmwq-exec demo: the same mixed workload on both executors", title_justify="left")
-    for col, justify in (("executor", "left"), ("finished", "left"), ("wall time", "right"),
-                         ("tasks/s", "right"), ("peak threads", "right"), ("blocking waits", "right"),
-                         ("CPU work", "right"), ("nested waits", "right")):
-        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    for r in report["results"].values():
+    table.add_column("")
+    for r in results:
+        table.add_column(r["executor"], justify="right", no_wrap=True)
+
+    def finished(r: dict[str, Any]) -> str:
         if r["finished"]:
-            finished = "[green]yes"
-        elif r["deadlocked"]:
-            finished = "[red]no: deadlocked"
-        else:
-            finished = "[red]no: timed out"
-        cats = [f"{c['done']}/{c['total']}" for c in r["categories"].values()]
-        table.add_row(r["executor"], finished, f"{r['wall_s']:.2f} s", f"{r['tasks_per_s']:,.0f}",
-                      str(r["peak_threads"]), *cats)
+            return "[green]yes"
+        return "[red]no: deadlocked" if r["deadlocked"] else "[red]no: timed out"
+
+    def count(kind: str) -> Callable[[dict[str, Any]], str]:
+        def cell(r: dict[str, Any]) -> str:
+            c = r["categories"][kind]
+            text = f"{c['done']}/{c['total']}"
+            return text if c["done"] == c["total"] else f"[red]{text}"
+        return cell
+
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("finished", finished),
+        ("wall time", lambda r: f"{r['wall_s']:.2f} s"),
+        ("tasks/s", lambda r: f"{r['tasks_per_s']:,.0f}"),
+        ("peak threads", lambda r: str(r["peak_threads"])),
+        (f"{work['waits']} waits in blocking()", count("waits")),
+        (f"{work['cpu']} CPU-bound calls", count("cpu")),
+        (f"{work['nested']} nested submit+wait", count("nested")),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *(cell(r) for r in results))
     console.print(table)
     console.print(
-        f"workload: {work['waits']} × {work['wait_seconds'] * 1000:g} ms waits inside blocking(), "
-        f"{work['cpu']} × ~{work['cpu_ms']:g} ms of CPU, {work['nested']} × nested fib({work['fib_n']}) "
-        f"submit-and-wait, interleaved; each executor gets {work['timeout']:g} s. Peak threads: the "
-        f"executor's own worker threads (cmwq: all pools' workers; ThreadPoolExecutor() may start "
-        f"{report['machine']['tpe_max_workers']} here).")
-    for r in report["results"].values():
+        f"Workload, interleaved: {work['waits']} × {work['wait_seconds'] * 1000:g} ms sleeps inside "
+        f"blocking(), {work['cpu']} × ~{work['cpu_ms']:g} ms of pure-Python arithmetic, "
+        f"{work['nested']} × fib({work['fib_n']}) by nested submit-and-wait. Each executor gets "
+        f"{work['timeout']:g} s. Peak threads: the executor's own worker threads (cmwq: all pools' "
+        f"workers; ThreadPoolExecutor() starts at most {report['machine']['tpe_max_workers']} here).",
+        highlight=False)
+    for r in results:
         if r["stuck_threads_after_abandon"]:
             console.print(f"{r['executor']}: {r['stuck_threads_after_abandon']} threads still stuck after "
-                          "shutdown(cancel_futures=True); leaving with os._exit.")
+                          "shutdown(cancel_futures=True); leaving with os._exit.", highlight=False)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -309,8 +325,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=args.json)
-    if not console.is_terminal:
-        console.width = max(console.width, 120)  # a file or pipe: keep table rows on one line
     report = run_demo(work, live=not args.json, console=console)
     if args.json:
         print(json.dumps(report, indent=2))
