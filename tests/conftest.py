@@ -1,0 +1,159 @@
+"""Shared fixtures of the core test suite.
+
+Most tests reuse the process's shared pools (``cmwq_exec.get_system()``): starting pools costs
+threads, and sharing them is what the library does in production. A test that needs special settings
+(a short ``idle_timeout``, a fault-injected pool) asks for ``reset_system`` and gets fresh pools; the
+defaults come back when it ends.
+
+Nothing here is autouse: other test files (Celery, Prometheus, hotplug) live under this directory too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import cmwq_exec
+from cmwq_exec import CMWQExecutor
+from cmwq_exec import system as _system
+
+
+def _wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
+                interval: float = 0.002) -> Any:
+    """Poll ``predicate`` until it returns something truthy and return that; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def _check_invariants(pools: Any = None) -> None:
+    """``pool.check_invariants()`` of every pool (of the current system by default), under its lock."""
+    if pools is None:
+        pools = cmwq_exec.get_system().pools
+    for pool in pools:
+        with pool.lock:
+            pool.check_invariants()
+
+
+def _is_quiet(pool: Any) -> bool:
+    with pool.lock:
+        return (not pool.worklist and pool.nr_running == 0 and not pool.managing
+                and pool.nr_idle == pool.nr_workers and all(not w.woken for w in pool.idle))
+
+
+def _quiesce(pools: Any = None, timeout: float = 10.0) -> None:
+    """Wait until every pool is at rest: nothing pending, nobody running or managing, all idle.
+
+    Then assert the invariants of a pool at rest, beyond those ``check_invariants`` asserts under
+    load: nothing runs, and a pool that has started keeps at least one idle worker.
+    """
+    if pools is None:
+        pools = cmwq_exec.get_system().pools
+    for pool in pools:
+        _wait_until(lambda pool=pool: _is_quiet(pool), timeout, f"{pool!r} to quiesce")
+        with pool.lock:
+            pool.check_invariants()
+            assert pool.nr_running == 0, pool
+            if pool.next_worker_id and pool.online:
+                assert pool.nr_idle >= 1, f"{pool!r} has no idle worker at rest"
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., Any]:
+    """``wait_until(predicate, timeout=10, what="")``: poll with a deadline, fail on timeout."""
+    return _wait_until
+
+
+@pytest.fixture
+def check_invariants() -> Callable[..., None]:
+    """``check_invariants(pools=None)``: every pool's invariants, each under its lock."""
+    return _check_invariants
+
+
+@pytest.fixture
+def quiesce() -> Callable[..., None]:
+    """``quiesce(pools=None, timeout=10)``: wait until the pools rest, then check them at rest."""
+    return _quiesce
+
+
+@pytest.fixture
+def reset_system() -> Iterator[Callable[..., Any]]:
+    """``reset_system(**config)`` replaces the process's pools by fresh ones with that config; the
+    test ends with fresh default pools again (the old pools' threads stay parked, harmlessly)."""
+    used = False
+
+    def reset(**options: Any) -> Any:
+        nonlocal used
+        used = True
+        return _system._reset_for_tests(**options)
+
+    yield reset
+    if used:
+        _system._reset_for_tests()
+
+
+@pytest.fixture
+def no_watchdog(reset_system: Callable[..., Any]) -> Any:
+    """Fresh pools whose watchdog never looks (a tick of an hour), for tests of exact concurrency
+    management: without it, a missing sleep notification would still be caught up by the watchdog
+    within a tick and the test could not fail. Ask for it before any executor fixture."""
+    return reset_system(watchdog_tick=3600.0)
+
+
+def _shut_down(executor: CMWQExecutor, timeout: float = 15.0) -> None:
+    """Shut ``executor`` down, waiting at most ``timeout`` (a stuck test must not hang the session)."""
+    executor.shutdown(wait=False, cancel_futures=True)
+    done = threading.Event()
+
+    def flush() -> None:
+        executor.workqueue.flush()
+        done.set()
+
+    threading.Thread(target=flush, daemon=True).start()
+    if not done.wait(timeout):
+        pytest.fail(f"{executor!r} did not drain within {timeout}s of shutdown")
+
+
+@pytest.fixture
+def make_executor() -> Iterator[Callable[..., CMWQExecutor]]:
+    """``make_executor(**kwargs)``: a CMWQExecutor that is shut down (bounded) when the test ends."""
+    made: list[CMWQExecutor] = []
+
+    def make(*args: Any, **kwargs: Any) -> CMWQExecutor:
+        executor = CMWQExecutor(*args, **kwargs)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        _shut_down(executor)
+
+
+@pytest.fixture
+def executor(make_executor: Callable[..., CMWQExecutor]) -> CMWQExecutor:
+    """A default CMWQExecutor on the shared pools."""
+    return make_executor()
+
+
+@pytest.fixture
+def release() -> Iterator[Callable[[threading.Event], threading.Event]]:
+    """``release(event)`` registers an Event to set when the test ends, so that a failing test never
+    leaves a work blocked forever on the shared pools."""
+    events: list[threading.Event] = []
+
+    def register(event: threading.Event) -> threading.Event:
+        events.append(event)
+        return event
+
+    yield register
+    for event in events:
+        event.set()

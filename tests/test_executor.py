@@ -1,0 +1,686 @@
+"""CMWQExecutor: the ``concurrent.futures`` contract, as a drop-in for ThreadPoolExecutor, plus what
+concurrency management adds (nested waits that cannot deadlock, fork and interpreter-exit safety)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from cmwq_exec import CMWQExecutor, CMWQFuture, blocking
+
+pytestmark = pytest.mark.timeout(90)
+
+Make = Callable[..., CMWQExecutor]
+Release = Callable[[threading.Event], threading.Event]
+
+
+class Concurrency:
+    """Counts how many calls are inside at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.max = 0
+
+    def __enter__(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.max = max(self.max, self.now)
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+def run_python(code: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **env})
+
+
+# -- submit, result, exception ----------------------------------------------------------------------
+
+
+def test_submit_result_and_arguments(executor: CMWQExecutor) -> None:
+    future = executor.submit(lambda a, b, *, c: (a, b, c), 1, 2, c=3)
+    assert isinstance(future, cf.Future) and isinstance(future, CMWQFuture)
+    assert future.result(timeout=10) == (1, 2, 3)
+    assert future.done() and not future.cancelled() and not future.running()
+    assert future.exception() is None
+
+
+def test_submit_exception(executor: CMWQExecutor) -> None:
+    def boom() -> None:
+        raise KeyError("boom")
+
+    future = executor.submit(boom)
+    exc = future.exception(timeout=10)
+    assert isinstance(exc, KeyError)
+    with pytest.raises(KeyError, match="boom"):
+        future.result()
+
+
+def test_base_exceptions_are_delivered_too(executor: CMWQExecutor) -> None:
+    def leave() -> None:
+        raise SystemExit(3)
+
+    future = executor.submit(leave)
+    assert isinstance(future.exception(timeout=10), SystemExit)
+    assert executor.submit(int, "7").result(timeout=10) == 7  # the worker survived
+
+
+def test_result_timeout(executor: CMWQExecutor, release: Release) -> None:
+    gate = release(threading.Event())
+    future = executor.submit(gate.wait, 30)
+    t0 = time.monotonic()
+    with pytest.raises(cf.TimeoutError):
+        future.result(timeout=0.05)
+    assert time.monotonic() - t0 >= 0.05
+    with pytest.raises(cf.TimeoutError):
+        future.exception(timeout=0.01)
+    assert future.running() and not future.done()
+    gate.set()
+    assert future.result(timeout=10) is True
+
+
+def test_done_callbacks(executor: CMWQExecutor, release: Release) -> None:
+    gate = release(threading.Event())
+    calls: list[Any] = []
+    future = executor.submit(gate.wait, 30)
+    future.add_done_callback(calls.append)
+    future.add_done_callback(calls.append)
+    assert calls == []
+    gate.set()
+    future.result(timeout=10)
+    deadline = time.monotonic() + 10
+    while len(calls) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert calls == [future, future]
+    future.add_done_callback(calls.append)  # already done: called at once
+    assert calls == [future, future, future]
+
+
+def test_cancel_a_pending_future(make_executor: Make, release: Release) -> None:
+    executor = make_executor(max_workers=1)
+    gate = release(threading.Event())
+    first = executor.submit(gate.wait, 30)
+    ran = []
+    second = executor.submit(ran.append, 1)
+    assert second.cancel() is True
+    assert second.cancelled() and second.done()
+    with pytest.raises(cf.CancelledError):
+        second.result()
+    assert first.cancel() is False or first.cancelled()  # running (or not yet started)
+    gate.set()
+    cf.wait([first, second], timeout=10)
+    executor.shutdown(wait=True)
+    assert ran == []
+
+
+# -- map ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunksize", [1, 3, 100])
+def test_map_keeps_order(executor: CMWQExecutor, chunksize: int) -> None:
+    def slow_square(x: int) -> int:
+        if x % 5 == 0:
+            with blocking():
+                time.sleep(0.002)
+        return x * x
+
+    assert list(executor.map(slow_square, range(50), chunksize=chunksize)) == [x * x for x in range(50)]
+    assert list(executor.map(pow, range(10), range(3), chunksize=chunksize)) == [1, 1, 4]
+    assert list(executor.map(abs, [], chunksize=chunksize)) == []
+
+
+def test_map_raises_the_first_error_in_order(executor: CMWQExecutor) -> None:
+    results = executor.map(lambda x: 1 // x, [1, 1, 0, 1], chunksize=2)
+    assert next(results) == 1 and next(results) == 1
+    with pytest.raises(ZeroDivisionError):
+        next(results)
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_map_timeout(executor: CMWQExecutor, release: Release, chunksize: int) -> None:
+    gate = release(threading.Event())
+
+    def wait(x: int) -> int:
+        with blocking():
+            gate.wait(30)
+        return x
+
+    t0 = time.monotonic()
+    with pytest.raises(cf.TimeoutError):
+        list(executor.map(wait, range(4), timeout=0.1, chunksize=chunksize))
+    assert 0.1 <= time.monotonic() - t0 < 10
+    gate.set()
+
+
+@pytest.mark.parametrize("chunksize", [0, -2, 1.5, True])
+def test_map_chunksize_checked(executor: CMWQExecutor, chunksize: Any) -> None:
+    with pytest.raises(ValueError, match="chunksize"):
+        executor.map(abs, [1], chunksize=chunksize)
+
+
+# -- shutdown -----------------------------------------------------------------------------------------
+
+
+def test_shutdown_wait_waits_for_everything(make_executor: Make) -> None:
+    executor = make_executor(max_workers=2)
+    done = []
+
+    def nap(i: int) -> None:
+        with blocking():
+            time.sleep(0.01)
+        done.append(i)
+
+    futures = [executor.submit(nap, i) for i in range(10)]
+    executor.shutdown(wait=True)
+    assert all(f.done() for f in futures)
+    assert sorted(done) == list(range(10))
+
+
+def test_submit_after_shutdown_raises(make_executor: Make) -> None:
+    executor = make_executor()
+    executor.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(int)
+    executor.shutdown()  # idempotent
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def test_shutdown_cancel_futures_cancels_pending_and_loses_nothing(make_executor: Make,
+                                                                   release: Release) -> None:
+    executor = make_executor(max_workers=1)
+    gate = release(threading.Event())
+    first = executor.submit(gate.wait, 30)
+    deadline = time.monotonic() + 10
+    while not first.running():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    ran = []
+    rest = [executor.submit(ran.append, i) for i in range(20)]
+    executor.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in rest), "pending futures not visibly cancelled"
+    gate.set()
+    done, not_done = cf.wait([first, *rest], timeout=10)
+    assert not not_done, "futures lost after shutdown(cancel_futures=True)"
+    assert first.result() is True
+    assert ran == []
+
+
+def test_shutdown_cancel_futures_unlimited_nothing_lost(executor: CMWQExecutor) -> None:
+    ran = collections.Counter()
+
+    def work(i: int) -> int:
+        ran[i] += 1
+        if i % 3 == 0:
+            with blocking():
+                time.sleep(0.001)
+        return i
+
+    futures = [executor.submit(work, i) for i in range(2000)]
+    executor.shutdown(wait=True, cancel_futures=True)
+    done, not_done = cf.wait(futures, timeout=10)
+    assert not not_done
+    for i, future in enumerate(futures):
+        if future.cancelled():
+            assert ran[i] == 0
+        else:
+            assert future.result() == i and ran[i] == 1
+
+
+def test_shutdown_wait_from_own_task_is_refused(make_executor: Make) -> None:
+    def stop(executor: CMWQExecutor, wait: bool) -> str:
+        try:
+            executor.shutdown(wait=wait)
+        except RuntimeError as exc:
+            return str(exc)
+        return "ok"
+
+    first = make_executor()
+    assert "wait for itself" in first.submit(stop, first, True).result(timeout=10)
+    second = make_executor()
+    assert second.submit(stop, second, False).result(timeout=10) == "ok"
+    for executor in (first, second):
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            executor.submit(int)
+
+
+def test_context_manager(make_executor: Make) -> None:
+    done = []
+
+    def nap(i: int) -> None:
+        with blocking():
+            time.sleep(0.005)
+        done.append(i)
+
+    with make_executor() as executor:
+        futures = [executor.submit(nap, i) for i in range(20)]
+    assert all(f.done() for f in futures) and sorted(done) == list(range(20))
+    with pytest.raises(RuntimeError):
+        executor.submit(int)
+
+
+# -- initializer, thread names ------------------------------------------------------------------------
+
+
+def test_initializer_runs_once_per_worker_thread(make_executor: Make) -> None:
+    inits: list[tuple[int, tuple[Any, ...]]] = []
+    executor = make_executor(initializer=lambda *a: inits.append((threading.get_ident(), a)),
+                             initargs=(1, "two"))
+
+    def task(_: int) -> int:
+        with blocking():
+            time.sleep(0.002)  # spread over several workers
+        return threading.get_ident()
+
+    threads = {f.result(timeout=10) for f in [executor.submit(task, i) for i in range(100)]}
+    init_threads = collections.Counter(t for t, _ in inits)
+    assert all(args == (1, "two") for _, args in inits)
+    assert threads <= set(init_threads), "a task ran on a thread that did not run the initializer"
+    assert all(n == 1 for n in init_threads.values()), "the initializer ran twice on one thread"
+
+
+def test_failing_initializer_breaks_the_executor(make_executor: Make) -> None:
+    def bad_init() -> None:
+        raise OSError("no init for you")
+
+    executor = make_executor(max_workers=1, initializer=bad_init)
+    futures = [executor.submit(int, i) for i in range(5)]
+    done, not_done = cf.wait(futures, timeout=10)
+    assert not not_done
+    for future in futures:
+        exc = future.exception()
+        assert isinstance(exc, cf.BrokenExecutor)
+        assert isinstance(exc, cf.thread.BrokenThreadPool)
+    assert isinstance(futures[0].exception().__cause__, OSError)
+    with pytest.raises(cf.BrokenExecutor):
+        executor.submit(int)
+
+
+def test_thread_name_prefix_visible_inside_tasks(make_executor: Make) -> None:
+    executor = make_executor(thread_name_prefix="myprefix")
+    names = [f.result(timeout=10) for f in
+             [executor.submit(lambda: threading.current_thread().name) for _ in range(20)]]
+    assert all(name.startswith("myprefix") for name in names), names
+    # the worker's own name comes back afterwards (workers are shared with other executors)
+    plain = make_executor()
+    assert not any(plain.submit(lambda: threading.current_thread().name).result(timeout=10)
+                   .startswith("myprefix") for _ in range(20))
+
+
+def test_helped_tasks_still_get_initializer_and_thread_name(make_executor: Make) -> None:
+    """A call run inline by a waiting worker of another executor (helping) is still a call of its
+    own executor: initializer first, thread name prefix visible."""
+    inits = set()
+    prefixed = make_executor(thread_name_prefix="helped",
+                             initializer=lambda: inits.add(threading.get_ident()))
+    other = make_executor()
+
+    def inner() -> tuple[str, bool]:
+        return threading.current_thread().name, threading.get_ident() in inits
+
+    def outer() -> tuple[str, bool]:
+        return prefixed.submit(inner).result(timeout=10)  # type: ignore[no-any-return]
+
+    for _ in range(5):
+        name, initialized = other.submit(outer).result(timeout=10)
+        assert name.startswith("helped") and initialized
+
+
+# -- max_workers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_max_workers_limits_concurrency(make_executor: Make, n: int) -> None:
+    executor = make_executor(max_workers=n)
+    inside = Concurrency()
+    barrier = threading.Barrier(n, timeout=10)
+
+    def task() -> None:
+        with inside:
+            with blocking():
+                barrier.wait()
+                time.sleep(0.003)
+
+    for future in [executor.submit(task) for _ in range(4 * n)]:
+        future.result(timeout=30)
+    assert inside.max == n
+
+
+def test_max_workers_holds_when_waited_on_from_other_workers(make_executor: Make) -> None:
+    """Waiting workers of another executor must not run a limited executor's calls inline past
+    its max_workers."""
+    limited = make_executor(max_workers=1)
+    other = make_executor()
+    inside = Concurrency()
+
+    def task() -> None:
+        with inside:
+            with blocking():
+                time.sleep(0.02)
+
+    def via_other() -> None:
+        limited.submit(task).result(timeout=30)
+
+    for future in [other.submit(via_other) for _ in range(6)]:
+        future.result(timeout=30)
+    assert inside.max == 1
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"max_workers": 0}, ValueError),
+    ({"max_workers": -1}, ValueError),
+    ({"max_workers": "2"}, TypeError),
+    ({"max_workers": 1.5}, TypeError),
+    ({"initializer": 3}, TypeError),
+    ({"thread_name_prefix": 3}, TypeError),
+])
+def test_constructor_arguments_checked(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error, match=next(iter(kwargs))):
+        CMWQExecutor(**kwargs)
+
+
+# -- asyncio, wait, as_completed ------------------------------------------------------------------------
+
+
+def test_asyncio_run_in_executor(executor: CMWQExecutor) -> None:
+    def slow(x: int) -> int:
+        with blocking():
+            time.sleep(0.01)
+        return x + 1
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(executor, slow, i) for i in range(20))))
+
+    assert asyncio.run(main()) == list(range(1, 21))
+
+
+def test_asyncio_cancelling_the_awaiting_task_cancels_a_pending_call(make_executor: Make,
+                                                                       release: Release) -> None:
+    executor = make_executor(max_workers=1)
+    gate = release(threading.Event())
+    ran = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        blocker = loop.run_in_executor(executor, gate.wait, 30)
+        pending = loop.run_in_executor(executor, ran.append, 1)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pending, 0.05)
+        gate.set()
+        assert await blocker is True
+
+    asyncio.run(main())
+    executor.shutdown(wait=True)
+    assert ran == []
+
+
+def test_wait_and_as_completed(executor: CMWQExecutor, release: Release) -> None:
+    gate = release(threading.Event())
+    quick = executor.submit(lambda: "quick")
+    slow = executor.submit(gate.wait, 30)
+    done, not_done = cf.wait([quick, slow], timeout=10, return_when=cf.FIRST_COMPLETED)
+    assert quick in done and slow in not_done
+    done, not_done = cf.wait([quick, slow], timeout=0.05)
+    assert not_done == {slow}
+    with pytest.raises(cf.TimeoutError):
+        list(cf.as_completed([quick, slow], timeout=0.05))
+    gate.set()
+    done, not_done = cf.wait([quick, slow], timeout=10)
+    assert not not_done
+    assert set(cf.as_completed([quick, slow], timeout=10)) == {quick, slow}
+
+
+def test_wait_first_exception(executor: CMWQExecutor, release: Release) -> None:
+    gate = release(threading.Event())
+
+    def boom() -> None:
+        raise ValueError
+
+    slow = executor.submit(gate.wait, 30)
+    bad = executor.submit(boom)
+    done, not_done = cf.wait([slow, bad], timeout=10, return_when=cf.FIRST_EXCEPTION)
+    assert done == {bad} and not_done == {slow}
+    gate.set()
+
+
+def test_wait_and_as_completed_mixed_with_other_futures(executor: CMWQExecutor) -> None:
+    with cf.ThreadPoolExecutor(2) as tpe:
+        plain: cf.Future[str] = cf.Future()
+        threading.Timer(0.05, plain.set_result, ("plain",)).start()
+        ours = [executor.submit(lambda i=i: ("cmwq", i)) for i in range(20)]
+        theirs = [tpe.submit(lambda i=i: ("tpe", i)) for i in range(20)]
+        everything = [plain, *ours, *theirs]
+        results = {f.result() for f in cf.as_completed(everything, timeout=10)}
+        assert results == {"plain"} | {("cmwq", i) for i in range(20)} | {("tpe", i) for i in range(20)}
+        done, not_done = cf.wait(everything, timeout=10)
+        assert not not_done
+
+
+DEADLOCK_SCRIPT = """
+    import concurrent.futures as cf, os, random, sys, threading, time
+    from cmwq_exec import CMWQExecutor
+    sys.setswitchinterval(1e-6)  # switch threads between the locks wait() takes
+    ex = CMWQExecutor()
+    ours = [ex.submit(int, i) for i in range(300)]
+    plain = []
+    for i in range(50):
+        f = cf.Future()
+        f.set_result(i)
+        plain.append(f)
+    cf.wait(ours)
+    everything = ours + plain
+    stop = time.monotonic() + 1.5
+    rounds = []
+    def loop(seed):
+        rng = random.Random(seed)
+        n = 0
+        while time.monotonic() < stop:
+            some = rng.sample(everything, 6)
+            if n % 2:
+                cf.wait(some)
+            else:
+                for _ in cf.as_completed(some):
+                    pass
+            n += 1
+        rounds.append(n)
+    threads = [threading.Thread(target=loop, args=(s,), daemon=True) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    print("deadlock" if any(t.is_alive() for t in threads) else "ok", len(rounds), flush=True)
+    os._exit(0)
+"""
+
+
+def test_concurrent_waits_from_several_threads_do_not_deadlock() -> None:
+    """wait()/as_completed lock every future's condition in id order; that is only deadlock-free if
+    no two futures share a lock (an earlier striped-Condition design deadlocked here at once)."""
+    proc = run_python(DEADLOCK_SCRIPT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ok", "4"]
+
+
+# -- nested waits: helping and handing over -------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_workers", [None, 4, 1])
+def test_nested_submit_and_wait_fib(make_executor: Make, max_workers: int | None) -> None:
+    executor = make_executor(max_workers=max_workers)
+
+    def fib(n: int) -> int:
+        if n < 2:
+            return n
+        a = executor.submit(fib, n - 1)
+        b = executor.submit(fib, n - 2)
+        return a.result() + b.result()  # type: ignore[no-any-return]
+
+    assert executor.submit(fib, 14).result(timeout=60) == 377
+
+
+@pytest.mark.parametrize("how", ["wait", "as_completed", "result"])
+def test_wait_inside_a_worker_on_tasks_needing_another_worker(no_watchdog: Any, make_executor: Make,
+                                                              how: str) -> None:
+    """A task waits for two tasks that need each other (the first waits for an Event the second sets):
+    no helping can run them inline; the pool must hand over to other workers."""
+    executor = make_executor()
+
+    def outer() -> list[str]:
+        event = threading.Event()
+
+        def needs_partner() -> str:
+            with blocking():
+                assert event.wait(10), "partner never ran"
+            return "waited"
+
+        first = executor.submit(needs_partner)
+        second = executor.submit(lambda: event.set() or "set")
+        if how == "wait":
+            done, not_done = cf.wait([first, second], timeout=20)
+            assert not not_done
+            return sorted(f.result() for f in done)
+        if how == "as_completed":
+            return sorted(f.result() for f in cf.as_completed([first, second], timeout=20))
+        return sorted([first.result(timeout=20), second.result(timeout=20)])
+
+    for future in [executor.submit(outer) for _ in range(4)]:
+        assert future.result(timeout=30) == ["set", "waited"]
+
+
+def test_waiting_from_a_worker_hands_over(no_watchdog: Any, make_executor: Make, release: Release) -> None:
+    """result() from a worker on a running future counts as sleeping: the pool runs others meanwhile
+    (here the very call that lets the awaited future finish, queued behind the waiter on its pool)."""
+    executor = make_executor()
+    gate = release(threading.Event())
+
+    def slow() -> bool:
+        with blocking():
+            return gate.wait(10)
+
+    running = executor.submit(slow)
+    deadline = time.monotonic() + 10
+    while not running.running():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+    def outer() -> bool:
+        opener = executor.submit(gate.set)  # on this worker's pool, behind this running call
+        result = running.result(timeout=20)  # not pending: no helping, only handing over
+        opener.result(timeout=20)
+        return result  # type: ignore[no-any-return]
+
+    assert executor.submit(outer).result(timeout=30) is True
+
+
+# -- processes: fork, interpreter exit ------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fork_child_can_use_new_and_existing_executors(make_executor: Make) -> None:
+    existing = make_executor()
+    limited = make_executor(max_workers=2)
+    assert existing.submit(pow, 2, 5).result(timeout=10) == 32
+    assert limited.submit(pow, 3, 2).result(timeout=10) == 9
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            fresh = CMWQExecutor()
+            ok = fresh.submit(pow, 2, 10).result(timeout=10) == 1024
+            ok &= existing.submit(pow, 2, 6).result(timeout=10) == 64
+            ok &= sum(limited.map(abs, range(-50, 0), timeout=10)) == 1275
+
+            def nested(n: int) -> int:
+                return n if n < 2 else fresh.submit(nested, n - 1).result() + 1
+
+            ok &= fresh.submit(nested, 20).result(timeout=10) == 20
+            fresh.shutdown()
+            code = 0 if ok else 2
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("forked child hung using the executors")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # the parent's executors are untouched
+    assert existing.submit(pow, 2, 7).result(timeout=10) == 128
+    assert list(limited.map(abs, [-1, -2], timeout=10)) == [1, 2]
+
+
+@pytest.mark.parametrize("max_workers", [None, 2])
+def test_interpreter_exit_runs_pending_tasks(max_workers: int | None) -> None:
+    proc = run_python(f"""
+        import sys, time
+        from cmwq_exec import CMWQExecutor, blocking
+        ex = CMWQExecutor(max_workers={max_workers})
+        def slow(i):
+            with blocking():
+                time.sleep(0.05)
+            sys.stdout.write(f"done {{i}}\\n")  # one write: lines from threads do not interleave
+            sys.stdout.flush()
+        for i in range(12):
+            ex.submit(slow, i)
+        print("exiting", flush=True)
+    """, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("exiting\n")
+    assert sorted(map(int, re.findall(r"^done (\d+)$", proc.stdout, re.M))) == list(range(12))
+    assert "Traceback" not in proc.stderr
+
+
+def test_interpreter_exit_is_quick() -> None:
+    t0 = time.monotonic()
+    proc = run_python("""
+        from cmwq_exec import CMWQExecutor
+        ex = CMWQExecutor()
+        print(sum(ex.map(abs, range(-100, 0))))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "5050"
+    assert time.monotonic() - t0 < 15
+
+
+def test_submit_at_exit_after_shutdown_raises() -> None:
+    proc = run_python("""
+        import atexit
+        from cmwq_exec import CMWQExecutor
+        ex = CMWQExecutor()
+        def late():
+            try:
+                ex.submit(print, "should not run")
+            except RuntimeError as exc:
+                print("refused:", exc, flush=True)
+        atexit.register(late)
+        ex.submit(int).result()
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused:" in proc.stdout and "interpreter shutdown" in proc.stdout
+    assert "should not run" not in proc.stdout
