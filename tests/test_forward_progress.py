@@ -225,12 +225,6 @@ def test_failing_thread_creation_every_second_call(fresh_system: Any,
             pool.check_invariants()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: when WorkerPool.start() cannot create a pool's first worker (it only logs 'cannot "
-    "create its first worker'), the pool has no worker at all; insert_work() -> wake_up_worker() "
-    "returns False and nothing else requests a manager or arms the mayday timer (only "
-    "maybe_create_worker, run by a worker, does), so every work queued on that pool - even of a "
-    "WQ.RESCUER workqueue - stays pending forever (the watchdog only warns of the stall)"))
 def test_failing_thread_creation_from_the_first_worker(fresh_system: Any,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Every second thread start fails from the moment the pools start (some first workers fail)."""
