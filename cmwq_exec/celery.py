@@ -48,6 +48,7 @@ Prometheus metrics from the worker process; ``cmwq_metrics_addr`` / ``CMWQ_METRI
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import logging
 import os
@@ -55,6 +56,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from signal import SIGUSR1
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
@@ -62,7 +64,8 @@ from billiard.exceptions import WorkerLostError
 from celery.concurrency.base import BasePool
 from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
 
-from .workqueue import WQ, DelayedWork, Work, WorkQueue
+from . import timer as _timer
+from .workqueue import WQ, Work, WorkQueue
 
 __all__ = ["TaskPool"]
 
@@ -103,8 +106,9 @@ class _Job:
     Invariants (under the pool's lock):
       * ``in_target`` is True only while ``state == _RUNNING``, and only then may another thread
         inject an exception into ``thread_id``;
-      * at most three injections per job ever: the soft limit, then one ``_Unwind`` (hard limit
-        or terminate, whichever comes first); ``soft_sent``/``unwind`` record them;
+      * at most two injections per job ever: one SoftTimeLimitExceeded (soft limit, or a
+        terminate with SIGUSR1 as prefork delivers it) and one ``_Unwind`` (hard limit or
+        terminate, whichever comes first); ``soft_sent``/``unwind`` record them;
       * a job with ``unwind`` set while it ran is *abandoned*: it holds no concurrency slot
         (the pool raised max_active by one for it until its thread returns).
     """
@@ -133,11 +137,11 @@ class _Job:
         self.soft_sent = False  # P
         self.unwind: str | None = None  # P: "hard" or "terminated" once decided
         self.revoked_early = False  # P: terminate() before it started: do not run the target
-        self.timers: tuple[DelayedWork, ...] = ()  # X
+        self.timers: tuple[_timer.Timer, ...] = ()  # X: the limits' timers
 
     def terminate(self, signal: int | None = None) -> None:
         """Celery's ApplyResult.terminate: revoke(terminate=True) of this task."""
-        self.pool._terminate(self)
+        self.pool._terminate(self, signal)
 
     def __repr__(self) -> str:
         return f"<cmwq celery job {self.pid} {self.state}>"
@@ -180,7 +184,7 @@ class TaskPool(BasePool):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.limit = _check_limit(self.limit, "concurrency (-c/--concurrency, worker_concurrency)")
+        self.limit: int = _check_limit(self.limit, "concurrency (-c/--concurrency, worker_concurrency)")
         self._default_soft = _check_seconds(self.options.get("soft_timeout"), "soft time limit")  # I
         self._default_hard = _check_seconds(self.options.get("timeout"), "time limit")  # I
         self._lock = threading.Lock()
@@ -198,8 +202,8 @@ class TaskPool(BasePool):
         self._wake_r = self._wake_w = -1  # I: the pipe that wakes the event loop
         self._loop: Any = None  # M: the event loop our pipe is registered with
         self._wq: WorkQueue | None = None  # I
-        self._control: WorkQueue | None = None  # I
-        self._drain_work: Work | None = None  # I
+        self._control: WorkQueue | None = None  # O: made on first use, see _deliver
+        self._drain_work = Work(self._drain_outbox)  # I
         self._metrics_server: Any = None  # I
         self._max_active = 0  # P: what we last gave the workqueue
 
@@ -207,13 +211,8 @@ class TaskPool(BasePool):
 
     def on_start(self) -> None:
         """Create the workqueues (and the metrics server if configured)."""
-        suffix = f"{os.getpid()}.{id(self):x}"
         self._wq = WorkQueue("celery", max_active=max(1, self.limit))
         self._max_active = max(1, self.limit)
-        # Limits and callbacks must fire even when every worker thread is busy or none can be
-        # created: unbound (never waits behind a CPU hog) with a rescuer.
-        self._control = WorkQueue(f"celery-control.{suffix}", WQ.UNBOUND | WQ.RESCUER)
-        self._drain_work = Work(self._drain_outbox)
         self._start_metrics()
 
     def _start_metrics(self) -> None:
@@ -423,16 +422,13 @@ class TaskPool(BasePool):
         _async_raise(job.thread_id, None)
 
     def _arm_limits(self, job: _Job) -> None:
-        assert self._control is not None
+        """Limits fire on cmwq's timer thread: short callbacks that take our lock, inject, and
+        hand the timeout callback to _deliver, so they never wait for a worker thread."""
         timers = []
         if job.soft is not None:
-            timer = DelayedWork(self._soft_limit, job)
-            self._control.queue_delayed_work(timer, job.soft)
-            timers.append(timer)
+            timers.append(_timer.add_timer(job.soft, functools.partial(self._soft_limit, job)))
         if job.hard is not None:
-            timer = DelayedWork(self._hard_limit, job)
-            self._control.queue_delayed_work(timer, job.hard)
-            timers.append(timer)
+            timers.append(_timer.add_timer(job.hard, functools.partial(self._hard_limit, job)))
         job.timers = tuple(timers)
 
     # -- limits and terminate -------------------------------------------------------------------
@@ -453,19 +449,25 @@ class TaskPool(BasePool):
             self._unwind_locked(job, "hard")
         self._deliver(job.timeout_callback, False, job.hard)
 
-    def _terminate(self, job: _Job) -> None:
+    def _terminate(self, job: _Job, signum: int | None) -> None:
         with self._lock:
-            if job.state is _QUEUED:
+            if signum == SIGUSR1:
+                # prefork's soft-limit signal: the task gets SoftTimeLimitExceeded and goes on
+                if job.state is _RUNNING and job.in_target and not job.soft_sent:
+                    job.soft_sent = True
+                    _async_raise(job.thread_id, SoftTimeLimitExceeded)
+            elif job.state is _QUEUED:
                 job.revoked_early = True  # it will report accepted (so Celery revokes) and not run
             elif job.state is _RUNNING:
                 self._unwind_locked(job, "terminated")
 
     def terminate_job(self, pid: int, signal: int | None = None) -> None:
-        """revoke(terminate=True) and cancel: unwind the thread running job ``pid``."""
+        """revoke(terminate=True) and cancel: unwind the thread running job ``pid`` (whatever the
+        signal, except SIGUSR1 which raises SoftTimeLimitExceeded in it, as in prefork)."""
         with self._lock:
             job = self._jobs.get(pid)
         if job is not None:
-            self._terminate(job)
+            self._terminate(job, signal)
 
     def _unwind_locked(self, job: _Job, why: str) -> None:
         """Decide that ``job`` ends now; give its slot back. P: held."""
@@ -541,9 +543,6 @@ class TaskPool(BasePool):
         """The concurrency limit (Celery sizes prefetch and autoscaling by it)."""
         return self.limit
 
-    def restart(self) -> None:
-        raise NotImplementedError("cmwq_exec.celery.TaskPool does not restart (tasks are threads)")
-
     # -- callbacks ----------------------------------------------------------------------------------
 
     def _deliver(self, fn: Callable[..., Any] | None, *args: Any) -> None:
@@ -560,8 +559,17 @@ class TaskPool(BasePool):
         if hub is not None:
             self._wake()
         else:
-            assert self._control is not None and self._drain_work is not None
-            self._control.queue_work(self._drain_work)
+            self._control_queue().queue_work(self._drain_work)
+
+    def _control_queue(self) -> WorkQueue:
+        """The workqueue that runs callbacks when no event loop does (a transport without one,
+        or shutdown), made on first use: unbound so it never waits behind a CPU hog, with a
+        rescuer so it progresses even when no worker thread can be created."""
+        with self._outbox_lock:
+            if self._control is None:
+                self._control = WorkQueue(f"celery-callbacks.{os.getpid()}.{id(self):x}",
+                                          WQ.UNBOUND | WQ.RESCUER)
+            return self._control
 
     def _wake(self) -> None:
         try:

@@ -194,6 +194,23 @@ def _register_tasks(app: Celery) -> None:
         _redis(app).set(key + ":done", "1")
         return "stubborn-finished"
 
+    # -- the benchmark's tasks: no result stored, completion counted in Redis -----------------
+
+    @app.task(name="b.io", shared=False, ignore_result=True)
+    def bench_io(key: str, seconds: float) -> None:
+        """I/O-bound: sleeps, saying so (a no-op outside the cmwq pool)."""
+        with cmwq_exec.blocking():
+            time.sleep(seconds)
+        _redis(app).incr(key)
+
+    @app.task(name="b.cpu", shared=False, ignore_result=True)
+    def bench_cpu(key: str, iterations: int) -> None:
+        """CPU-bound pure Python."""
+        total = 0
+        for i in range(iterations):
+            total += i * i
+        _redis(app).incr(key)
+
     @app.task(name="t.thread_count", shared=False)
     def thread_count() -> int:
         import threading

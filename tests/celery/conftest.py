@@ -131,6 +131,23 @@ def celery_app(broker: str, queue: str, results_redis: Any, key: str) -> Iterato
         app.close()
 
 
+def worker_cwd() -> Path:
+    return HERE
+
+
+def worker_env(broker: str, queue: str) -> dict[str, str]:
+    """The environment a ``celery -A app`` command of a test runs with."""
+    environ = dict(os.environ)
+    environ.update({
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), environ.get("PYTHONPATH", "")]),
+        "CMWQ_TEST_BROKER": broker,
+        "CMWQ_TEST_BACKEND": DEFAULT_BACKEND,
+        "CMWQ_TEST_QUEUE": queue,
+        "PYTHONUNBUFFERED": "1",
+    })
+    return environ
+
+
 class Worker:
     """One ``celery worker`` subprocess using the cmwq pool."""
 
@@ -139,14 +156,7 @@ class Worker:
         self.app = app
         self.name = f"cmwq-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         self.log = log
-        environ = dict(os.environ)
-        environ.update({
-            "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), environ.get("PYTHONPATH", "")]),
-            "CMWQ_TEST_BROKER": broker,
-            "CMWQ_TEST_BACKEND": DEFAULT_BACKEND,
-            "CMWQ_TEST_QUEUE": queue,
-            "PYTHONUNBUFFERED": "1",
-        })
+        environ = worker_env(broker, queue)
         command = [CELERY, "-A", "app", "worker", "-n", self.name, "-l", "info",
                    "--without-mingle", "--without-gossip", "--without-heartbeat"]
         if via == "setting":  # worker_pool = "cmwq_exec.celery:TaskPool"
@@ -162,7 +172,7 @@ class Worker:
         environ.update(env)
         self.command = command
         self._log_file = open(log, "wb")
-        self.proc = subprocess.Popen(command, cwd=HERE, env=environ, stdout=self._log_file,
+        self.proc = subprocess.Popen(command, cwd=worker_cwd(), env=environ, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     @property

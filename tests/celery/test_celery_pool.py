@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from celery import chord, group
 from celery.exceptions import TimeLimitExceeded
 
-from conftest import BROKERS, wait_for
+from conftest import BROKERS, CELERY, wait_for, worker_cwd, worker_env
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -110,7 +111,8 @@ def test_autoscale_grows_under_load_and_shrinks_when_idle(celery_app, start_work
     wait_for(lambda: worker.stats()["pool"]["max-concurrency"] == 1, 20, "autoscale to shrink back")
 
 
-def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_worker, results_redis, key):
+def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_worker, results_redis, key,
+                                                             broker, queue):
     with socket.socket() as probe:  # a free port for the metrics server
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -136,6 +138,14 @@ def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_w
     stats = worker.stats()
     assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 1 * 4
     assert stats["pool"]["workqueue"]["completed"] >= 15
+
+    # the command line users run
+    cli = subprocess.run([CELERY, "-A", "app", "inspect", "stats", "-d", worker.name, "--json"],
+                         cwd=worker_cwd(), env=worker_env(broker, queue), capture_output=True,
+                         text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    reply = json.loads(cli.stdout)[worker.name]["pool"]
+    assert reply["implementation"] == "cmwq_exec.celery:TaskPool" and reply["max-concurrency"] == 1
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "cmwq_pool_workers" in body and 'workqueue="celery"' in body

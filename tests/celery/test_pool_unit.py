@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import threading
 import time
 from typing import Any
@@ -215,6 +216,24 @@ def test_terminate_job_unwinds_only_that_task(make_pool):
     stop.set()
     wait_for(lambda: calls.of("survivor", "success"), 5, "the survivor to finish")
     assert calls.kinds("victim") == ["accept"]  # Celery reports the revoke itself
+
+
+def test_terminate_with_sigusr1_raises_the_soft_limit_as_prefork_does(make_pool):
+    pool, calls = make_pool(limit=1), Calls()
+
+    def polite() -> str:
+        try:
+            while True:
+                with cmwq_exec.blocking():
+                    time.sleep(0.005)
+        except SoftTimeLimitExceeded:
+            return "cleaned up"
+
+    pool.apply_async(polite, **calls.callbacks("usr1"))
+    wait_for(lambda: calls.of("usr1", "accept"), 5, "the task to start")
+    pool.terminate_job(calls.of("usr1", "accept")[0][0], signal.SIGUSR1)
+    wait_for(lambda: calls.of("usr1", "success"), 5, "the task to catch it and return")
+    assert calls.of("usr1", "success") == [("cleaned up",)]
 
 
 def test_terminate_before_start_runs_nothing(make_pool):
