@@ -271,16 +271,67 @@ def test_event_log_records_cpu_intensive_works(event_records: _Records) -> None:
             pass
 
     try:
-        for _ in range(2):  # the second one stays pending behind the first: the watchdog looks
+        # The watchdog judges running workers only while works are pending. Several hogs keep the
+        # worklist busy even when CPU contention from outside makes a hog look blocked for a look
+        # (it is then counted out, another worker starts the next hog, and the watchdog goes on).
+        for _ in range(6):
             wq.queue_work(Work(hog))
         hogs = wait_for("a cpu_intensive event", lambda: [
-            r for r in event_records.events("cpu_intensive") if r.cmwq_pool == "unbound"])
+            r for r in event_records.events("cpu_intensive") if r.cmwq_pool == "unbound"], timeout=30)
     finally:
         stop.set()
         wq.flush()
         wq.destroy()
     assert hogs[0].cmwq_work.endswith("hog")
     assert hogs[0].levelno == logging.INFO
+
+
+def test_every_event_hook_logs_its_fields(event_records: _Records) -> None:
+    """Each hook called as the core calls it (keyword arguments, real pool and worker objects)."""
+    pool = _unbound_pool()
+    system = cmwq_exec.get_system()
+    if not pool.workers:
+        system.start_unbound_pool()
+    worker = wait_for("a worker of the unbound pool", lambda: next(iter(list(pool.workers)), None))
+    wq = WorkQueue(f"plugin_events_{uuid.uuid4().hex[:8]}")
+
+    def some_work() -> None:
+        pass
+
+    work = Work(some_work)
+    try:
+        calls = [
+            ("worker_destroyed", dict(pool=pool, worker=worker, reason="idle"), logging.DEBUG),
+            ("worker_create_failed", dict(pool=pool, error=RuntimeError("can't start new thread")),
+             logging.WARNING),
+            ("manager_ran", dict(pool=pool, created=1, destroyed=0), logging.DEBUG),
+            ("mayday", dict(pool=pool, workqueue=wq), logging.INFO),
+            ("work_rescued", dict(pool=pool, workqueue=wq, work=work), logging.INFO),
+            ("trustee_state", dict(pool=pool, state="IN_CHARGE"), logging.INFO),
+            ("worker_blocked", dict(pool=pool, worker=worker, work=work), logging.INFO),
+            ("stall", dict(pool=pool, seconds=31.5, stacks={1234: "  File x, line 1\n"}), logging.WARNING),
+        ]
+        for event, kwargs, _level in calls:
+            getattr(cmwq_event_log, "cmwq_" + event)(**kwargs)
+    finally:
+        wq.destroy()
+    me = threading.get_ident()  # real events come from workers and the timer thread, not from here
+    mine = {event: [r for r in event_records.events(event) if r.thread == me] for event, _, _ in calls}
+    for event, kwargs, level in calls:
+        [record] = mine[event]
+        assert record.levelno == level, event
+        assert record.getMessage().startswith("unbound: "), record.getMessage()
+        if "worker" in kwargs:
+            assert record.cmwq_worker.startswith("cmwq/unbound:")
+        if "workqueue" in kwargs:
+            assert record.cmwq_workqueue == wq.name
+        if "work" in kwargs:
+            assert record.cmwq_work.endswith("some_work")
+    assert mine["worker_destroyed"][0].cmwq_reason == "idle"
+    assert mine["trustee_state"][0].cmwq_state == "IN_CHARGE"
+    assert "can't start new thread" in mine["worker_create_failed"][0].cmwq_error
+    stall = mine["stall"][0]
+    assert stall.cmwq_stacks == {"1234": "  File x, line 1\n"} and "31.5s" in stall.getMessage()
 
 
 def test_json_lines_formatter() -> None:
