@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -33,8 +30,8 @@ APP_DIR = ROOT / "tests" / "celery"
 sys.path[:0] = [str(APP_DIR), str(ROOT)]
 
 import redis  # noqa: E402
-
-from app import DEFAULT_BACKEND, POOL, make_app  # noqa: E402
+from app import DEFAULT_BACKEND, make_app  # noqa: E402
+from celery_harness import Worker  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/12"
 IO_SECONDS = 0.010
@@ -80,41 +77,6 @@ def tree_threads(pid: int) -> int:
     return total
 
 
-class Worker:
-    def __init__(self, config: Config, queue: str, log: Path) -> None:
-        self.name = f"bench-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-        env = dict(os.environ)
-        env.update({"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(ROOT), env.get("PYTHONPATH", "")]),
-                    "CMWQ_TEST_BROKER": BROKER, "CMWQ_TEST_BACKEND": DEFAULT_BACKEND,
-                    "CMWQ_TEST_QUEUE": queue})
-        command = [str(Path(sys.executable).with_name("celery")), "-A", "app", "worker", "-n", self.name,
-                   "-l", "warning", "--without-mingle", "--without-gossip", "--without-heartbeat",
-                   "-c", str(config.concurrency)]
-        if config.pool == "cmwq":
-            env["CELERY_CUSTOM_WORKER_POOL"] = POOL
-            command += ["-P", "custom"]
-        else:
-            command += ["-P", config.pool]
-        self.log = open(log, "wb")
-        self.proc = subprocess.Popen(command, cwd=APP_DIR, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, app: Any, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}; see {self.log.name}")
-            if any(self.name in r for r in app.control.ping(destination=[self.name], timeout=0.5)):
-                return
-        raise RuntimeError(f"worker {self.name} not ready after {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-        self.log.close()
-
-
 class ThreadSampler(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -146,7 +108,7 @@ def run_batch(app: Any, config: Config, worker: Worker, queue: str, store: redis
                 io.apply_async((key, IO_SECONDS), producer=producer)
             else:
                 cpu.apply_async((key, CPU_ITERATIONS), producer=producer)
-    sampler = ThreadSampler(worker.proc.pid)
+    sampler = ThreadSampler(worker.pid)
     sampler.start()
     started = time.perf_counter()
     app.control.add_consumer(queue, destination=[worker.name], reply=True, timeout=5)
@@ -167,7 +129,8 @@ def run_batch(app: Any, config: Config, worker: Worker, queue: str, store: redis
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small batches (about a minute in all)")
     parser.add_argument("-c", "--concurrency", type=int, default=8, help="the common -c (default 8)")
     parser.add_argument("--large", type=int, default=100, help="the large -c (default 100)")
@@ -206,9 +169,11 @@ def main() -> int:
     for config in configs:
         queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
         app = make_app(BROKER, queue=queue)
-        worker = Worker(config, queue, Path(args.logs) / f"bench-{config.pool}-{config.concurrency}.log")
+        log = Path(args.logs) / f"bench-{config.pool}-{config.concurrency}.log"
+        via = "custom" if config.pool == "cmwq" else config.pool
+        worker = Worker(app, BROKER, queue, log, concurrency=config.concurrency, via=via, loglevel="warning")
         try:
-            worker.wait_ready(app)
+            worker.wait_ready(timeout=60)
             for workload in workloads:
                 runs = [run_batch(app, config, worker, queue, store, workload, sizes[workload], timeout=120)
                         for _ in range(repeat)]
@@ -220,7 +185,7 @@ def main() -> int:
                     print(f"  {config.label:18} {workload:4} {result.rate:9.0f} tasks/s "
                           f"{result.peak_threads:5d} threads", flush=True)
         finally:
-            worker.stop()
+            worker.kill()
             try:
                 with app.connection_for_write() as conn:
                     conn.default_channel.queue_delete(queue)

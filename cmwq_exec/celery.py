@@ -211,7 +211,9 @@ class TaskPool(BasePool):
 
     def on_start(self) -> None:
         """Create the workqueues (and the metrics server if configured)."""
-        self._wq = WorkQueue("celery", max_active=max(1, self.limit))
+        # A rescuer: a worker process serving a broker must make progress even when no worker
+        # thread can be created (the max_total_workers cap, the process's thread limit).
+        self._wq = WorkQueue("celery", WQ.RESCUER, max_active=max(1, self.limit))
         self._max_active = max(1, self.limit)
         self._start_metrics()
 

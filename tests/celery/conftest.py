@@ -6,17 +6,14 @@
 * every test gets its own queue name, so no test sees another's messages, and its own worker
   node names; the queue is deleted at teardown.
 * ``start_worker`` starts ``celery worker`` subprocesses; teardown kills every one still running.
-  Waits poll for a state with a deadline (:func:`wait_for`), never sleep for one.
+
+The helpers live in celery_harness.py (a unique module name: every test directory may have a
+``conftest``).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,20 +22,11 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from app import DEFAULT_BACKEND, POOL, make_app  # noqa: E402
-
-CELERY = str(Path(sys.executable).with_name("celery"))
-
-#: db 13 is the Redis broker of these tests, db 14 their results (see app.DEFAULT_BACKEND).
-BROKERS = {
-    "redis": "redis://127.0.0.1:6379/13",
-    "amqp": "amqp://guest:guest@127.0.0.1:5672//",
-}
-PORTS = {"redis": 6379, "amqp": 5672}
+from app import DEFAULT_BACKEND, make_app  # noqa: E402
+from celery_harness import BROKERS, Worker, broker_problem, under_ci  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,44 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: real-world tests (subprocesses, brokers)")
 
 
-def under_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def _answers(kind: str) -> str | None:
-    """None if the broker answers, else why not."""
-    try:
-        with socket.create_connection(("127.0.0.1", PORTS[kind]), timeout=2):
-            pass
-    except OSError as exc:
-        return f"{kind} broker on 127.0.0.1:{PORTS[kind]} is unreachable: {exc}"
-    if kind == "redis":
-        import redis
-
-        try:
-            redis.Redis.from_url(DEFAULT_BACKEND, socket_timeout=2).ping()
-        except Exception as exc:  # noqa: BLE001
-            return f"redis on 127.0.0.1:6379 does not answer PING: {exc}"
-    return None
-
-
 @pytest.fixture(scope="session")
 def results_redis() -> Any:
     import redis
 
-    problem = _answers("redis")
+    problem = broker_problem("redis")
     if problem:
         if under_ci():
             pytest.fail(f"{problem} (CI=true: brokers must run; see .ci/services.sh)")
@@ -95,7 +50,7 @@ def results_redis() -> Any:
 @pytest.fixture(params=sorted(BROKERS))
 def broker(request: pytest.FixtureRequest, results_redis: Any) -> str:
     """The broker URL, one test per broker."""
-    problem = _answers(request.param)
+    problem = broker_problem(request.param)
     if problem:
         if under_ci():
             pytest.fail(f"{problem} (CI=true: brokers must run; see .ci/services.sh)")
@@ -129,114 +84,6 @@ def celery_app(broker: str, queue: str, results_redis: Any, key: str) -> Iterato
         for name in results_redis.scan_iter(key + "*"):
             results_redis.delete(name)
         app.close()
-
-
-def worker_cwd() -> Path:
-    return HERE
-
-
-def worker_env(broker: str, queue: str) -> dict[str, str]:
-    """The environment a ``celery -A app`` command of a test runs with."""
-    environ = dict(os.environ)
-    environ.update({
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), environ.get("PYTHONPATH", "")]),
-        "CMWQ_TEST_BROKER": broker,
-        "CMWQ_TEST_BACKEND": DEFAULT_BACKEND,
-        "CMWQ_TEST_QUEUE": queue,
-        "PYTHONUNBUFFERED": "1",
-    })
-    return environ
-
-
-class Worker:
-    """One ``celery worker`` subprocess using the cmwq pool."""
-
-    def __init__(self, app: Any, broker: str, queue: str, log: Path, *, concurrency: int | None,
-                 via: str, args: tuple[str, ...], env: dict[str, str]) -> None:
-        self.app = app
-        self.name = f"cmwq-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-        self.log = log
-        environ = worker_env(broker, queue)
-        command = [CELERY, "-A", "app", "worker", "-n", self.name, "-l", "info",
-                   "--without-mingle", "--without-gossip", "--without-heartbeat"]
-        if via == "setting":  # worker_pool = "cmwq_exec.celery:TaskPool"
-            environ["CMWQ_TEST_POOL"] = POOL
-        elif via == "custom":  # -P custom + CELERY_CUSTOM_WORKER_POOL
-            environ["CELERY_CUSTOM_WORKER_POOL"] = POOL
-            command += ["-P", "custom"]
-        else:  # another pool, by name (threads, prefork): the benchmark's comparisons
-            command += ["-P", via]
-        if concurrency is not None:
-            command += ["-c", str(concurrency)]
-        command += list(args)
-        environ.update(env)
-        self.command = command
-        self._log_file = open(log, "wb")
-        self.proc = subprocess.Popen(command, cwd=worker_cwd(), env=environ, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def ping(self) -> bool:
-        replies = self.app.control.ping(destination=[self.name], timeout=0.5)
-        return any(self.name in reply for reply in replies)
-
-    def wait_ready(self, timeout: float = 30.0) -> Worker:
-        def ready() -> bool:
-            if not self.alive():
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
-            return self.ping()
-
-        wait_for(ready, timeout, f"worker {self.name} to answer ping\n{self.tail()}", interval=0.1)
-        return self
-
-    def stats(self) -> dict[str, Any]:
-        reply = self.app.control.inspect([self.name], timeout=2.0).stats() or {}
-        assert self.name in reply, f"no stats from {self.name}: {reply}\n{self.tail()}"
-        return reply[self.name]
-
-    def signal(self, signum: int) -> None:
-        if self.alive():
-            self.proc.send_signal(signum)
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker {self.name} still running after {timeout}s\n{self.tail()}") from None
-
-    def kill(self) -> None:
-        """SIGKILL the worker's whole session (it has no children with this pool, but be sure)."""
-        if self.alive():
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(10)
-        finally:
-            self._log_file.close()
-
-    def tail(self, lines: int = 40) -> str:
-        self._log_file.flush()
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def threads(self) -> int:
-        """Threads of the worker process now (from /proc)."""
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-        return 0
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
+from celery_harness import wait_for
 
 import cmwq_exec
 from cmwq_exec.celery import TaskPool
-from conftest import wait_for
 
 pytestmark = [pytest.mark.celery, pytest.mark.timeout(60)]
 
