@@ -52,11 +52,15 @@ def test_time_limits_soft_hard_and_an_ignored_hard_limit(celery_app, start_worke
     assert t["t.soft_limited"].apply_async((30,), soft_time_limit=0.5).get(timeout=20) == "soft-limit-caught"
     assert time.monotonic() - started < 10
 
-    # hard: reported failed with TimeLimitExceeded, and the thread really unwound
+    # hard: reported failed with TimeLimitExceeded, and the thread really unwound (the pool counts a
+    # limited task as abandoned until its thread returns; the task would spin for 60 s). Not checked
+    # through the task's own `finally`: CPython 3.13 may skip the handlers of the frame an async
+    # exception lands in while it spins in a tight loop (python/cpython#139622).
     r = t["t.spin_until"].apply_async((60, key + "h"), time_limit=1)
     with pytest.raises(TimeLimitExceeded):
         r.get(timeout=20)
-    wait_for(lambda: results_redis.get(key + "h:unwound"), 10, "the hard-limited thread to unwind")
+    wait_for(lambda: worker.stats()["pool"]["abandoned"] == 0, 10, "the hard-limited thread to unwind")
+    assert worker.stats()["pool"]["running"] == 0
 
     # a task that swallows the hard limit: failed at once, its slot given back (-c 1 and another
     # task runs meanwhile), shown as abandoned, and its late return value is discarded
@@ -90,7 +94,8 @@ def test_revoke_terminate_stops_only_that_task(celery_app, start_worker, results
 
     celery_app.control.revoke(victim.id, terminate=True, signal="SIGTERM")
     wait_for(lambda: victim.state == "REVOKED", 10, "the victim to be REVOKED")
-    wait_for(lambda: results_redis.get(key + "v:unwound"), 10, "the victim's thread to unwind")
+    # terminated tasks count as abandoned until their thread returns (see the hard limit test)
+    wait_for(lambda: worker.stats()["pool"]["abandoned"] == 0, 10, "the victim's thread to unwind")
     assert not results_redis.get(key + "v:finished")
     assert survivor.get(timeout=20) == "finished"  # the other task was not touched
     assert t["t.add"].delay(2, 2).get(timeout=10) == 4

@@ -144,21 +144,26 @@ def test_soft_limit_raises_inside_the_task(make_pool):
     assert calls.of("soft", "success") == [("caught",)]
 
 
+# The unwinding is checked through the pool (a job leaves it when its thread returns), not the task's
+# own ``finally``: CPython 3.13 may skip the handlers of the frame an async exception lands in while it
+# spins in a tight loop (python/cpython#139622); the exception then surfaces in the caller.
+
+
+def left_the_pool(pool: TaskPool) -> bool:
+    return not pool._jobs
+
+
 def test_hard_limit_reports_at_once_and_unwinds_the_thread(make_pool):
     pool, calls = make_pool(limit=1), Calls()
-    unwound = threading.Event()
 
     def runaway() -> None:
-        try:
-            while True:
-                pass
-        finally:
-            unwound.set()
+        while True:
+            pass
 
     pool.apply_async(runaway, timeout=0.2, **calls.callbacks("hard"))
     wait_for(lambda: calls.of("hard", "timeout"), 10, "the hard limit")
     assert calls.of("hard", "timeout") == [(False, 0.2)]
-    assert unwound.wait(5)
+    wait_for(lambda: left_the_pool(pool), 5, "the runaway thread to unwind")
     pool.apply_async(lambda: "next", **calls.callbacks("next"))
     wait_for(lambda: calls.of("next", "success"), 5, "the next task")
     assert calls.kinds("hard") == ["accept", "timeout"]  # never a second, late report
@@ -196,23 +201,20 @@ def test_a_task_that_ignores_its_hard_limit_is_abandoned_not_counted(make_pool):
 def test_terminate_job_unwinds_only_that_task(make_pool):
     pool, calls = make_pool(limit=3), Calls()
     stop = threading.Event()
-    unwound: list[str] = []
 
     def long(name: str) -> str:
-        try:
-            while not stop.is_set():
-                with cmwq_exec.blocking():
-                    time.sleep(0.005)
-            return name
-        finally:
-            unwound.append(name)
+        while not stop.is_set():
+            with cmwq_exec.blocking():
+                time.sleep(0.005)
+        return name
 
     pool.apply_async(long, ("victim",), **calls.callbacks("victim"))
     pool.apply_async(long, ("survivor",), **calls.callbacks("survivor"))
     wait_for(lambda: calls.of("victim", "accept") and calls.of("survivor", "accept"), 5, "both to start")
-    pool.terminate_job(calls.of("victim", "accept")[0][0], 15)
-    wait_for(lambda: "victim" in unwound, 5, "the victim to unwind")
-    assert "survivor" not in unwound
+    victim, survivor = calls.of("victim", "accept")[0][0], calls.of("survivor", "accept")[0][0]
+    pool.terminate_job(victim, 15)
+    wait_for(lambda: victim not in pool._jobs, 5, "the victim to unwind")
+    assert survivor in pool._jobs and pool.info["running"] == 1
     stop.set()
     wait_for(lambda: calls.of("survivor", "success"), 5, "the survivor to finish")
     assert calls.kinds("victim") == ["accept"]  # Celery reports the revoke itself
@@ -267,20 +269,16 @@ def test_warm_stop_finishes_running_tasks_and_never_starts_queued_ones(make_pool
 
 def test_cold_terminate_unwinds_running_tasks(make_pool):
     pool, calls = make_pool(limit=2), Calls()
-    unwound = threading.Event()
 
     def forever() -> None:
-        try:
-            while True:
-                with cmwq_exec.blocking():
-                    time.sleep(0.005)
-        finally:
-            unwound.set()
+        while True:
+            with cmwq_exec.blocking():
+                time.sleep(0.005)
 
     pool.apply_async(forever, **calls.callbacks("forever"))
     wait_for(lambda: calls.of("forever", "accept"), 5, "the task to start")
     pool.terminate()
-    assert unwound.wait(5)
+    wait_for(lambda: left_the_pool(pool), 5, "the running task to unwind")
     assert calls.kinds("forever") == ["accept"]
 
 
