@@ -35,10 +35,14 @@ Everything the ``threads`` pool lacks
 
 Async exceptions arrive when the thread next executes Python bytecode: a task blocked in one long
 C call (``time.sleep(60)``, a socket read without timeout) sees its limit when that call returns.
+They can land anywhere in that thread's Python code, including library code that is not written to
+be interrupted. On CPython 3.13 one that lands while a function spins in a tight loop may skip that
+function's own ``except``/``finally`` and surface in its caller (python/cpython#139622); the pool
+still unwinds the thread and reports the limit.
 
 Callbacks (accept, result, timeout) run on the consumer's event loop thread when there is one
 (redis, amqp): the broker connection is only ever used from that thread, as with prefork. Without an
-event loop they run, in order, as works of the pool's control workqueue.
+event loop they run, in order, as works of a callbacks workqueue made on first use.
 
 Metrics: set ``cmwq_metrics_port`` (or the environment variable ``CMWQ_METRICS_PORT``) to serve
 Prometheus metrics from the worker process; ``cmwq_metrics_addr`` / ``CMWQ_METRICS_ADDR`` (default
