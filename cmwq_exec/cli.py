@@ -212,7 +212,7 @@ def run_demo(work: Workload, *, live: bool, console: Any = None) -> dict[str, An
     if live:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        progress = Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
+        progress = Progress(TextColumn("{task.description:<26}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
                             console=console, refresh_per_second=10)
         for run in runs:
