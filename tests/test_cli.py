@@ -124,3 +124,20 @@ def test_bench_without_the_script_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "_bench_script", lambda: tmp_path / "missing.py")
     assert cli.main(["bench", "--quick"]) == 1
     assert "source tree" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_figure(tmp_path):
+    if not (ROOT / "benchmarks" / "bench_core.py").is_file():
+        pytest.skip("no benchmarks/ in this tree")
+    out = tmp_path / "bench.json"
+    proc = run("bench", "--quick", "--json", str(out), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    figures = " ".join(row["figure"] for row in report["rows"] + report["settings_rows"])
+    for needle in ("no-op tasks/s", "round trip", "CPU-bound", "blocking()", "time.sleep", "fib(14)",
+                   "pin_workers", "plugin"):
+        assert needle in figures
+    nested = [row for row in report["rows"] if "fib(" in row["figure"]]
+    assert nested and all(row["met"] for row in nested)  # cmwq completes; TPE shown deadlocked
+    assert all("deadlocked" in row["b"] for row in nested)
