@@ -2,8 +2,8 @@
 
 Run from a checkout::
 
-    python benchmarks/bench_core.py            # full run, ~2-3 minutes
-    python benchmarks/bench_core.py --quick    # smaller figures, under ~40 s
+    python benchmarks/bench_core.py            # full run, ~1.5 minutes on 2 CPUs
+    python benchmarks/bench_core.py --quick    # smaller figures, ~20-30 s
     python benchmarks/bench_core.py --json out.json --markdown table.md
 
 Both executors run in this one process, alternately (cmwq, TPE, TPE, cmwq, ...), each case several
