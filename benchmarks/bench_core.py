@@ -6,10 +6,10 @@ Run from a checkout::
     python benchmarks/bench_core.py --quick    # smaller figures, ~20-30 s
     python benchmarks/bench_core.py --json out.json --markdown table.md
 
-Both executors run in this one process, alternately (cmwq, TPE, TPE, cmwq, ...), each case several
-times; the table shows medians and their ratio, because the 2-core machines this project runs on are
-noisy. Figures that depend on per-process settings (worker pinning) run in fresh subprocesses, since
-the pools are configured once per process.
+Each case runs in a fresh subprocess, and inside it both executors run alternately (cmwq, TPE,
+TPE, cmwq, ...), several times each; the table shows medians and their ratio, because the 2-core
+machines this project runs on are noisy. Pinning is compared across subprocesses, since the pools
+are configured once per process (``--in-process`` runs every other case in this one process).
 
 Every case states its target (from the issue) and whether it is met. Nothing here hangs: the
 ThreadPoolExecutor attempts that deadlock are waited on with a timeout, then abandoned with
