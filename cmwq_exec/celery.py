@@ -315,7 +315,15 @@ class TaskPool(BasePool):
 
     def _shutdown(self) -> None:
         """Release what on_start made. The workqueues go only when no thread of ours is left
-        (an abandoned task may still run: then they stay, idle, until the process exits)."""
+        (an abandoned task may still run: then they stay, idle, until the process exits).
+
+        Celery's cold-shutdown handler stops the pool from inside a signal handler and then
+        relies on its event loop noticing ``should_terminate``; a loop asleep in poll would only
+        notice at its next timer (10 s on amqp). So the wakeup pipe is poked, and left to the
+        loop, which unregisters it when it closes (the two fds go with the process).
+        """
+        if self._loop is not None and self._wake_w >= 0:
+            self._wake()
         server, self._metrics_server = self._metrics_server, None
         if server is not None:
             server.shutdown()
@@ -326,15 +334,6 @@ class TaskPool(BasePool):
             for wq in (self._wq, self._control):
                 if wq is not None:
                     wq.destroy()
-            if self._loop is not None and self._wake_r >= 0:
-                try:
-                    self._loop.remove_reader(self._wake_r)
-                except Exception:  # noqa: BLE001 - the hub may be closed already
-                    pass
-            for fd in (self._wake_r, self._wake_w):
-                if fd >= 0:
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
 
     # -- applying ---------------------------------------------------------------------------------
 

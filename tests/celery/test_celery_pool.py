@@ -209,3 +209,23 @@ def test_tasks_progress_under_a_thread_cap(celery_app, start_worker, broker):
     assert results.get(timeout=60) == list(range(16))
     workqueue = worker.stats()["pool"]["workqueue"]
     assert workqueue["mayday"] > 0 and workqueue["rescued"] > 0, workqueue
+
+
+def test_cold_shutdown_exits_promptly_and_acks_late_tasks_return(celery_app, start_worker, results_redis,
+                                                               key):
+    """SIGQUIT: the worker does not wait for its running tasks; with acks_late their messages go back
+    to the broker and a later worker runs them (with the unstarted ones)."""
+    first = start_worker(concurrency=4, via="setting")
+    tokens = [f"q{i}" for i in range(10)]
+    for token in tokens:
+        celery_app.tasks["t.record"].delay(key, token, 3.0)
+    wait_for(lambda: len(celery_app.control.inspect([first.name]).active().get(first.name, [])) == 4, 20,
+             "four tasks to run")
+    started = time.monotonic()
+    first.signal(signal.SIGQUIT)
+    first.wait_exit(15)
+    assert time.monotonic() - started < 2.5, "a cold shutdown must not wait for the 3 s tasks"
+    assert results_redis.scard(key) == 0
+    start_worker(concurrency=10, via="custom")
+    wait_for(lambda: members(results_redis, key) == set(tokens), 60,
+             f"every task to complete (missing {set(tokens) - members(results_redis, key)})")
