@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import cmwq_exec
+from cmwq_exec.top import _positive_float
 
 PROG = "cmwq-exec"
 
@@ -406,16 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
     return parser
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

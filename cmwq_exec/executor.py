@@ -147,36 +147,26 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             _LOGGER.exception("exception calling callback for %r", self)
 
     def set_result(self, result: Any) -> None:
-        if self._set_if_no_condition(None, FINISHED, result=result):
-            if self._done_callbacks:
-                self._invoke_callbacks()  # type: ignore[attr-defined]
-            return
-        with self._condition:
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._state = FINISHED
-            if self._waiter_list:
-                for waiter in self._waiter_list:
-                    waiter.add_result(self)
-            self._condition.notify_all()
-        if self._done_callbacks:
-            self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._finish(result, None)
 
     def set_exception(self, exception: BaseException | None) -> None:
-        if self._set_if_no_condition(None, FINISHED, exception=exception):
-            if self._done_callbacks:
-                self._invoke_callbacks()  # type: ignore[attr-defined]
-            return
-        with self._condition:
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._exception = exception
-            self._state = FINISHED
-            if self._waiter_list:
-                for waiter in self._waiter_list:
-                    waiter.add_exception(self)
-            self._condition.notify_all()
+        self._finish(None, exception)
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        """Future.set_result/set_exception, without a Condition while nobody waits."""
+        if not self._set_if_no_condition(None, FINISHED, result=result, exception=exception):
+            with self._condition:
+                if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+                    raise InvalidStateError(f"{self._state}: {self!r}")
+                self._result = result
+                self._exception = exception
+                self._state = FINISHED
+                for waiter in self._waiter_list or ():
+                    if exception is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
+                self._condition.notify_all()
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 
