@@ -4,10 +4,11 @@ Python gives no scheduler hook, so a worker that blocks in code that did not say
 a database driver, a plain ``time.sleep``) still counts as running and its pool waits behind it. Like
 Go's sysmon and Linux's CPU-intensive tick, the watchdog looks at pools that have pending works,
 every ``watchdog_tick`` (10 ms), on the single timer thread (so it costs nothing while no work waits),
-and after a quarter tick when a worker started a new work since the last look or a rule fired. For
+and after an eighth of a tick when a worker started a new work since the last look or a rule fired. For
 each worker that has run the same work across two looks it reads the thread's CPU clock:
 
-* burned (almost) none: the worker is **blocked**. It leaves ``nr_running`` (flag STUCK), which
+* burned (almost) none and is not runnable (``/proc`` state R would mean other processes had the
+  CPU): the worker is **blocked**. It leaves ``nr_running`` (flag STUCK), which
   wakes another worker if it was the last runner, and it stays out, taking further works while works
   are pending, until it goes idle or is seen burning CPU again; so every detection adds one runner
   for as long as the backlog lasts, and un-annotated blocking ramps up concurrency quickly.
@@ -47,10 +48,24 @@ log = logging.getLogger("cmwq_exec.watchdog")
 
 #: A worker that burned less than this share of a look's interval was blocked all along.
 BLOCKED_SHARE = 0.02
+#: After a look that found a new work or acted, the next look comes this much of a tick later.
+QUICK_LOOK = 1 / 8
 #: Cores the process can keep busy with Python code: one while the GIL exists.
 _PARALLEL_CORES = 1 if getattr(sys, "_is_gil_enabled", lambda: True)() else None
 #: The process counts as saturated at this share of those cores.
 SATURATION = 0.85
+
+
+def _runnable(worker: Any) -> bool:
+    """Is the thread runnable (state R) rather than asleep? A thread that burned no CPU because other
+    processes had the CPU is not blocked. (A thread waiting for the GIL sleeps on a futex, state S:
+    that case is what the saturation rule covers.) Costs one /proc read, only for candidates."""
+    try:
+        with open(f"/proc/self/task/{worker.native_id}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"
 
 
 class Watchdog:
@@ -115,7 +130,7 @@ class Watchdog:
                     continue
                 _, first_ns, last_ns, last_at = sample
                 interval = now - last_at
-                if interval < tick / 4:
+                if interval < tick * QUICK_LOOK:
                     continue
                 worker.cpu_sample = (seq, first_ns, ns, now)
                 burned = ns - last_ns
@@ -124,7 +139,7 @@ class Watchdog:
                         pool.worker_clr_flags(worker, STUCK)  # running again: count it again
                     continue
                 if burned < interval * 1e9 * BLOCKED_SHARE:
-                    if not saturated:
+                    if not saturated and not _runnable(worker):
                         pool.worker_set_flags(worker, STUCK, wakeup=True)
                         soon = True
                         if plugin.events.worker_blocked is not None:
@@ -146,7 +161,7 @@ class Watchdog:
                 pool.stall_warned = True
                 stall = stalled_for
                 busy = [w for w in pool.workers if not w.flags & IDLE and w.thread is not None]
-            timer.add_timer(tick / 4 if soon else tick, lambda: self.check(pool))
+            timer.add_timer(tick * QUICK_LOOK if soon else tick, lambda: self.check(pool))
         for hook, kwargs in events:
             hook(**kwargs)
         if stall is not None:
