@@ -229,7 +229,10 @@ class Rescuer:
         self.stopping = False  # under cond
         self.worker = Worker(system.unbound_pool, -1)
         self.worker.flags = RESCUER
-        self.thread = start_thread(self.thread_main, f"cmwq/rescuer:{wq.name}")
+        try:
+            self.thread = start_thread(self.thread_main, f"cmwq/rescuer:{wq.name}")
+        except RuntimeError as exc:  # like the kernel: no rescuer, no workqueue
+            raise RuntimeError(f"cannot create the rescuer thread of workqueue {wq.name!r}: {exc}") from exc
 
     def summon(self, pool: WorkerPool) -> None:
         """Mayday from ``pool``. Called with ``pool.lock`` held (lock order: pool, then rescuer)."""

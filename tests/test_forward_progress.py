@@ -173,6 +173,9 @@ class FlakyStart:
         self.lock = threading.Lock()
 
     def __call__(self, target: Any, name: str) -> threading.Thread:
+        if name.startswith("cmwq/rescuer:"):
+            # a rescuer is reserved when its workqueue is made; failing that fails the constructor
+            return self.real(target, name)
         with self.lock:
             n = next(self.calls)
             if n % 2 == 1:
@@ -286,3 +289,19 @@ def test_raising_policy_plugin_never_wedges_pool(fresh_system: Any,
     for pool in system.pools:
         with pool.lock:
             pool.check_invariants()
+
+
+def test_rescuer_that_cannot_be_created_fails_the_workqueue_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rescuer is reserved up front (as in the kernel): if its thread cannot start, the workqueue is
+    not made, and the error names it."""
+    cmwq_exec.get_system()
+    real = _worker.start_thread
+
+    def refuse_rescuers(target: Any, name: str) -> threading.Thread:
+        if name.startswith("cmwq/rescuer:"):
+            raise RuntimeError("can't start new thread")
+        return real(target, name)
+
+    monkeypatch.setattr(_worker, "start_thread", refuse_rescuers)
+    with pytest.raises(RuntimeError, match="rescuer thread of workqueue 'fp-no-rescuer'"):
+        WorkQueue("fp-no-rescuer", WQ.RESCUER)
