@@ -6,6 +6,8 @@ Public API: :class:`CMWQExecutor`, :class:`WorkQueue`, :class:`Work`, :class:`De
 """
 
 from .blocking import blocking
+from .detect import disable as undetect_blocking
+from .detect import enable as detect_blocking
 from .executor import CMWQExecutor, CMWQFuture
 from .hookspecs import hookimpl, hookspec
 from .system import configure, get_system
@@ -20,8 +22,10 @@ __all__ = [
     "WorkQueue",
     "blocking",
     "configure",
+    "detect_blocking",
     "get_system",
     "hookimpl",
     "hookspec",
+    "undetect_blocking",
 ]
 __version__ = "0.1.0"

@@ -39,6 +39,8 @@ class Config:
     hotplug_poll_interval: float = 1.0
     #: Listen for CPU hotplug (uevents and polling).
     hotplug: bool = True
+    #: Detect blocking stdlib calls in workers without annotations (cmwq_exec.detect).
+    detect_blocking: bool = False
 
     def validate(self) -> None:
         for field in dataclasses.fields(self):

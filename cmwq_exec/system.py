@@ -103,6 +103,10 @@ class System:
         self._read_policy()
 
     def start(self) -> None:
+        if self.config.detect_blocking:
+            from .detect import enable
+
+            enable()
         for pool in self.online_pools:
             pool.start()
         if self.config.hotplug:

@@ -1,0 +1,163 @@
+"""Opt-in detection of blocking stdlib calls (cmwq_exec.detect): sys.monitoring on 3.12+, wrappers
+before. Each test turns detection on and off again."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import cmwq_exec
+from cmwq_exec import CMWQExecutor, detect, get_system
+
+
+@pytest.fixture
+def detecting() -> Iterator[str]:
+    mechanism = cmwq_exec.detect_blocking()
+    try:
+        yield mechanism
+    finally:
+        cmwq_exec.undetect_blocking()
+
+
+def test_mechanism_matches_the_interpreter(detecting: str) -> None:
+    assert detecting == ("sys.monitoring" if sys.version_info >= (3, 12) else "wrappers")
+    assert detect.enabled() == detecting
+    assert cmwq_exec.detect_blocking() == detecting  # idempotent
+
+
+def test_known_blocking_primitives() -> None:
+    assert detect.is_blocking_call(time.sleep)
+    assert detect.is_blocking_call(threading.Lock().acquire)
+    a, b = socket.socketpair()
+    try:
+        assert detect.is_blocking_call(socket.socket.__mro__[1].recv.__get__(a))
+    finally:
+        a.close()
+        b.close()
+    assert not detect.is_blocking_call(len)
+    assert not detect.is_blocking_call(threading.Lock().release)
+    assert not detect.is_blocking_call(lambda: None)
+
+
+def _pin_to_cpu0() -> set[int]:
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})
+    return old
+
+
+def _sleeper_then_setter_completes(executor: CMWQExecutor, timeout: float) -> bool:
+    """A work that sleeps in plain time.sleep (polling an Event) and a later work that sets the
+    Event: both on cpu0's pool. Only a pool that knows the first one sleeps runs the second while
+    the first still sleeps."""
+    event = threading.Event()
+    deadline = time.monotonic() + timeout
+
+    def sleeper() -> bool:
+        while not event.is_set():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    first = executor.submit(sleeper)
+    executor.submit(event.set)
+    return bool(first.result(timeout=timeout + 5))
+
+
+def _seen_sleeping(work_fn: object, timeout: float = 5.0) -> bool:
+    """Run ``work_fn`` (which sleeps ~0.3 s) and watch the pools: True if its worker was flagged
+    SLEEPING (told the pool it sleeps) while running it. The watchdog never sets that flag."""
+    from cmwq_exec.worker import SLEEPING
+
+    with CMWQExecutor() as ex:
+        future = ex.submit(work_fn)
+        deadline = time.monotonic() + timeout
+        seen = False
+        while not future.done() and time.monotonic() < deadline and not seen:
+            for pool in get_system().pools:
+                with pool.lock:
+                    seen = seen or any(w.flags & SLEEPING and w.current_work is future
+                                       for w in pool.workers)
+            time.sleep(0.002)
+        future.result(timeout=timeout)
+    return seen
+
+
+def _user_sleep() -> None:
+    time.sleep(0.3)
+
+
+def test_plain_sleep_is_a_sleep_notification(detecting: str) -> None:
+    assert _seen_sleeping(_user_sleep)
+    assert _seen_sleeping(lambda: threading.Event().wait(0.3))
+
+
+def test_without_detection_plain_sleep_is_not_announced() -> None:
+    assert detect.enabled() is None
+    assert not _seen_sleeping(_user_sleep)
+
+
+def test_submitted_sleep_itself_is_detected(detecting: str) -> None:
+    """The site where cmwq_exec calls the user's function stays watched even after it called a
+    non-blocking function first."""
+    with CMWQExecutor() as ex:
+        ex.submit(int).result()
+    assert _seen_sleeping(lambda: time.sleep(0.3))
+
+
+def test_sleeper_then_setter_on_one_pool(detecting: str) -> None:
+    old = _pin_to_cpu0()
+    try:
+        with CMWQExecutor() as ex:
+            assert _sleeper_then_setter_completes(ex, timeout=5.0)
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def test_lock_wait_in_user_code_is_detected(detecting: str) -> None:
+    """An Event.wait (a lock acquire underneath) inside a work releases its pool."""
+    old = _pin_to_cpu0()
+    try:
+        with CMWQExecutor() as ex:
+            gate = threading.Event()
+            waiter = ex.submit(gate.wait, 10)
+            setter = ex.submit(gate.set)
+            assert waiter.result(timeout=10) is True
+            setter.result(timeout=10)
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def test_pool_invariants_hold_with_detection(detecting: str) -> None:
+    with CMWQExecutor() as ex:
+        futures = [ex.submit(time.sleep, 0.001) if i % 3 else ex.submit(sum, range(100))
+                   for i in range(600)]
+        for f in futures:
+            f.result(timeout=30)
+    for pool in get_system().pools:
+        with pool.lock:
+            pool.check_invariants()
+            assert all(w.sleep_depth == 0 for w in pool.workers)
+
+
+def test_disable_restores_everything() -> None:
+    original_sleep = time.sleep
+    cmwq_exec.detect_blocking()
+    cmwq_exec.undetect_blocking()
+    assert detect.enabled() is None
+    assert time.sleep is original_sleep
+    assert threading.Condition.wait.__name__ == "wait"
+    assert not hasattr(threading.Condition.wait, "__wrapped__")
+
+
+def test_unbound_method_descriptors_count() -> None:
+    """sys.monitoring reports ``lock.acquire(...)`` as the descriptor ``_thread.lock.acquire``."""
+    assert detect.is_blocking_call(type(threading.Lock()).acquire)
+    assert detect.is_blocking_call(socket.socket.__mro__[1].recv)
+    assert not detect.is_blocking_call(type(threading.Lock()).release)
