@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from celery import chord, group
 from celery.exceptions import TimeLimitExceeded
-from celery_harness import BROKERS, CELERY, wait_for, worker_cwd, worker_env
+from celery_harness import CELERY, wait_for, worker_cwd, worker_env
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -191,19 +191,17 @@ def test_warm_shutdown_finishes_started_tasks_and_returns_the_rest(celery_app, s
     assert int(results_redis.get(key + ":runs")) == len(tokens), "a task ran twice"
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)  # does not depend on the broker
 def test_bad_concurrency_is_a_clear_error(celery_app, start_worker, broker):
-    if broker != BROKERS["redis"]:
-        pytest.skip("the check does not depend on the broker")
     worker = start_worker(via="setting", concurrency=None, ready=False,
                           env={"CMWQ_TEST_CONF": json.dumps({"worker_concurrency": 2.5})})
     assert worker.wait_exit(30) != 0
     assert "concurrency" in worker.tail() and "2.5" in worker.tail(), worker.tail()
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)  # does not depend on the broker
 def test_tasks_progress_under_a_thread_cap(celery_app, start_worker, broker):
     """With the cmwq thread cap far below -c, the workqueue's rescuer keeps tasks moving."""
-    if broker != BROKERS["redis"]:
-        pytest.skip("the check does not depend on the broker")
     worker = start_worker(concurrency=8, via="custom", env={"CMWQ_MAX_TOTAL_WORKERS": "2"})
     results = group(celery_app.tasks["t.sleep"].s(0.05, i) for i in range(16))()
     assert results.get(timeout=60) == list(range(16))
