@@ -117,15 +117,58 @@ def test_work_requeued_while_running_runs_again_but_never_concurrently() -> None
             time.sleep(0)
         queued.append(n)
 
-    threads = [threading.Thread(target=requeue) for _ in range(4)]
+    threads = [threading.Thread(target=requeue, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
     work.flush()
     wq.flush()
     assert overlap.max == 1, "a work ran concurrently with itself"
     assert len(runs) == sum(queued) > 10  # each successful queue_work ran it once
+
+
+def test_work_shared_by_a_per_cpu_and_an_unbound_workqueue_never_overlaps() -> None:
+    """Non-reentrancy holds across workqueues too (the kernel guarantees it system-wide)."""
+    bound, unbound = WorkQueue("shared-bound"), WorkQueue("shared-unbound", WQ.UNBOUND)
+    overlap = Concurrency()
+    runs = []
+
+    def body() -> None:
+        with overlap:
+            runs.append(1)
+            with blocking():
+                time.sleep(0.0002)
+
+    work = Work(body)
+    queued = []
+    stop = time.monotonic() + 0.5
+
+    def requeue(seed: int) -> None:
+        n = 0
+        i = seed
+        while time.monotonic() < stop:
+            i += 1
+            n += (bound if i % 2 else unbound).queue_work(work)
+            time.sleep(0.0001)
+        queued.append(n)
+
+    threads = [threading.Thread(target=requeue, args=(s,), daemon=True) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    deadline = time.monotonic() + 10
+    while work.pending or work.running:
+        assert time.monotonic() < deadline, "the shared work never settled"
+        time.sleep(0.005)
+    bound.flush()
+    unbound.flush()
+    assert overlap.max == 1
+    assert len(runs) == sum(queued) > 10
+    assert bound.stats()["inflight"] == unbound.stats()["inflight"] == 0
 
 
 def test_requeue_from_inside_runs_after_the_current_run() -> None:
@@ -592,11 +635,12 @@ def test_ordered_workqueue_runs_strictly_fifo_one_at_a_time() -> None:
         def produce(p: int = p) -> None:
             for i in range(p * 100, p * 100 + 100):
                 wq.queue_work(Work(body, i))
-        producers.append(threading.Thread(target=produce))
+        producers.append(threading.Thread(target=produce, daemon=True))
     for t in producers:
         t.start()
     for t in producers:
-        t.join()
+        t.join(30)
+    assert not any(t.is_alive() for t in producers)
     wq.flush()
     assert inside.max == 1
     assert sorted(order) == list(range(300))
