@@ -155,6 +155,8 @@ class Worker:
         pool.nr_started += 1
         pwq.nr_started += 1
         timing = pool.system.timing
+        if pool.worklist and pool.need_more_worker(pool):
+            pool.wake_up_worker()  # kick: a policy that allows more runners gets them chained
         pool.lock.release()
 
         if timing:
@@ -166,7 +168,11 @@ class Worker:
         started_hook = plugin.events.work_started
         if started_hook is not None:
             started_hook(pool=pool, workqueue=pwq.wq, work=work)
-        error = work._execute()
+        try:
+            error = work._execute()
+        except BaseException as exc:  # past the work's own handling (e.g. a done callback's SystemExit)
+            log.exception("cmwq_exec worker %s: %r escaped the completion of %r", self, exc, work)
+            error = exc
         finished_hook = plugin.events.work_finished
         if finished_hook is not None:
             finished_hook(pool=pool, workqueue=pwq.wq, work=work, error=error)
@@ -194,20 +200,26 @@ class Worker:
 
     def sleep_begin(self) -> None:
         """The worker's thread is about to sleep: hand over to another worker if it was the last
-        runner. X: called on the worker's own thread, from blocking()."""
-        self.sleep_depth += 1
-        if self.sleep_depth == 1:
-            pool = self.pool
-            with pool.lock:
+        runner. X: called on the worker's own thread, from blocking().
+
+        The bookkeeping is straight-line code under the pool lock with no call in between, so an
+        asynchronous exception (a Celery time limit) cannot land half-way through it."""
+        pool = self.pool
+        with pool.lock:
+            self.sleep_depth += 1
+            if self.sleep_depth == 1:
                 pool.worker_set_flags(self, SLEEPING, wakeup=True)
 
     def sleep_end(self) -> None:
         """The worker's thread woke up and runs again."""
-        self.sleep_depth -= 1
-        if self.sleep_depth == 0:
-            pool = self.pool
-            with pool.lock:
-                pool.worker_clr_flags(self, SLEEPING)
+        pool = self.pool
+        with pool.lock:
+            depth = self.sleep_depth = self.sleep_depth - 1
+            if depth == 0:
+                oflags = self.flags
+                self.flags = oflags & ~SLEEPING
+                if oflags & SLEEPING and not self.flags & NOT_RUNNING:
+                    pool.nr_running += 1
 
     def count_cm_wakeup(self) -> None:
         """A wakeup happened because this worker stopped running. L: held."""
@@ -294,8 +306,8 @@ class Rescuer:
 def thread_cpu_ns(worker: Worker) -> int | None:
     """CPU time the worker's thread has used, in ns, or None if it has exited."""
     thread = worker.thread
-    if thread is None or thread.ident is None:
-        return None
+    if thread is None or thread.ident is None or not thread.is_alive():
+        return None  # a dead thread's clock id is undefined behaviour
     try:
         return time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
     except (OSError, ProcessLookupError):

@@ -48,7 +48,8 @@ class WQ(enum.IntFlag):
     RESCUER = 4
 
 
-_ALL_FLAGS = WQ.UNBOUND | WQ.ORDERED | WQ.RESCUER
+#: every defined flag bit, as a plain int (~ on an IntFlag stays within its members since 3.11)
+_ALL_FLAGS = int(WQ.UNBOUND | WQ.ORDERED | WQ.RESCUER)
 
 
 class PoolWorkqueue:
