@@ -24,12 +24,12 @@ class blocking(contextlib.ContextDecorator):
     __slots__ = ()
 
     def __enter__(self) -> blocking:
-        worker = getattr(current, "worker", None)
+        worker = current.worker
         if worker is not None:
             worker.sleep_begin()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        worker = getattr(current, "worker", None)
+        worker = current.worker
         if worker is not None:
             worker.sleep_end()

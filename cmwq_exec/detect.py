@@ -129,10 +129,10 @@ def _on_call(code: Any, offset: int, fn: object, arg0: object) -> Any:
         return None if code in _USER_SITES else _DISABLE
     if code.co_filename.startswith(_PACKAGE_DIR) and code not in _USER_SITES:
         return _DISABLE
-    worker = getattr(current, "worker", None)
+    worker = current.worker
     if worker is not None and worker.current_work is not None:
         worker.sleep_begin()
-        stack = getattr(current, "detected", None)
+        stack = current.detected
         if stack is None:
             stack = current.detected = []
         stack.append((code, offset))
@@ -140,10 +140,10 @@ def _on_call(code: Any, offset: int, fn: object, arg0: object) -> Any:
 
 
 def _on_return(code: Any, offset: int, fn: object, arg0: object) -> Any:
-    stack = getattr(current, "detected", None)
+    stack = current.detected
     if stack and stack[-1] == (code, offset):
         stack.pop()
-        worker = getattr(current, "worker", None)
+        worker = current.worker
         if worker is not None:
             worker.sleep_end()
     return None
@@ -191,7 +191,7 @@ def _wrap(owner: Any, name: str) -> None:
     from .blocking import blocking
 
     def call_blocking(*args: Any, **kwargs: Any) -> Any:
-        if getattr(current, "worker", None) is None:
+        if current.worker is None:
             return original(*args, **kwargs)
         with blocking():
             return original(*args, **kwargs)

@@ -55,7 +55,7 @@ class _Waiters(list):  # type: ignore[type-arg]
     """A future's waiter list: a waiter installed from a worker gets a reporting event."""
 
     def append(self, waiter: Any) -> None:
-        if getattr(current, "worker", None) is not None and not isinstance(waiter.event, _BlockingEvent):
+        if current.worker is not None and not isinstance(waiter.event, _BlockingEvent):
             event = _BlockingEvent()
             if waiter.event.is_set():
                 event.set()
@@ -253,7 +253,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         return self._run()
 
     def result(self, timeout: float | None = None) -> Any:
-        worker = getattr(current, "worker", None)
+        worker = current.worker
         if self._state != FINISHED and worker is not None:
             if self._state == PENDING:
                 self._help(worker)
@@ -262,7 +262,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         return self._get(timeout, True)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        worker = getattr(current, "worker", None)
+        worker = current.worker
         if self._state != FINISHED and worker is not None:
             if self._state == PENDING:
                 self._help(worker)
@@ -378,7 +378,7 @@ class CMWQExecutor(Executor):
             for work in self._wq._pending_works():
                 work.cancel()
         if wait:
-            worker = getattr(current, "worker", None)
+            worker = current.worker
             pwq = worker.current_pwq if worker is not None else None
             if pwq is not None and pwq.wq is self._wq:
                 raise RuntimeError("shutdown(wait=True) from one of the executor's own calls would "

@@ -75,6 +75,10 @@ def cpu_down(system: System, cpu: int) -> None:
     if not _set_online(system, pool, False):
         return
     with pool.lock:
+        # unbind at once (a few syscalls, no waiting): nothing stays pinned to the dead CPU while the
+        # trustee starts; it re-applies this on every pass for workers that start meanwhile
+        for worker in pool.workers:
+            set_thread_affinity(worker, system.usable)
         if pool.trustee_state == TRUSTEE_RELEASE:
             pool.trustee_state = TRUSTEE_IN_CHARGE  # came back and goes again: keep draining
             pool.trustee_cond.notify_all()

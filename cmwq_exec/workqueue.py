@@ -337,7 +337,7 @@ class WorkQueue:
             return system.unbound_pool
         if work._reusable and work._worker is not None:
             return work._worker.pool  # non-reentrancy: where it runs now
-        worker = getattr(current, "worker", None)
+        worker = current.worker
         if worker is not None and worker.pool.online and worker.pool.cpu is not None:
             pool = worker.pool
         else:
