@@ -462,13 +462,6 @@ os._exit(0)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cmwq_exec/worker.py Worker.thread_main/process_one_work: an exception escaping a work's completion "
-    "(here a done callback raising SystemExit, which Future._invoke_callbacks does not catch) ends the "
-    "worker thread with no cleanup: the dead worker stays in pool.workers and in nr_running, so "
-    "need_more_worker() stays False and nothing queued on that CPU's pool ever runs (flush and interpreter "
-    "exit hang); only the watchdog can unwedge it, by reading the dead thread's CPU clock with "
-    "time.pthread_getcpuclockid (undefined behaviour: segfaults were seen)"))
 def test_a_dying_worker_does_not_wedge_its_pool() -> None:
     proc = subprocess.run([sys.executable, "-c", DYING_WORKER_SCRIPT], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "CMWQ_WATCHDOG_TICK": "3600"})

@@ -4,7 +4,6 @@ max_active, ordered workqueues, destroy, argument checking and counters."""
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -707,11 +706,6 @@ def test_workqueue_flags_checked(flags: Any) -> None:
         WorkQueue("bad-flags", flags)
 
 
-@pytest.mark.xfail(sys.version_info >= (3, 11), strict=True, reason=(
-    "cmwq_exec/workqueue.py WorkQueue.__init__: the check `flags & ~_ALL_FLAGS` uses ~ on an IntFlag, "
-    "which since Python 3.11 inverts within the defined members (~WQ(7) == WQ(0)), so the test is "
-    "always 0 and unknown bits (8, 16|UNBOUND) are accepted silently; int(~_ALL_FLAGS) or a literal -8 "
-    "mask would work on every version"))
 @pytest.mark.parametrize("flags", [8, 16 | WQ.UNBOUND])
 def test_workqueue_unknown_flag_bits_refused(flags: Any) -> None:
     """enum.IntFlag alone accepts any integer: unknown bits must be refused by the workqueue."""
