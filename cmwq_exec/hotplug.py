@@ -3,7 +3,8 @@
 Changes are learnt from kernel uevents on a ``NETLINK_KOBJECT_UEVENT`` socket (``offline@`` and
 ``online@`` for ``/devices/system/cpu/cpuN``), with polling of the online mask and the process's
 affinity mask as a fallback and for affinity changes (``taskset``, cgroup cpusets), which send no
-uevent. :meth:`System.cpu_down` and :meth:`System.cpu_up` are the explicit API.
+uevent. :meth:`System.cpu_down` and :meth:`System.cpu_up` are the explicit API; the monitor acts only
+on changes it observes, so an explicit choice stands until the machine's CPUs change again.
 
 The trustee (one thread per pool going down, states START, IN_CHARGE, BUTCHER, RELEASE, DONE) takes
 the manager role, marks every worker ROGUE (unbound, out of ``nr_running``), drains the worklist with
@@ -199,6 +200,7 @@ class HotplugMonitor:
         self.stopping = False
         self.sock: socket.socket | None = None
         self.thread: threading.Thread | None = None
+        self.seen = set(system.usable)  # the usable CPUs at the last look
 
     def start(self) -> None:
         try:
@@ -243,12 +245,15 @@ class HotplugMonitor:
                 log.exception("cpu hotplug: re-reading the usable CPUs failed")
 
     def sync(self, usable: set[int]) -> None:
-        """Bring the pools in line with ``usable``."""
+        """Follow what changed since the last look: a CPU that became unusable goes down, one that
+        became usable comes up. CPUs that did not change keep whatever the explicit API said."""
         system = self.system
-        for cpu, pool in system.cpu_pools.items():
-            if pool.online and cpu not in usable:
+        seen, self.seen = self.seen, set(usable)
+        for cpu in sorted(seen - usable):
+            if cpu in system.cpu_pools:
                 cpu_down(system, cpu)
-            elif not pool.online and cpu in usable:
+        for cpu in sorted(usable - seen):
+            if cpu in system.cpu_pools:
                 cpu_up(system, cpu)
 
 
