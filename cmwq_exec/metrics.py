@@ -97,7 +97,7 @@ _WQ_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("cmwq_workqueue_rescued", "Works of this workqueue executed by its rescuer thread.", "rescued"),
 )
 _WQ_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("cmwq_workqueue_inflight", "Works of the workqueue started and not yet finished.", "inflight"),
+    ("cmwq_workqueue_inflight", "Works of the workqueue queued or running: not yet finished.", "inflight"),
 )
 _WQ_HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
     ("cmwq_workqueue_queue_latency_seconds",
