@@ -613,6 +613,44 @@ def test_set_max_active_none_removes_the_limit(release: Release, wait_until: Cal
     assert inside.calls == 10 and 1 <= inside.max <= 2
 
 
+class _LimitRemovedMeanwhile:
+    """Stands in for ``wq._lock``: the first time it is taken, another thread's
+    ``set_max_active(None)`` has just run (it sets ``_max_active`` under this very lock), i.e. after
+    the queueing thread read the limit without the lock and before it took the lock."""
+
+    def __init__(self, wq: WorkQueue) -> None:
+        self.inner = threading.Lock()
+        self.wq = wq
+        self.fired = False
+
+    def __enter__(self) -> None:
+        self.inner.acquire()
+        if not self.fired:
+            self.fired = True
+            self.wq._max_active = None  # what set_max_active(None) does (nothing is inactive)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.inner.release()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "cmwq_exec/workqueue.py WorkQueue._queue: `if self._max_active is None` is read without _lock, "
+    "then under _lock `self._nr_active < self._max_active` compares with None when set_max_active(None) "
+    "ran in between: queue_work raises TypeError, and the in_flight count _queue already took is never "
+    "dropped, so flush()/drain()/shutdown(wait=True)/interpreter exit then hang forever (seen with a "
+    "thread toggling set_max_active(3)/(None) while others queue)"))
+def test_queue_racing_with_set_max_active_none(release: Release) -> None:
+    wq = WorkQueue("limit-race", max_active=2)
+    wq._lock = _LimitRemovedMeanwhile(wq)  # type: ignore[assignment]
+    runs = []
+    work = Work(runs.append, 1)
+    assert wq.queue_work(work)
+    _, flushed, _ = in_thread(wq.flush)
+    assert flushed.wait(10), "flush hangs"
+    assert runs == [1]
+    assert wq.stats()["inflight"] == 0
+
+
 # -- ordered workqueues ---------------------------------------------------------------------------
 
 
