@@ -4,6 +4,7 @@ max_active, ordered workqueues, destroy, argument checking and counters."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import threading
 import time
@@ -416,6 +417,36 @@ def test_flush_waits_for_works_queued_before_it_only(release: Release,
     assert later.work.running
     later.open.set()
     wq.flush()
+
+
+SELF_FLUSH_SCRIPT = r"""
+import os, threading
+from cmwq_exec import Work, WorkQueue
+wq = WorkQueue("self-flush")
+outcome = []
+done = threading.Event()
+def body():
+    try:
+        wq.{method}()
+        outcome.append("returned")
+    except RuntimeError as exc:
+        outcome.append("refused")
+    done.set()
+wq.queue_work(Work(body))
+print(outcome[0] if done.wait(2) else "hangs", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "cmwq_exec/workqueue.py WorkQueue.flush/drain called from one of the workqueue's own works waits "
+    "for its own color, which includes the calling work, forever (a silent self-deadlock), where "
+    "Work.flush() on itself and CMWQExecutor.shutdown(wait=True) from its own call raise RuntimeError"))
+@pytest.mark.parametrize("method", ["flush", "drain"])
+def test_workqueue_flush_from_its_own_work_is_refused(method: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", SELF_FLUSH_SCRIPT.replace("{method}", method)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "refused", proc.stdout + proc.stderr[-1000:]
 
 
 def test_flush_of_an_empty_workqueue_returns() -> None:
