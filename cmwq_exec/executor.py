@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures import TimeoutError as FuturesTimeoutError  # not the builtin before 3.11
 from concurrent.futures._base import (
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -180,7 +181,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError()
+                raise FuturesTimeoutError()
             self._condition.wait(left)
         if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
             raise CancelledError()

@@ -323,6 +323,8 @@ class WorkerPool:
             return
         with self.lock:
             self.start_worker(worker)
+            if self.need_more_worker(self):
+                self.wake_up_worker()  # works may be waiting (a pool handed back by its trustee)
 
     def schedule_first_worker(self) -> None:
         """A pool without any worker has nobody to be its manager: the timer thread tries to create
