@@ -81,7 +81,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
 
     _reusable = False
     __slots__ = ("_cond", "_state", "_result", "_exception", "_waiter_list", "_done_callbacks",
-                 "_fn", "_args", "_kwargs", "_pwq", "_color", "_queued_at")
+                 "_fn", "_args", "_kwargs", "_pwq", "_color", "_queued_at", "_counted")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Future.__init__, inlined (the submit path is hot)
@@ -97,6 +97,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         self._pwq: Any = None
         self._color = 0
         self._queued_at = 0.0
+        self._counted = False  # holds a max_active slot of its workqueue (set under its _lock)
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
@@ -445,6 +446,7 @@ def _python_exit() -> None:
 
 def after_fork() -> None:
     """In a forked child: locks held by the parent's threads at fork time are fresh again."""
+    _help.depth = 0
     for executor in list(_executors):
         executor._shutdown_lock = threading.Lock()
 

@@ -249,8 +249,10 @@ def _after_fork_in_child() -> None:
     global _system, _system_lock
     _system = None
     _system_lock = threading.Lock()
-    from . import executor, workqueue
+    from . import executor, worker, workqueue
 
+    worker.current.worker = None  # forked from a worker: this thread is not one in the child
+    worker.current.detected = None
     executor.after_fork()
     for wq in list(workqueue.all_workqueues):
         wq._reset_after_fork()

@@ -158,6 +158,7 @@ class Worker:
         pwq = work._pwq
         color = work._color
         queued_at = work._queued_at
+        counted = work._counted  # it holds one of its workqueue's max_active slots
         self.current_work = work
         self.current_pwq = pwq
         self.work_seq += 1
@@ -187,7 +188,7 @@ class Worker:
             finished_hook(pool=pool, workqueue=pwq.wq, work=work, error=error)
         error = None
         wq = pwq.wq
-        if wq._max_active is not None:
+        if counted:
             wq._work_done()
 
         pool.lock.acquire()

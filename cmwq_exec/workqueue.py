@@ -94,7 +94,7 @@ class Work:
     """
 
     _reusable = True
-    __slots__ = ("fn", "args", "kwargs", "_pending", "_pwq", "_color", "_queued_at", "_worker",
+    __slots__ = ("fn", "args", "kwargs", "_pending", "_pwq", "_color", "_queued_at", "_counted", "_worker",
                  "_where", "_timer", "__weakref__")
 
     def __init__(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
@@ -107,6 +107,7 @@ class Work:
         self._pwq: PoolWorkqueue | None = None
         self._color = 0
         self._queued_at = 0.0
+        self._counted = False  # holds a max_active slot of its workqueue (set under wq._lock)
         self._worker: Any = None  # L: the worker running it
         self._where: str | None = None  # where a pending work sits: queueing, timer, inactive,
         # moving, worklist, scheduled
@@ -172,8 +173,8 @@ class Work:
                     else:
                         grabbed = False
                 if grabbed:
-                    if pwq.wq._max_active is not None:
-                        pwq.wq._work_done()
+                    if self._counted:
+                        pwq.wq._work_done()  # its slot passes on
                     self._pending.release()
                     return True
             time.sleep(0)  # queueing or moving between lists right now: look again
@@ -363,6 +364,7 @@ class WorkQueue:
         in_flight = pwq.in_flight
         in_flight[color] = in_flight.get(color, 0) + 1
         if self._max_active is None:
+            work._counted = False
             pool.insert_work(work)
             if work._reusable:
                 work._where = "worklist"
@@ -370,10 +372,12 @@ class WorkQueue:
             return
         lock.release()
         with self._lock:
-            active = self._nr_active < self._max_active
-            if active:
+            max_active = self._max_active  # again, under the lock: set_max_active may have run
+            active = max_active is None or self._nr_active < max_active
+            work._counted = max_active is not None and active
+            if work._counted:
                 self._nr_active += 1
-            else:
+            elif not active:
                 self._inactive.append(work)
                 if work._reusable:
                     work._where = "inactive"
@@ -388,7 +392,8 @@ class WorkQueue:
         with self._lock:
             max_active = self._max_active
             if self._inactive and (max_active is None or self._nr_active <= max_active):
-                work = self._inactive.popleft()
+                work = self._inactive.popleft()  # the finished work's slot passes to it
+                work._counted = True
                 if work._reusable:
                     work._where = "moving"
             else:
@@ -410,12 +415,12 @@ class WorkQueue:
             raise ValueError(f"workqueue {self.name!r} is ordered: max_active stays 1")
         to_start = []
         with self._lock:
-            if self._max_active is None and max_active is not None:
-                # entering limited mode: count what is active now
-                self._nr_active = sum(self._in_flight_counts()) - len(self._inactive)
+            # _nr_active counts the works holding a slot (work._counted): works queued while there
+            # was no limit hold none, finish as they are, and never give one back
             self._max_active = max_active
             while self._inactive and (max_active is None or self._nr_active < max_active):
                 work = self._inactive.popleft()
+                work._counted = True
                 if work._reusable:
                     work._where = "moving"
                 self._nr_active += 1
@@ -456,8 +461,15 @@ class WorkQueue:
         return True
 
     def flush(self) -> None:
-        """Wait until every work queued before this call has finished (flush_workqueue)."""
+        """Wait until every work queued before this call has finished (flush_workqueue).
+
+        A work of this workqueue may not flush it: it would wait for itself (RuntimeError)."""
         from .blocking import blocking
+
+        worker = current.worker
+        if worker is not None and worker.current_pwq is not None and worker.current_pwq.wq is self:
+            raise RuntimeError(f"a work of workqueue {self.name!r} cannot flush or drain it: it would "
+                               "wait for its own end")
 
         with self._flush_cond:
             color = self._work_color
