@@ -172,6 +172,53 @@ def test_work_shared_by_a_per_cpu_and_an_unbound_workqueue_never_overlaps() -> N
     assert bound.stats()["inflight"] == unbound.stats()["inflight"] == 0
 
 
+class _CountsOwnedBy(dict):  # type: ignore[type-arg]
+    """A PoolWorkqueue's in_flight counts that note every change made while its pool's lock is free
+    (PoolWorkqueue fields are ``L:`` under ``pool.lock``)."""
+
+    def __init__(self, pool: Any, counts: dict[int, int]) -> None:
+        super().__init__(counts)
+        self.pool = pool
+        self.unlocked: list[tuple[str, int]] = []
+
+    def __setitem__(self, color: int, n: int) -> None:
+        if not self.pool.lock.locked():
+            self.unlocked.append(("set", color))
+        super().__setitem__(color, n)
+
+    def __delitem__(self, color: int) -> None:
+        if not self.pool.lock.locked():
+            self.unlocked.append(("del", color))
+        super().__delitem__(color)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "cmwq_exec/worker.py process_one_work: a reusable work running on a per-CPU worker and queued "
+    "meanwhile on an UNBOUND workqueue is popped by an unbound worker and appended to the per-CPU "
+    "worker's `scheduled` list under the unbound pool's lock; the per-CPU worker then runs it and drops "
+    "the unbound PoolWorkqueue's in_flight count under its own pool's lock only. Under load these "
+    "unlocked read-modify-writes race (seen: KeyError in WorkQueue._drop_in_flight killing an unbound "
+    "worker, then a hang), and the hand-off can strand the work on a worker that already went idle"))
+def test_work_shared_with_an_unbound_workqueue_is_accounted_under_its_pools_lock(
+        release: Release, wait_until: Callable[..., Any]) -> None:
+    import cmwq_exec
+
+    bound, unbound = WorkQueue("handoff-bound"), WorkQueue("handoff-unbound", WQ.UNBOUND)
+    upool = cmwq_exec.get_system().unbound_pool
+    pwq = unbound._pwqs[upool.index]
+    with upool.lock:
+        counts = pwq.in_flight = _CountsOwnedBy(upool, pwq.in_flight)
+    gate = Gate(release)
+    bound.queue_work(gate.work)
+    assert gate.started.wait(10)
+    assert unbound.queue_work(gate.work)  # it runs on a per-CPU worker: handed over to that one
+    wait_until(lambda: gate.work not in upool.worklist, what="an unbound worker to take it")
+    gate.open.set()
+    wait_until(lambda: gate.runs == 2 and not gate.work.pending and not gate.work.running)
+    unbound.flush()
+    assert counts.unlocked == [], "the unbound pool's in_flight changed without its lock"
+
+
 def test_requeue_from_inside_runs_after_the_current_run() -> None:
     wq = WorkQueue("self-requeue")
     overlap = Concurrency()
