@@ -485,12 +485,11 @@ os._exit(0)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cmwq_exec/workqueue.py WorkQueue.flush/drain called from one of the workqueue's own works waits "
-    "for its own color, which includes the calling work, forever (a silent self-deadlock), where "
-    "Work.flush() on itself and CMWQExecutor.shutdown(wait=True) from its own call raise RuntimeError"))
 @pytest.mark.parametrize("method", ["flush", "drain"])
 def test_workqueue_flush_from_its_own_work_is_refused(method: str) -> None:
+    """Its own work is in the color it would wait for: a silent self-deadlock unless refused (like
+    Work.flush() on itself and shutdown(wait=True) from an executor's own call). In a subprocess, so
+    a regression cannot leave a stuck worker behind."""
     proc = subprocess.run([sys.executable, "-c", SELF_FLUSH_SCRIPT.replace("{method}", method)],
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "refused", proc.stdout + proc.stderr[-1000:]
@@ -701,13 +700,10 @@ def fast_switching() -> Iterator[None]:
     sys.setswitchinterval(old)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cmwq_exec/workqueue.py set_max_active (None -> N) recounts _nr_active from the in_flight counts, "
-    "but a work finishing meanwhile read _max_active as None in Worker.process_one_work (worker.py) "
-    "and skipped wq._work_done(), while its in_flight entry (dropped later, under the pool lock) was "
-    "counted: _nr_active stays one too high for good, so the workqueue runs at most N-1 works at once "
-    "and with N=1 never runs anything again (~1 in 8 tries of: queue 50 no-op works, set_max_active(1))"))
 def test_set_max_active_on_a_busy_unlimited_workqueue_keeps_count(fast_switching: None) -> None:
+    """A work finishing while an unlimited workqueue gets a limit must give back exactly the slot it
+    holds: a recount from in-flight numbers once left one slot taken for good, and with a limit of 1
+    nothing ever ran again (~1 in 8 tries of this loop)."""
     for trial in range(200):
         wq = WorkQueue(f"limit-count-{trial}")
         for _ in range(50):
@@ -743,13 +739,9 @@ class _LimitRemovedMeanwhile:
         self.inner.release()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cmwq_exec/workqueue.py WorkQueue._queue: `if self._max_active is None` is read without _lock, "
-    "then under _lock `self._nr_active < self._max_active` compares with None when set_max_active(None) "
-    "ran in between: queue_work raises TypeError, and the in_flight count _queue already took is never "
-    "dropped, so flush()/drain()/shutdown(wait=True)/interpreter exit then hang forever (seen with a "
-    "thread toggling set_max_active(3)/(None) while others queue)"))
 def test_queue_racing_with_set_max_active_none(release: Release) -> None:
+    """The limit read before taking _lock may be gone once it is taken: queueing must not compare with
+    None (TypeError) nor leak the in-flight count it already took (flush would hang)."""
     wq = WorkQueue("limit-race", max_active=2)
     wq._lock = _LimitRemovedMeanwhile(wq)  # type: ignore[assignment]
     runs = []
