@@ -439,9 +439,11 @@ while not pools:
 gate.set()
 pool = pools[0]
 deadline = time.monotonic() + 5
-while all(w.thread.is_alive() for w in pool.workers) and time.monotonic() < deadline:
+while time.monotonic() < deadline:  # until its worker is back (or dead)
+    with pool.lock:
+        if future.done() and (pool.nr_running == 0 or any(not w.thread.is_alive() for w in pool.workers)):
+            break
     time.sleep(0.001)
-time.sleep(0.1)
 
 results = []
 def submit_on(cpu):
