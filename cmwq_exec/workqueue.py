@@ -334,10 +334,12 @@ class WorkQueue:
 
     def _select_pool(self, work: Any) -> WorkerPool:
         system = self._system
+        if work._reusable and work._worker is not None:
+            # non-reentrancy: where it runs now, whatever the workqueue (even an unbound one), so
+            # the running worker takes it over under one pool lock
+            return work._worker.pool
         if self._unbound:
             return system.unbound_pool
-        if work._reusable and work._worker is not None:
-            return work._worker.pool  # non-reentrancy: where it runs now
         worker = current.worker
         if worker is not None and worker.pool.online and worker.pool.cpu is not None:
             pool = worker.pool
