@@ -192,13 +192,6 @@ class _CountsOwnedBy(dict):  # type: ignore[type-arg]
         super().__delitem__(color)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cmwq_exec/worker.py process_one_work: a reusable work running on a per-CPU worker and queued "
-    "meanwhile on an UNBOUND workqueue is popped by an unbound worker and appended to the per-CPU "
-    "worker's `scheduled` list under the unbound pool's lock; the per-CPU worker then runs it and drops "
-    "the unbound PoolWorkqueue's in_flight count under its own pool's lock only. Under load these "
-    "unlocked read-modify-writes race (seen: KeyError in WorkQueue._drop_in_flight killing an unbound "
-    "worker, then a hang), and the hand-off can strand the work on a worker that already went idle"))
 def test_work_shared_with_an_unbound_workqueue_is_accounted_under_its_pools_lock(
         release: Release, wait_until: Callable[..., Any]) -> None:
     import cmwq_exec
