@@ -11,11 +11,11 @@ Nothing here is autouse: other test files (Celery, Prometheus, hotplug) live und
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 import cmwq_exec
 from cmwq_exec import CMWQExecutor
@@ -25,14 +25,7 @@ from cmwq_exec import system as _system
 def _wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
                 interval: float = 0.002) -> Any:
     """Poll ``predicate`` until it returns something truthy and return that; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
+    return wait_for(what or repr(predicate), predicate, timeout, interval)
 
 
 def _check_invariants(pools: Any = None) -> None:
@@ -157,3 +150,16 @@ def release() -> Iterator[Callable[[threading.Event], threading.Event]]:
     yield register
     for event in events:
         event.set()
+
+
+@pytest.fixture
+def fresh_system() -> Iterator[Callable[..., Any]]:
+    """``fresh_system(**config)``: fresh pools with that config (no hotplug monitor unless asked);
+    fresh default pools again afterwards."""
+
+    def make(**config: Any) -> Any:
+        config.setdefault("hotplug", False)
+        return _system._reset_for_tests(**config)
+
+    yield make
+    _system._reset_for_tests(hotplug=False)

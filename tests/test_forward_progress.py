@@ -8,10 +8,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, blocking, plugin
@@ -21,28 +21,8 @@ from cmwq_exec import worker as _worker
 pytestmark = pytest.mark.timeout(120)
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Poll ``predicate`` until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
-@pytest.fixture
-def fresh_system() -> Iterator[Callable[..., _system.System]]:
-    """``fresh_system(**config)`` gives fresh pools with that config; defaults restored afterwards."""
-
-    def make(**config: Any) -> _system.System:
-        config.setdefault("hotplug", False)
-        return _system._reset_for_tests(**config)
-
-    yield make
-    _system._reset_for_tests(hotplug=False)
 
 
 CAPPED = dict(max_total_workers=4, create_cooldown=0.02, mayday_initial_timeout=0.01,

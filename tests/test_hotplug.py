@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, blocking, plugin
-from cmwq_exec import system as _system
 from cmwq_exec.worker import ROGUE, current_worker
 
 pytestmark = [pytest.mark.hotplug, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -21,15 +21,6 @@ pytestmark = [pytest.mark.hotplug, pytest.mark.slow, pytest.mark.timeout(180)]
 CPU1_ONLINE = "/sys/devices/system/cpu/cpu1/online"
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def need_two_cpus() -> None:
@@ -37,15 +28,17 @@ def need_two_cpus() -> None:
         pytest.skip("needs CPUs 0 and 1 usable by this process")
 
 
-@pytest.fixture
-def fresh_system() -> Iterator[Callable[..., _system.System]]:
-    def make(**config: Any) -> _system.System:
-        config.setdefault("hotplug", False)
-        config.setdefault("trustee_cooldown", 0.01)
-        return _system._reset_for_tests(**config)
 
-    yield make
-    _system._reset_for_tests(hotplug=False)
+
+@pytest.fixture
+def fresh_system(fresh_system: Callable[..., Any]) -> Callable[..., Any]:
+    """conftest's, with a quick trustee."""
+
+    def make(**config: Any) -> Any:
+        config.setdefault("trustee_cooldown", 0.01)
+        return fresh_system(**config)
+
+    return make
 
 
 class TrusteeStates:

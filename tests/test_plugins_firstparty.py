@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, blocking, plugin
@@ -29,18 +30,6 @@ for _name in ("cmwq_fixed_concurrency", "cmwq_event_log"):
 
 import cmwq_event_log  # noqa: E402
 from cmwq_fixed_concurrency import FixedConcurrency  # noqa: E402
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll ``predicate`` until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture

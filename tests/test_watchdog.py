@@ -7,10 +7,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, plugin
@@ -20,25 +21,8 @@ from cmwq_exec.worker import STUCK, current_worker
 pytestmark = pytest.mark.timeout(120)
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
-@pytest.fixture
-def fresh_system() -> Iterator[Callable[..., _system.System]]:
-    def make(**config: Any) -> _system.System:
-        config.setdefault("hotplug", False)
-        return _system._reset_for_tests(**config)
-
-    yield make
-    _system._reset_for_tests(hotplug=False)
 
 
 @pytest.fixture

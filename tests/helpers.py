@@ -1,0 +1,23 @@
+"""Helpers shared by the test modules (tests/ is on sys.path: ``from helpers import wait_for``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0,
+             interval: float = 0.005) -> Any:
+    """Poll ``predicate`` until it returns something truthy and return that; fail after ``timeout``
+    seconds saying what was awaited. Tests wait for states this way, never with a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
