@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures import CancelledError, Executor, Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError  # not the builtin before 3.11
 from concurrent.futures._base import (
     CANCELLED,
@@ -304,12 +304,13 @@ class _InitFuture(CMWQFuture):
 _counter = itertools.count()
 
 
-class CMWQExecutor(Executor):
+class CMWQExecutor(ThreadPoolExecutor):
     """A ``concurrent.futures.Executor`` running calls on the shared concurrency-managed pools.
 
-    Drop-in for ``ThreadPoolExecutor``: ``max_workers`` still means at most that many of this
-    executor's calls run at once, but ``None`` (the default) needs no guess: concurrency management
-    starts a thread only when the running ones block. ``rescuer`` reserves one thread that keeps
+    Drop-in for ``ThreadPoolExecutor``, down to being an instance of it (asyncio's
+    ``set_default_executor`` accepts only those; none of its machinery is used). ``max_workers``
+    still means at most that many of this executor's calls run at once, but ``None`` (the default)
+    needs no guess: concurrency management starts a thread only when the running ones block. ``rescuer`` reserves one thread that keeps
     this executor's calls moving when no worker thread can be created.
     """
 
@@ -332,11 +333,11 @@ class CMWQExecutor(Executor):
             flags |= WQ.UNBOUND
         self._wq = WorkQueue(name or f"executor-{next(_counter)}", flags, max_active=max_workers)
         self._thread_name_prefix = thread_name_prefix
-        self._initializer = initializer
+        self._initializer = initializer  # type: ignore[assignment]  # TPE types it as returning None
         self._initargs = initargs
         self._initialized = threading.local()
         self._shutdown = False
-        self._broken: str | None = None
+        self._broken_reason: str | None = None  # why a failed initializer broke it
         self._shutdown_lock = threading.Lock()
         self._future_class: type[CMWQFuture] = CMWQFuture
         if initializer is not None or thread_name_prefix:
@@ -350,8 +351,8 @@ class CMWQExecutor(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CMWQFuture:
         with self._shutdown_lock:
-            if self._broken:
-                raise BrokenThreadPool(self._broken)
+            if self._broken_reason:
+                raise BrokenThreadPool(self._broken_reason)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if _shutting_down:
@@ -397,14 +398,14 @@ class CMWQExecutor(Executor):
         """Run the initializer once per worker thread; a failure breaks the executor."""
         if self._initializer is None or getattr(self._initialized, "done", False):
             return True
-        if self._broken:
-            future.set_exception(BrokenThreadPool(self._broken))
+        if self._broken_reason:
+            future.set_exception(BrokenThreadPool(self._broken_reason))
             return False
         try:
             self._initializer(*self._initargs)
         except BaseException as exc:
             self._break("A thread initializer failed, the thread pool is not usable anymore")
-            future.set_exception(BrokenThreadPool(self._broken))
+            future.set_exception(BrokenThreadPool(self._broken_reason))
             future.exception().__cause__ = exc  # type: ignore[union-attr]
             return False
         self._initialized.done = True
@@ -412,9 +413,9 @@ class CMWQExecutor(Executor):
 
     def _break(self, reason: str) -> None:
         with self._shutdown_lock:
-            if self._broken:
+            if self._broken_reason:
                 return
-            self._broken = reason
+            self._broken_reason = reason
         for work in self._wq._pending_works():
             if isinstance(work, CMWQFuture) and work._claim():
                 work.set_exception(BrokenThreadPool(reason))

@@ -740,3 +740,19 @@ def test_submit_at_exit_after_shutdown_raises() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "refused:" in proc.stdout and "interpreter shutdown" in proc.stdout
     assert "should not run" not in proc.stdout
+
+
+def test_asyncio_default_executor() -> None:
+    """asyncio's set_default_executor takes only ThreadPoolExecutor instances (TypeError since 3.11)."""
+    import asyncio
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(executor)
+        return await loop.run_in_executor(None, sum, [1, 2, 3])
+
+    executor = CMWQExecutor()
+    try:
+        assert asyncio.run(main()) == 6
+    finally:
+        executor.shutdown()
