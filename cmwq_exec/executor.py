@@ -310,8 +310,9 @@ class CMWQExecutor(ThreadPoolExecutor):
     Drop-in for ``ThreadPoolExecutor``, down to being an instance of it (asyncio's
     ``set_default_executor`` accepts only those; none of its machinery is used). ``max_workers``
     still means at most that many of this executor's calls run at once, but ``None`` (the default)
-    needs no guess: concurrency management starts a thread only when the running ones block. ``rescuer`` reserves one thread that keeps
-    this executor's calls moving when no worker thread can be created.
+    needs no guess: concurrency management starts a thread only when the running ones block.
+    ``rescuer`` reserves one thread that keeps this executor's calls moving when no worker thread
+    can be created.
     """
 
     def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "",
