@@ -39,9 +39,11 @@ def make_app(broker: str, backend: str = DEFAULT_BACKEND, queue: str = "celery",
         result_expires=600,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        # redis broker: a message of a killed worker comes back after 5 s, looked for every 1 s
+        # redis broker: a message of a killed worker comes back after 5 s, looked for every 1 s; a
+        # worker SIGKILLed while it held the restore mutex blocks restoring until the mutex expires
+        # (kombu's default: 300 s), so let it expire quickly
         broker_transport_options={"visibility_timeout": 5, "unacked_restore_interval": 1,
-                                  "unacked_restore_throttle": 1},
+                                  "unacked_restore_throttle": 1, "unacked_mutex_expire": 2},
         worker_prefetch_multiplier=int(os.environ.get("CMWQ_TEST_PREFETCH", "4")),
     )
     if pool:
