@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+from cmwq_exec import Work, WorkQueue, blocking
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0,
@@ -21,3 +24,19 @@ def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0,
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def hold_works(wq: WorkQueue, n: int, gate: threading.Event) -> tuple[list[Work], Callable[[], int]]:
+    """Queue ``n`` works that each wait inside blocking() until ``gate`` is set; return them and a
+    function telling how many have started."""
+    started = []
+
+    def hold() -> None:
+        started.append(threading.get_ident())
+        with blocking():
+            assert gate.wait(30), "gate never opened"
+
+    works = [Work(hold) for _ in range(n)]
+    for work in works:
+        assert wq.queue_work(work)
+    return works, lambda: len(started)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import hold_works
 
 import cmwq_exec
 from cmwq_exec import WQ, CMWQExecutor, Work, WorkQueue, blocking
@@ -19,22 +20,6 @@ from cmwq_exec.system import usable_cpus
 from cmwq_exec.worker import current_worker
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def hold_works(wq: WorkQueue, n: int, gate: threading.Event) -> tuple[list[Work], Callable[[], int]]:
-    """Queue ``n`` works that each wait inside blocking() until ``gate`` is set; return them and a
-    function telling how many have started."""
-    started = []
-
-    def hold() -> None:
-        started.append(threading.get_ident())
-        with blocking():
-            assert gate.wait(30), "gate never opened"
-
-    works = [Work(hold) for _ in range(n)]
-    for work in works:
-        assert wq.queue_work(work)
-    return works, lambda: len(started)
 
 
 def settled(pool: Any) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import hold_works
 
 from cmwq_exec import WQ, CMWQExecutor, DelayedWork, Work, WorkQueue, blocking
 from cmwq_exec.worker import current_worker
@@ -599,21 +600,13 @@ def test_set_max_active_raises_the_limit_at_run_time(release: Release,
                                                      wait_until: Callable[..., Any]) -> None:
     wq = WorkQueue("raise-limit", max_active=1)
     gate = release(threading.Event())
-    started = []
-
-    def body() -> None:
-        started.append(1)
-        with blocking():
-            assert gate.wait(30)
-
-    for _ in range(4):
-        wq.queue_work(Work(body))
-    wait_until(lambda: len(started) == 1)
-    time.sleep(0.1)
-    assert len(started) == 1
+    _, started = hold_works(wq, 4, gate)
+    wait_until(lambda: started() == 1)
+    time.sleep(0.1)  # an absence: no second work may start meanwhile
+    assert started() == 1
     wq.set_max_active(4)
     assert wq.max_active == 4
-    wait_until(lambda: len(started) == 4, what="waiting works to start once max_active rose")
+    wait_until(lambda: started() == 4, what="waiting works to start once max_active rose")
     gate.set()
     wq.flush()
 
@@ -622,16 +615,8 @@ def test_set_max_active_lowers_the_limit_at_run_time(release: Release,
                                                      wait_until: Callable[..., Any]) -> None:
     wq = WorkQueue("lower-limit", max_active=4)
     gate = release(threading.Event())
-    started = []
-
-    def first(_: int) -> None:
-        started.append(1)
-        with blocking():
-            assert gate.wait(30)
-
-    for i in range(4):
-        wq.queue_work(Work(first, i))
-    wait_until(lambda: len(started) == 4)
+    _, started = hold_works(wq, 4, gate)
+    wait_until(lambda: started() == 4)
     wq.set_max_active(2)
     inside = Concurrency()
     barrier = threading.Barrier(2, timeout=10)
@@ -654,19 +639,11 @@ def test_set_max_active_lowers_the_limit_at_run_time(release: Release,
 def test_set_max_active_none_removes_the_limit(release: Release, wait_until: Callable[..., Any]) -> None:
     wq = WorkQueue("unlimit", max_active=1)
     gate = release(threading.Event())
-    started = []
-
-    def body() -> None:
-        started.append(1)
-        with blocking():
-            assert gate.wait(30)
-
-    for _ in range(6):
-        wq.queue_work(Work(body))
-    wait_until(lambda: len(started) == 1)
+    _, started = hold_works(wq, 6, gate)
+    wait_until(lambda: started() == 1)
     wq.set_max_active(None)
     assert wq.max_active is None
-    wait_until(lambda: len(started) == 6)
+    wait_until(lambda: started() == 6)
     gate.set()
     wq.flush()
     # and back to a limit, with the accounting right
