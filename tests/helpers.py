@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from cmwq_exec import Work, WorkQueue, blocking
+from cmwq_exec import Work, WorkQueue, blocking, plugin
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0,
@@ -40,3 +42,13 @@ def hold_works(wq: WorkQueue, n: int, gate: threading.Event) -> tuple[list[Work]
     for work in works:
         assert wq.queue_work(work)
     return works, lambda: len(started)
+
+
+@contextlib.contextmanager
+def registered(obj: Any, prefix: str) -> Iterator[Any]:
+    """Register ``obj`` as a cmwq_exec plugin under a unique name for the block; yield it."""
+    name = plugin.register(obj, name=f"{prefix}-{uuid.uuid4().hex[:6]}")
+    try:
+        yield obj
+    finally:
+        plugin.unregister(name=name)

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import registered, wait_for
 
 import cmwq_exec
-from cmwq_exec import WQ, Work, WorkQueue, blocking, plugin
+from cmwq_exec import WQ, Work, WorkQueue, blocking
 from cmwq_exec.worker import ROGUE, current_worker
 
 pytestmark = [pytest.mark.hotplug, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -58,12 +58,8 @@ class TrusteeStates:
 
 @pytest.fixture
 def trustee_states() -> Iterator[TrusteeStates]:
-    rec = TrusteeStates()
-    name = plugin.register(rec, name=f"hp-trustee-{uuid.uuid4().hex[:6]}")
-    try:
+    with registered(TrusteeStates(), "hp-trustee") as rec:
         yield rec
-    finally:
-        plugin.unregister(name=name)
 
 
 class Flow:

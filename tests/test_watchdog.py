@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import registered, wait_for
 
 import cmwq_exec
-from cmwq_exec import WQ, Work, WorkQueue, plugin
+from cmwq_exec import WQ, Work, WorkQueue
 from cmwq_exec import system as _system
 from cmwq_exec.worker import STUCK, current_worker
 
@@ -63,12 +63,8 @@ class Recorder:
 
 @pytest.fixture
 def recorder() -> Iterator[Recorder]:
-    rec = Recorder()
-    name = plugin.register(rec, name=f"wd-recorder-{uuid.uuid4().hex[:6]}")
-    try:
+    with registered(Recorder(), "wd-recorder") as rec:
         yield rec
-    finally:
-        plugin.unregister(name=name)
 
 
 def test_unannotated_sleep_is_found_blocked_and_work_behind_it_runs(
