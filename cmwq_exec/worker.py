@@ -71,7 +71,7 @@ class Worker:
     __slots__ = (
         "pool", "id", "thread", "native_id", "flags", "park", "woken", "last_active",
         "current_work", "current_pwq", "scheduled", "sleep_depth", "work_seq", "cpu_sample",
-        "work_started", "__weakref__",
+        "__weakref__",
     )
 
     def __init__(self, pool: WorkerPool, worker_id: int) -> None:
@@ -91,7 +91,6 @@ class Worker:
         self.work_seq = 0  # L: bumped per work; the watchdog tells works apart with it
         self.cpu_sample: tuple[int, int, int, float] | None = None  # L: the watchdog's last look:
         # (work_seq, CPU ns at its first look at that work, CPU ns now, when)
-        self.work_started = 0.0  # L: monotonic time the current work started
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -174,7 +173,6 @@ class Worker:
             cpu_started = time.thread_time()
         else:
             started = cpu_started = 0.0
-        self.work_started = started
         started_hook = plugin.events.work_started
         if started_hook is not None:
             started_hook(pool=pool, workqueue=pwq.wq, work=work)
