@@ -33,7 +33,7 @@ import redis  # noqa: E402
 from app import DEFAULT_BACKEND, make_app  # noqa: E402
 from celery_harness import Worker  # noqa: E402
 
-BROKER = "redis://127.0.0.1:6379/12"
+BROKERS = {"redis": "redis://127.0.0.1:6379/12", "amqp": "amqp://guest:guest@127.0.0.1:5672//"}
 IO_SECONDS = 0.010
 CPU_ITERATIONS = 20_000  # ~1.5 ms of pure Python on this machine's cores
 
@@ -140,6 +140,8 @@ def main() -> int:
     parser.add_argument("--pools", default=None,
                         help="comma-separated labels to run, e.g. 'cmwq -c 8,threads -c 8' (default: all)")
     parser.add_argument("--logs", default="/tmp", help="where worker logs go")
+    parser.add_argument("--broker", choices=sorted(BROKERS), default="redis",
+                        help="the broker every pool is fed from (default redis)")
     args = parser.parse_args()
 
     scale = 1 if args.quick else 2
@@ -163,15 +165,16 @@ def main() -> int:
     store = redis.Redis.from_url(DEFAULT_BACKEND)
     store.ping()
     results: list[Result] = []
-    print(f"broker {BROKER}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load average "
+    broker = BROKERS[args.broker]
+    print(f"broker {broker}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load average "
           f"{os.getloadavg()[0]:.2f}; io = {IO_SECONDS * 1000:.0f} ms sleep, cpu = {CPU_ITERATIONS} "
           f"loop iterations; median of {repeat}", flush=True)
     for config in configs:
         queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
-        app = make_app(BROKER, queue=queue)
+        app = make_app(broker, queue=queue)
         log = Path(args.logs) / f"bench-{config.pool}-{config.concurrency}.log"
         via = "custom" if config.pool == "cmwq" else config.pool
-        worker = Worker(app, BROKER, queue, log, concurrency=config.concurrency, via=via, loglevel="warning")
+        worker = Worker(app, broker, queue, log, concurrency=config.concurrency, via=via, loglevel="warning")
         try:
             worker.wait_ready(timeout=60)
             for workload in workloads:

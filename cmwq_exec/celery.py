@@ -9,13 +9,19 @@ or, since ``-P`` only accepts Celery's own names, with ``-P custom``::
     CELERY_CUSTOM_WORKER_POOL=cmwq_exec.celery:TaskPool celery -A proj worker -P custom -c 50
 
 What ``-c/--concurrency`` means here
-    ``max_active`` of the pool's workqueue: at most N tasks of this worker run at once. Threads are
-    not created up front; concurrency management starts another worker thread only when the running
-    one blocks (inside :func:`cmwq_exec.blocking`, a cmwq future wait, or found blocked or hogging
-    the CPU by the watchdog), so a large ``-c`` costs nothing until tasks actually block. Prefetch
-    follows it as for every pool (``worker_prefetch_multiplier`` x concurrency); ``pool_grow`` /
-    ``pool_shrink`` and ``--autoscale`` change it at run time (:meth:`TaskPool.grow`,
-    :meth:`TaskPool.shrink`).
+    At most N tasks of this worker *running* at once, where a task asleep inside
+    :func:`cmwq_exec.blocking` (or waiting on a cmwq future) does not count: it hands its slot to
+    the next task and takes it back when it wakes (``max_running`` of the pool's workqueue). All
+    started tasks, asleep or not, stay within the prefetch window, ``worker_prefetch_multiplier`` x N
+    (4 x N when the multiplier is 0, unlimited prefetch) (``max_active``). So ``-c 8`` runs 8 tasks
+    that compute, or up to 32 that mostly wait on I/O. A wait the watchdog finds without an
+    annotation lets another *worker thread* run but does not free a slot: an un-annotated task
+    counts as running, as in ``-P threads``. Threads are not created up front; concurrency
+    management starts another only when the running one blocks. Every task is queued on one CPU's
+    pool (``queue_work_on``, the CPU the consumer ran on at start; another while it is offline): one
+    process has one GIL, and one pool keeps as few idle threads as the load needs. Prefetch
+    follows N as for every pool; ``pool_grow`` / ``pool_shrink`` and ``--autoscale`` change N at run
+    time (:meth:`TaskPool.grow`, :meth:`TaskPool.shrink`).
 
 Everything the ``threads`` pool lacks
     * soft time limit: :class:`celery.exceptions.SoftTimeLimitExceeded` is raised inside the task's
@@ -209,7 +215,9 @@ class TaskPool(BasePool):
         self._control: WorkQueue | None = None  # O: made on first use, see _deliver
         self._drain_work = Work(self._drain_outbox)  # I
         self._metrics_server: Any = None  # I
-        self._max_active = 0  # P: what we last gave the workqueue
+        self._limits = (0, 0)  # P: the (max_active, max_running) we last gave the workqueue
+        self._window = 4  # I: in-flight tasks per concurrency slot (the prefetch multiplier)
+        self._cpu: int | None = None  # I: the CPU whose pool runs our tasks (queue_work_on)
 
     # -- start and stop ---------------------------------------------------------------------------
 
@@ -217,8 +225,15 @@ class TaskPool(BasePool):
         """Create the workqueues (and the metrics server if configured)."""
         # A rescuer: a worker process serving a broker must make progress even when no worker
         # thread can be created (the max_total_workers cap, the process's thread limit).
-        self._wq = WorkQueue("celery", WQ.RESCUER, max_active=max(1, self.limit))
-        self._max_active = max(1, self.limit)
+        multiplier = self.app.conf.get("worker_prefetch_multiplier") if self.app is not None else None
+        if isinstance(multiplier, int) and not isinstance(multiplier, bool) and multiplier >= 1:
+            self._window = multiplier
+        from .system import get_system
+
+        self._cpu = get_system().local_pool().cpu
+        self._limits = self._wanted_limits()
+        max_active, max_running = self._limits
+        self._wq = WorkQueue("celery", WQ.RESCUER, max_active=max_active, max_running=max_running)
         self._start_metrics()
 
     def _start_metrics(self) -> None:
@@ -358,9 +373,17 @@ class TaskPool(BasePool):
             if self.limit == 0:
                 self._held.append(work)
                 return job
-        assert self._wq is not None
-        self._wq.queue_work(work)
+        self._queue(work)
         return job
+
+    def _queue(self, work: Work) -> None:
+        wq = self._wq
+        assert wq is not None
+        cpu = self._cpu
+        if cpu is not None and cpu in wq._system.cpu_pools:
+            wq.queue_work_on(cpu, work)
+        else:
+            wq.queue_work(work)
 
     def _run(self, job: _Job) -> None:
         """Run one task on a cmwq worker thread.
@@ -513,12 +536,18 @@ class TaskPool(BasePool):
 
     # -- concurrency --------------------------------------------------------------------------------
 
+    def _wanted_limits(self) -> tuple[int, int]:
+        """(max_active, max_running) for the current limit. An abandoned task keeps running: it
+        takes one more of each until its thread returns."""
+        running = max(1, self.limit + self._abandoned)
+        return max(running, self._window * self.limit + self._abandoned), running
+
     def _update_max_active_locked(self) -> None:
         """P: held. Lock order: ours, then the workqueue's."""
-        wanted = max(1, self.limit + self._abandoned)
-        if wanted != self._max_active and self._wq is not None:
-            self._max_active = wanted
-            self._wq.set_max_active(wanted)
+        wanted = self._wanted_limits()
+        if wanted != self._limits and self._wq is not None:
+            self._limits = wanted
+            self._wq.set_max_active(*wanted)
 
     def grow(self, n: int = 1) -> None:
         """Allow ``n`` more tasks to run at once (pool_grow, autoscale)."""
@@ -530,8 +559,7 @@ class TaskPool(BasePool):
             if held:
                 self._held.clear()
         for work in held:
-            assert self._wq is not None
-            self._wq.queue_work(work)
+            self._queue(work)
 
     def shrink(self, n: int = 1) -> None:
         """Allow ``n`` fewer tasks to run at once. Running tasks finish; no new one starts until

@@ -149,9 +149,9 @@ class System:
         pool = self.cpu_pools.get(cpu)
         if pool is not None and pool.online:
             return pool
-        return self._fallback_pool(cpu)
+        return self.fallback_pool(cpu)
 
-    def _fallback_pool(self, cpu: int) -> WorkerPool:
+    def fallback_pool(self, cpu: int) -> WorkerPool:
         pool = self.cpu_pools.get(cpu)
         if pool is not None and pool.online:
             return pool

@@ -70,8 +70,8 @@ class Worker:
 
     __slots__ = (
         "pool", "id", "thread", "native_id", "flags", "park", "woken", "last_active",
-        "current_work", "current_pwq", "scheduled", "sleep_depth", "work_seq", "cpu_sample",
-        "__weakref__",
+        "current_work", "current_pwq", "current_counted", "scheduled", "sleep_depth", "sleeping_wq",
+        "work_seq", "cpu_sample", "__weakref__",
     )
 
     def __init__(self, pool: WorkerPool, worker_id: int) -> None:
@@ -86,8 +86,10 @@ class Worker:
         self.last_active = time.monotonic()  # L
         self.current_work: Any = None  # L
         self.current_pwq: Any = None  # L
+        self.current_counted = False  # L: the current work holds a slot of its workqueue
         self.scheduled: deque[Any] = deque()  # L: works that collided with the one we run
         self.sleep_depth = 0  # X: nesting of blocking()
+        self.sleeping_wq: Any = None  # wq._lock: the workqueue whose running count our sleep lowered
         self.work_seq = 0  # L: bumped per work; the watchdog tells works apart with it
         self.cpu_sample: tuple[int, int, int, float] | None = None  # L: the watchdog's last look:
         # (work_seq, CPU ns at its first look at that work, CPU ns now, when)
@@ -160,6 +162,7 @@ class Worker:
         counted = work._counted  # it holds one of its workqueue's max_active slots
         self.current_work = work
         self.current_pwq = pwq
+        self.current_counted = counted
         self.work_seq += 1
         pool.nr_started += 1
         pwq.nr_started += 1
@@ -186,6 +189,8 @@ class Worker:
             finished_hook(pool=pool, workqueue=pwq.wq, work=work, error=error)
         error = None
         wq = pwq.wq
+        if self.sleeping_wq is not None:
+            self.sleeping_wq._work_wakes(self)  # a blocking() left unbalanced by an injected exception
         if counted:
             wq._work_done()
 
@@ -208,15 +213,22 @@ class Worker:
 
     def sleep_begin(self) -> None:
         """The worker's thread is about to sleep: hand over to another worker if it was the last
-        runner. X: called on the worker's own thread, from blocking().
+        runner, and to a waiting work if the workqueue limits its running works (max_running).
+        X: called on the worker's own thread, from blocking().
 
-        The bookkeeping is straight-line code under the pool lock with no call in between, so an
-        asynchronous exception (a Celery time limit) cannot land half-way through it."""
+        The bookkeeping is straight-line code under a lock with no call in between, so an
+        asynchronous exception (a Celery time limit) cannot land half-way through it; what may be
+        skipped by one (handing a running slot on) is only a missed chance, never a lost work."""
         pool = self.pool
         with pool.lock:
             self.sleep_depth += 1
-            if self.sleep_depth == 1:
+            first = self.sleep_depth == 1
+            if first:
                 pool.worker_set_flags(self, SLEEPING, wakeup=True)
+        if first and self.current_counted:
+            wq = self.current_pwq.wq
+            if wq._max_running is not None:
+                wq._work_sleeps(self)
 
     def sleep_end(self) -> None:
         """The worker's thread woke up and runs again."""
@@ -228,6 +240,8 @@ class Worker:
                 self.flags = oflags & ~SLEEPING
                 if oflags & SLEEPING and not self.flags & NOT_RUNNING:
                     pool.nr_running += 1
+        if depth == 0 and self.sleeping_wq is not None:
+            self.sleeping_wq._work_wakes(self)
 
     def count_cm_wakeup(self) -> None:
         """A wakeup happened because this worker stopped running. L: held."""

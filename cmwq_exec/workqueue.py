@@ -10,6 +10,14 @@ workqueue's inactive list. The kernel counts it per CPU for per-CPU workqueues; 
 shares one interpreter (and, on most builds, one GIL), so a per-CPU limit would only make the number
 depend on the machine. ``None`` means no limit: concurrency management alone decides, at no cost on
 the hot path.
+
+``max_running`` (optional) limits how many of the active works are *running*, that is not asleep
+inside :func:`cmwq_exec.blocking` (or a wait that says so itself), at once, system-wide: a work that
+goes to sleep hands its running slot to the first waiting work and takes it back when it wakes, so
+for a moment up to ``max_running`` plus the works woken meanwhile run. ``max_active`` still bounds
+every active work, asleep or not. This is concurrency management at the workqueue's level, for
+callers that count "how many at once" in running tasks (the Celery pool's ``-c``); a wait the
+watchdog finds without an annotation does not give a slot back.
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ class WQ(enum.IntFlag):
     #: Reserve a rescuer thread: works make progress even when no worker can be created.
     RESCUER = 4
 
+
+#: set_max_active(): leave max_running as it is
+_KEEP: Any = object()
 
 #: every defined flag bit, as a plain int (~ on an IntFlag stays within its members since 3.11)
 _ALL_FLAGS = int(WQ.UNBOUND | WQ.ORDERED | WQ.RESCUER)
@@ -233,7 +244,8 @@ class DelayedWork(Work):
 class WorkQueue:
     """A workqueue: a name, flags and ``max_active``, queueing works on the shared pools."""
 
-    def __init__(self, name: str, flags: WQ | int = 0, max_active: int | None = None) -> None:
+    def __init__(self, name: str, flags: WQ | int = 0, max_active: int | None = None,
+                 max_running: int | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"WorkQueue name must be a non-empty string, got {name!r}")
         try:
@@ -243,11 +255,15 @@ class WorkQueue:
         except ValueError:
             raise ValueError(f"WorkQueue flags must be a combination of WQ.UNBOUND, WQ.ORDERED and "
                              f"WQ.RESCUER, got {flags!r}") from None
-        _check_max_active(max_active)
+        _check_limit("max_active", max_active)
+        _check_limit("max_running", max_running)
         if flags & WQ.ORDERED:
             if max_active not in (None, 1):
                 raise ValueError(f"an ordered workqueue runs one work at a time: max_active must be 1 "
                                  f"or None, got {max_active!r}")
+            if max_running is not None:
+                raise ValueError(f"an ordered workqueue runs one work at a time: max_running must be "
+                                 f"None, got {max_running!r}")
             flags |= WQ.UNBOUND
             max_active = 1
         from .system import get_system
@@ -257,8 +273,11 @@ class WorkQueue:
         self._system = system = get_system()
         self._unbound = bool(flags & WQ.UNBOUND)
         self._max_active = max_active  # L: _lock to change; read racily on the hot path
+        self._max_running = max_running  # L: as _max_active
+        self._limited = max_active is not None or max_running is not None  # L: as _max_active
         self._lock = threading.Lock()
         self._nr_active = 0  # _lock: works of a limited workqueue on a worklist or running
+        self._nr_sleeping = 0  # _lock: of those, asleep in blocking() (counted if max_running is set)
         self._inactive: deque[Any] = deque()  # _lock: works waiting for max_active
         self._work_color = 0  # _flush_cond: the color new works get
         self._flush_cond = threading.Condition(threading.Lock())
@@ -279,6 +298,10 @@ class WorkQueue:
     def max_active(self) -> int | None:
         return self._max_active
 
+    @property
+    def max_running(self) -> int | None:
+        return self._max_running
+
     def queue_work(self, work: Work) -> bool:
         """Queue ``work``. Returns False (and does nothing) if it is already pending."""
         if not isinstance(work, Work):
@@ -288,6 +311,28 @@ class WorkQueue:
         work._where = "queueing"
         try:
             self._queue(work)
+        except BaseException:
+            work._where = None
+            work._pending.release()
+            raise
+        return True
+
+    def queue_work_on(self, cpu: int, work: Work) -> bool:
+        """Queue ``work`` on the pool of ``cpu`` (another usable pool while that CPU is down)
+        instead of the queueing CPU's. An unbound workqueue ignores ``cpu``. Returns False (and does
+        nothing) if the work is already pending."""
+        if not isinstance(work, Work):
+            raise TypeError(f"queue_work_on(cpu, work): work must be a cmwq_exec.Work, got "
+                            f"{type(work).__name__}")
+        cpus = self._system.cpu_pools
+        if isinstance(cpu, bool) or cpu not in cpus:
+            raise ValueError(f"queue_work_on(cpu, work): cpu must be one of this process's CPUs "
+                             f"{sorted(cpus)}, got {cpu!r}")
+        if not work._pending.acquire(False):
+            return False
+        work._where = "queueing"
+        try:
+            self._queue(work, cpu)
         except BaseException:
             work._where = None
             work._pending.release()
@@ -332,7 +377,7 @@ class WorkQueue:
                 raise RuntimeError(f"workqueue {self.name!r} is draining: only its own works may "
                                    "queue works on it until drain() returns")
 
-    def _select_pool(self, work: Any) -> WorkerPool:
+    def _select_pool(self, work: Any, cpu: int | None) -> WorkerPool:
         system = self._system
         if work._reusable and work._worker is not None:
             # non-reentrancy: where it runs now, whatever the workqueue (even an unbound one), so
@@ -340,6 +385,9 @@ class WorkQueue:
             return work._worker.pool
         if self._unbound:
             return system.unbound_pool
+        if cpu is not None:  # queue_work_on()
+            pool = system.cpu_pools[cpu]
+            return pool if pool.online else system.fallback_pool(cpu)
         worker = current.worker
         if worker is not None and worker.pool.online and worker.pool.cpu is not None:
             pool = worker.pool
@@ -350,12 +398,12 @@ class WorkQueue:
             pool = select(workqueue=self, pools=system.online_pools, current_pool=pool)
         return pool
 
-    def _queue(self, work: Any) -> None:
+    def _queue(self, work: Any, cpu: int | None = None) -> None:
         """Put a work (pending bit already ours) on its pool, or on the inactive list beyond
         max_active. The hot path of every queued work."""
         if self._draining or self._destroyed:
             self._check_open()
-        pool = self._select_pool(work)
+        pool = self._select_pool(work, cpu)
         pwq = self._pwqs[pool.index]
         work._pwq = pwq
         if self._system.timing:
@@ -365,7 +413,7 @@ class WorkQueue:
         color = work._color = self._work_color
         in_flight = pwq.in_flight
         in_flight[color] = in_flight.get(color, 0) + 1
-        if self._max_active is None:
+        if not self._limited:
             work._counted = False
             pool.insert_work(work)
             if work._reusable:
@@ -374,9 +422,9 @@ class WorkQueue:
             return
         lock.release()
         with self._lock:
-            max_active = self._max_active  # again, under the lock: set_max_active may have run
-            active = max_active is None or self._nr_active < max_active
-            work._counted = max_active is not None and active
+            limited = self._limited  # again, under the lock: set_max_active may have run
+            active = not limited or self._may_activate_locked()
+            work._counted = limited and active
             if work._counted:
                 self._nr_active += 1
             elif not active:
@@ -389,19 +437,65 @@ class WorkQueue:
                 if work._reusable:
                     work._where = "worklist"
 
+    def _may_activate_locked(self) -> bool:
+        """One more work may become active. _lock held."""
+        max_active, max_running = self._max_active, self._max_running
+        return ((max_active is None or self._nr_active < max_active)
+                and (max_running is None or self._nr_active - self._nr_sleeping < max_running))
+
+    def _take_inactive_locked(self) -> list[Any]:
+        """Give slots to waiting works while the limits allow, in order. _lock held; the caller
+        activates what is returned."""
+        taken = []
+        inactive = self._inactive
+        while inactive and self._may_activate_locked():
+            work = inactive.popleft()
+            work._counted = True
+            if work._reusable:
+                work._where = "moving"
+            self._nr_active += 1
+            taken.append(work)
+        return taken
+
     def _work_done(self) -> None:
         """A work of a limited workqueue finished (or was cancelled): pass its slot on. No lock held."""
         with self._lock:
-            max_active = self._max_active
-            if self._inactive and (max_active is None or self._nr_active <= max_active):
-                work = self._inactive.popleft()  # the finished work's slot passes to it
-                work._counted = True
-                if work._reusable:
-                    work._where = "moving"
-            else:
-                self._nr_active -= 1
+            self._nr_active -= 1
+            if not self._inactive:
                 return
-        self._activate(work)
+            taken = self._take_inactive_locked()
+        for work in taken:
+            self._activate(work)
+
+    def _work_sleeps(self, worker: Any) -> None:
+        """``worker``'s work (holding a slot) went to sleep: its running slot is free until it wakes.
+
+        Runs on the sleeping work's own thread, where a Celery time limit may inject an exception:
+        the count changes in straight-line code under the lock, and waiting works are activated by
+        the timer thread, so an exception can only cost that activation (the next completion or
+        sleep does it), never a work taken off the inactive list and not yet put on a pool."""
+        with self._lock:
+            if worker.sleeping_wq is None:
+                worker.sleeping_wq = self
+                self._nr_sleeping += 1
+            kick = bool(self._inactive)
+        if kick:
+            timer.add_timer(0.0, self._activate_waiting)
+
+    def _work_wakes(self, worker: Any) -> None:
+        """``worker``'s work woke up: it runs again and counts against max_running (straight-line,
+        as in _work_sleeps)."""
+        with self._lock:
+            if worker.sleeping_wq is self:
+                worker.sleeping_wq = None
+                self._nr_sleeping -= 1
+
+    def _activate_waiting(self) -> None:
+        """Start the waiting works the limits now allow (on the timer thread)."""
+        with self._lock:
+            taken = self._take_inactive_locked()
+        for work in taken:
+            self._activate(work)
 
     def _activate(self, work: Any) -> None:
         pool = work._pwq.pool
@@ -410,24 +504,23 @@ class WorkQueue:
             if work._reusable:
                 work._where = "worklist"
 
-    def set_max_active(self, max_active: int | None) -> None:
-        """Change ``max_active`` at run time; raising it starts waiting works at once."""
-        _check_max_active(max_active)
-        if self.flags & WQ.ORDERED and max_active != 1:
-            raise ValueError(f"workqueue {self.name!r} is ordered: max_active stays 1")
-        to_start = []
+    def set_max_active(self, max_active: int | None, max_running: Any = _KEEP) -> None:
+        """Change ``max_active`` (and ``max_running``, if given) at run time; raising a limit starts
+        waiting works at once."""
+        _check_limit("max_active", max_active)
+        if max_running is not _KEEP:
+            _check_limit("max_running", max_running)
+        if self.flags & WQ.ORDERED and (max_active != 1 or max_running not in (_KEEP, None)):
+            raise ValueError(f"workqueue {self.name!r} is ordered: max_active stays 1, max_running None")
         with self._lock:
             # _nr_active counts the works holding a slot (work._counted): works queued while there
             # was no limit hold none, finish as they are, and never give one back
             self._max_active = max_active
-            while self._inactive and (max_active is None or self._nr_active < max_active):
-                work = self._inactive.popleft()
-                work._counted = True
-                if work._reusable:
-                    work._where = "moving"
-                self._nr_active += 1
-                to_start.append(work)
-        for work in to_start:
+            if max_running is not _KEEP:
+                self._max_running = max_running
+            self._limited = max_active is not None or self._max_running is not None
+            taken = self._take_inactive_locked()  # all of them if there is no limit any more
+        for work in taken:
             self._activate(work)
 
     def _in_flight_counts(self) -> list[int]:
@@ -558,6 +651,7 @@ class WorkQueue:
         self._lock = threading.Lock()
         self._flush_cond = threading.Condition(threading.Lock())
         self._nr_active = 0
+        self._nr_sleeping = 0
         self._inactive = deque()
         self._nr_flushers = 0
         self._draining = 0
@@ -567,14 +661,15 @@ class WorkQueue:
         system.add_workqueue(self)
 
     def __repr__(self) -> str:
-        return f"<WorkQueue {self.name!r} flags={self.flags!r} max_active={self._max_active}>"
+        running = "" if self._max_running is None else f" max_running={self._max_running}"
+        return f"<WorkQueue {self.name!r} flags={self.flags!r} max_active={self._max_active}{running}>"
 
 
-def _check_max_active(max_active: object) -> None:
-    if max_active is None:
+def _check_limit(name: str, value: object) -> None:
+    if value is None:
         return
-    if isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1:
-        raise ValueError(f"max_active must be a positive integer or None (no limit), got {max_active!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None (no limit), got {value!r}")
 
 
 #: Every workqueue ever created, so a forked child can start them afresh.

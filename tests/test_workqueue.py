@@ -596,6 +596,171 @@ def test_max_active_limits_unbound_workqueues_too() -> None:
     assert inside.calls == 20 and inside.max <= 2
 
 
+# -- max_running -------------------------------------------------------------------------------------
+
+
+def hold_plain(wq: WorkQueue, n: int, gate: threading.Event) -> Callable[[], int]:
+    """Like hold_works, but the works wait *without* blocking(): they count as running."""
+    started: list[int] = []
+
+    def hold() -> None:
+        started.append(1)
+        assert gate.wait(30), "gate never opened"
+
+    for _ in range(n):
+        assert wq.queue_work(Work(hold))
+    return lambda: len(started)
+
+
+def test_max_running_bounds_works_that_do_not_sleep(release: Release,
+                                                    wait_until: Callable[..., Any]) -> None:
+    wq = WorkQueue("max-running-plain", max_active=6, max_running=2)
+    gate = release(threading.Event())
+    started = hold_plain(wq, 8, gate)
+    wait_until(lambda: started() == 2, what="two works to start")
+    time.sleep(0.1)  # bounded absence check: nothing tells that a third did not start
+    assert started() == 2
+    gate.set()
+    wq.flush()
+    assert started() == 8
+
+
+def test_max_running_lets_sleeping_works_hand_their_slot_on_up_to_max_active(
+        release: Release, wait_until: Callable[..., Any]) -> None:
+    wq = WorkQueue("max-running-sleep", max_active=6, max_running=2)
+    gate = release(threading.Event())
+    _, started = hold_works(wq, 10, gate)
+    wait_until(lambda: started() == 6, what="six sleeping works to start")
+    time.sleep(0.1)  # bounded absence check: max_active still bounds them
+    assert started() == 6
+    with wq._lock:
+        assert (wq._nr_active, wq._nr_sleeping, len(wq._inactive)) == (6, 6, 4)
+    gate.set()
+    wq.flush()
+    assert started() == 10
+    with wq._lock:
+        assert (wq._nr_active, wq._nr_sleeping, len(wq._inactive)) == (0, 0, 0)
+
+
+def test_max_running_counts_a_work_again_once_it_wakes(release: Release,
+                                                       wait_until: Callable[..., Any]) -> None:
+    """Two works sleep, so two more start; the sleepers wake and keep running: now four run, above
+    max_running, and nothing else starts until enough of them finish."""
+    wq = WorkQueue("max-running-wake", max_active=10, max_running=2)
+    nap, hold = release(threading.Event()), release(threading.Event())
+    started: list[str] = []
+
+    def napper() -> None:
+        started.append("napper")
+        with blocking():
+            assert nap.wait(30)
+        assert hold.wait(30)  # awake, running, not sleeping
+
+    def holder() -> None:
+        started.append("holder")
+        assert hold.wait(30)
+
+    for fn in (napper, napper, holder, holder, holder, holder):
+        wq.queue_work(Work(fn))
+    wait_until(lambda: len(started) == 4, what="two nappers and two holders to start")
+    nap.set()
+    wait_until(lambda: wq._nr_sleeping == 0, what="the nappers to wake")
+    time.sleep(0.1)  # bounded absence check
+    assert len(started) == 4 and wq._nr_active == 4
+    hold.set()
+    wq.flush()
+    assert started.count("holder") == 4
+
+
+def test_max_running_set_at_run_time(release: Release, wait_until: Callable[..., Any]) -> None:
+    wq = WorkQueue("max-running-set", max_active=8, max_running=1)
+    gate = release(threading.Event())
+    started = hold_plain(wq, 6, gate)
+    wait_until(lambda: started() == 1, what="one work to start")
+    wq.set_max_active(8, max_running=3)
+    wait_until(lambda: started() == 3, what="two more to start")
+    assert wq.max_running == 3 and wq.max_active == 8
+    wq.set_max_active(8, max_running=None)
+    wait_until(lambda: started() == 6, what="the rest to start without a running limit")
+    gate.set()
+    wq.flush()
+
+
+def test_an_unbalanced_sleep_is_settled_when_the_work_ends() -> None:
+    """A blocking() whose exit is skipped (an exception injected into the task at the wrong moment)
+    must not leave the workqueue thinking a work sleeps forever."""
+    wq = WorkQueue("max-running-unbalanced", max_active=4, max_running=1)
+    seen = []
+
+    def sleeps_and_never_wakes() -> None:
+        worker = current_worker()
+        assert worker is not None
+        worker.sleep_begin()
+        seen.append(wq._nr_sleeping)
+        # as if an exception landed in sleep_end between the pool's part and the workqueue's
+        sleeping, worker.sleeping_wq = worker.sleeping_wq, None
+        worker.sleep_end()
+        worker.sleeping_wq = sleeping
+
+    wq.queue_work(Work(sleeps_and_never_wakes))
+    wq.flush()
+    assert seen == [1]
+    with wq._lock:
+        assert (wq._nr_active, wq._nr_sleeping) == (0, 0)
+
+
+@pytest.mark.parametrize("max_running", [0, -1, True, 1.5, "2"])
+def test_max_running_checked(max_running: Any) -> None:
+    with pytest.raises(ValueError, match="max_running"):
+        WorkQueue("bad-max-running", max_active=4, max_running=max_running)
+    wq = WorkQueue("set-bad-max-running", max_active=4)
+    with pytest.raises(ValueError, match="max_running"):
+        wq.set_max_active(4, max_running=max_running)
+    with pytest.raises(ValueError, match="ordered"):
+        WorkQueue("ordered-max-running", WQ.ORDERED, max_running=2)
+
+
+# -- queue_work_on -----------------------------------------------------------------------------------
+
+
+def test_queue_work_on_runs_on_that_cpus_pool(fresh_system: Any) -> None:
+    system = fresh_system()
+    ran: list[Any] = []
+    work = Work(lambda: ran.append(current_worker().pool))  # type: ignore[union-attr]
+
+    def run_on(wq: WorkQueue, cpu: int) -> Any:
+        ran.clear()
+        assert wq.queue_work_on(cpu, work)
+        work.flush()
+        assert len(ran) == 1
+        return ran[0]
+
+    wq = WorkQueue("queue-on")
+    for cpu in system.cpu_pools:
+        assert run_on(wq, cpu) is system.cpu_pools[cpu]
+    if len(system.cpu_pools) > 1:
+        cpu = max(system.cpu_pools)
+        system.cpu_down(cpu)
+        try:
+            pool = run_on(wq, cpu)
+            assert pool is not system.cpu_pools[cpu] and pool.online
+        finally:
+            system.cpu_up(cpu)
+    unbound = WorkQueue("queue-on-unbound", WQ.UNBOUND)
+    assert run_on(unbound, min(system.cpu_pools)) is system.unbound_pool
+
+
+@pytest.mark.parametrize("cpu", [-1, 4096, True, "0", None])
+def test_queue_work_on_checks_the_cpu(cpu: Any) -> None:
+    wq = WorkQueue("queue-on-bad")
+    work = Work(lambda: None)
+    with pytest.raises(ValueError, match="cpu must be one of"):
+        wq.queue_work_on(cpu, work)
+    assert not work.pending
+    with pytest.raises(TypeError, match="work must be"):
+        wq.queue_work_on(0, lambda: None)  # type: ignore[arg-type]
+
+
 def test_set_max_active_raises_the_limit_at_run_time(release: Release,
                                                      wait_until: Callable[..., Any]) -> None:
     wq = WorkQueue("raise-limit", max_active=1)

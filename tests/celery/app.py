@@ -132,13 +132,18 @@ def _register_tasks(app: Celery) -> None:
         return token
 
     @app.task(name="t.gauge", shared=False)
-    def gauge(key: str, seconds: float) -> int:
-        """Counts how many of these run at once: ``key:peak`` is the most seen together."""
+    def gauge(key: str, seconds: float, annotated: bool = True) -> int:
+        """Counts how many of these are in flight at once: ``key:peak`` is the most seen together.
+        ``annotated``: sleep inside blocking() (the pool may start more tasks meanwhile), else a
+        plain sleep, which counts as running."""
         client = _redis(app)
         now = client.incr(key + ":now")
         client.eval(_MAX_SCRIPT, 1, key + ":peak", now)
         try:
-            with cmwq_exec.blocking():
+            if annotated:
+                with cmwq_exec.blocking():
+                    time.sleep(seconds)
+            else:
                 time.sleep(seconds)
         finally:
             client.decr(key + ":now")

@@ -28,7 +28,9 @@ def members(redis_client: Any, name: str) -> set[str]:
 
 
 def test_tasks_groups_chords_and_the_concurrency_limit(celery_app, start_worker, results_redis, key):
-    """Results are right, and -c is max_active: at most 3 run at once, and 3 do."""
+    """Results are right, and -c counts running tasks: at most 3 that do not say they wait run at
+    once, and 3 do; tasks asleep inside blocking() give their slot on, up to the prefetch window
+    (4 x 3 in flight)."""
     worker = start_worker(concurrency=3, via="setting")
     t = celery_app.tasks
     assert t["t.add"].delay(2, 3).get(timeout=20) == 5
@@ -38,9 +40,14 @@ def test_tasks_groups_chords_and_the_concurrency_limit(celery_app, start_worker,
     header = [t["t.add"].s(i, 1) | t["t.add"].s(10) for i in range(5)]
     assert chord(header, t["t.tsum"].s())().get(timeout=20) == sum(i + 11 for i in range(5))
 
-    results = group(t["t.gauge"].s(key, 0.3) for _ in range(12))()
+    results = group(t["t.gauge"].s(key, 0.3, annotated=False) for _ in range(12))()
     results.get(timeout=30)
     assert int(results_redis.get(key + ":peak")) == 3, worker.tail()
+
+    results = group(t["t.gauge"].s(key + "b", 0.5) for _ in range(16))()
+    results.get(timeout=30)
+    peak = int(results_redis.get(key + "b:peak"))
+    assert 3 < peak <= 12, f"{peak} in flight at once: sleeping tasks should free slots up to 12"
 
 
 def test_time_limits_soft_hard_and_an_ignored_hard_limit(celery_app, start_worker, results_redis, key):
@@ -106,7 +113,7 @@ def test_autoscale_grows_under_load_and_shrinks_when_idle(celery_app, start_work
     worker = start_worker(concurrency=None, via="custom", args=("--autoscale=6,1",),
                           env={"AUTOSCALE_KEEPALIVE": "1"})
     assert worker.stats()["pool"]["max-concurrency"] == 1
-    results = group(celery_app.tasks["t.gauge"].s(key, 0.5) for _ in range(18))()
+    results = group(celery_app.tasks["t.gauge"].s(key, 0.5, annotated=False) for _ in range(18))()
     grown = wait_for(lambda: worker.stats()["pool"]["max-concurrency"] >= 4 and worker.stats(), 20,
                      "autoscale to grow the pool")
     assert grown["autoscaler"]["max"] == 6
@@ -134,7 +141,7 @@ def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_w
     stats = worker.stats()
     assert stats["pool"]["max-concurrency"] == 5 and stats["prefetch_count"] == 5 * 4
 
-    results = group(celery_app.tasks["t.gauge"].s(key, 0.4) for _ in range(15))()
+    results = group(celery_app.tasks["t.gauge"].s(key, 0.4, annotated=False) for _ in range(15))()
     results.get(timeout=30)
     assert int(results_redis.get(key + ":peak")) == 5
 

@@ -82,39 +82,44 @@ def test_results_errors_and_a_distinct_id_per_task(make_pool):
         assert calls.kinds(i) == ["accept", "success"]
 
 
-def test_concurrency_is_max_active_and_follows_grow_and_shrink(make_pool):
+def test_concurrency_counts_running_tasks_and_follows_grow_and_shrink(make_pool):
+    """-c bounds the tasks running at once (a plain sleep counts as running); a task asleep inside
+    blocking() hands its slot on, and in flight stay within the window (4 x the limit)."""
     pool, calls = make_pool(limit=2), Calls()
     lock = threading.Lock()
     now = [0]
     peaks: list[int] = []
 
-    def task() -> None:
+    def task(annotated: bool) -> None:
         with lock:
             now[0] += 1
             peaks.append(now[0])
-        with cmwq_exec.blocking():
+        if annotated:
+            with cmwq_exec.blocking():
+                time.sleep(0.1)
+        else:
             time.sleep(0.05)
         with lock:
             now[0] -= 1
 
-    for i in range(10):
-        pool.apply_async(task, **calls.callbacks(i))
-    wait_for(lambda: all(calls.of(i, "success") for i in range(10)), 10, "the first batch")
-    assert max(peaks) == 2
+    def batch(first: int, n: int, annotated: bool) -> int:
+        peaks.clear()
+        for i in range(first, first + n):
+            pool.apply_async(task, (annotated,), **calls.callbacks(i))
+        wait_for(lambda: all(calls.of(i, "success") for i in range(first, first + n)), 20,
+                 f"tasks {first}..{first + n - 1}")
+        return max(peaks)
+
+    assert batch(0, 10, annotated=False) == 2
+    assert batch(10, 12, annotated=True) == 8
     pool.grow(3)
     assert pool.num_processes == 5 and pool.info["max-concurrency"] == 5
-    peaks.clear()
-    for i in range(10, 30):
-        pool.apply_async(task, **calls.callbacks(i))
-    wait_for(lambda: all(calls.of(i, "success") for i in range(10, 30)), 10, "the second batch")
-    assert max(peaks) == 5
+    assert batch(100, 20, annotated=False) == 5
+    assert batch(200, 25, annotated=True) == 20
     pool.shrink(4)
     assert pool.num_processes == 1
-    peaks.clear()
-    for i in range(30, 36):
-        pool.apply_async(task, **calls.callbacks(i))
-    wait_for(lambda: all(calls.of(i, "success") for i in range(30, 36)), 10, "the third batch")
-    assert max(peaks) == 1
+    assert batch(300, 6, annotated=False) == 1
+    assert batch(400, 6, annotated=True) == 4
     with pytest.raises(ValueError, match="cannot shrink"):
         pool.shrink(2)
 
@@ -167,7 +172,8 @@ def test_hard_limit_reports_at_once_and_unwinds_the_thread(make_pool):
     pool.apply_async(lambda: "next", **calls.callbacks("next"))
     wait_for(lambda: calls.of("next", "success"), 5, "the next task")
     assert calls.kinds("hard") == ["accept", "timeout"]  # never a second, late report
-    wait_for(lambda: pool._abandoned == 0 and pool._wq.max_active == 1, 5, "the slot to be settled")
+    wait_for(lambda: pool._abandoned == 0 and (pool._wq.max_running, pool._wq.max_active) == (1, 4), 5,
+             "the slot to be settled")
 
 
 def test_a_task_that_ignores_its_hard_limit_is_abandoned_not_counted(make_pool):
@@ -195,7 +201,7 @@ def test_a_task_that_ignores_its_hard_limit_is_abandoned_not_counted(make_pool):
     release.set()
     wait_for(lambda: pool.info["abandoned"] == 0, 5, "the abandoned task to end")
     assert calls.kinds("stubborn") == ["accept", "timeout"]  # "late" is discarded
-    assert pool._wq.max_active == 1
+    assert (pool._wq.max_running, pool._wq.max_active) == (1, 4)
 
 
 def test_terminate_job_unwinds_only_that_task(make_pool):
@@ -255,8 +261,7 @@ def test_warm_stop_finishes_running_tasks_and_never_starts_queued_ones(make_pool
     pool, calls = make_pool(limit=1), Calls()
 
     def work(name: str) -> str:
-        with cmwq_exec.blocking():
-            time.sleep(0.2)
+        time.sleep(0.2)  # not inside blocking(): it keeps its slot, so the others stay queued
         return name
 
     for name in ("running", "queued1", "queued2"):
@@ -343,7 +348,7 @@ def test_injected_exceptions_never_escape_into_the_worker(make_pool, caplog):
                   if tag == i and (kind in terminal or (kind == "timeout" and args[0] is False))]
         assert len(finals) == 1, (i, calls.kinds(i))
     wait_for(lambda: not pool._jobs and pool._abandoned == 0, 10, "the pool to settle")
-    assert pool._wq.max_active == 4
+    assert (pool._wq.max_running, pool._wq.max_active) == (4, 16)
     assert not [r for r in caplog.records if "raised" in r.getMessage()], caplog.text
     pool.apply_async(lambda: "still fine", **calls.callbacks("after"))
     wait_for(lambda: calls.of("after", "success"), 5, "a task after the storm")
