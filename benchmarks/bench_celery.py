@@ -5,12 +5,15 @@ Same broker (Redis), same tasks (tests/celery/app.py: ``b.io`` sleeps 10 ms insi
 each counts its completion with one Redis INCR). For every pool configuration a real ``celery worker``
 is started; for every workload its queue consumer is paused, the whole batch is published, the
 consumer resumed and the clock runs until the last completion is counted. Meanwhile the worker's
-threads (summed over its process tree, so prefork's children count) are sampled from /proc.
+threads (summed over its process tree, so prefork's children count) are sampled from /proc. All the
+workers are up for the whole run and the batches go round-robin over them, so a noisy machine
+slows every pool alike.
 
     python benchmarks/bench_celery.py --quick        # about a minute
     python benchmarks/bench_celery.py                # larger batches, a few minutes
 
-Prints one table: tasks/s, peak threads, and tasks/s relative to ``-P threads`` at the same -c.
+Prints one table: tasks/s, tasks/s relative to ``-P threads`` at the same -c, peak threads, and the
+CPU time the worker's process tree used per task (user + system, from /proc).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from app import DEFAULT_BACKEND, make_app  # noqa: E402
 from celery_harness import Worker  # noqa: E402
 
 BROKERS = {"redis": "redis://127.0.0.1:6379/12", "amqp": "amqp://guest:guest@127.0.0.1:5672//"}
-IO_SECONDS = 0.010
 CPU_ITERATIONS = 20_000  # ~1.5 ms of pure Python on this machine's cores
 
 
@@ -52,22 +54,44 @@ class Result:
     tasks: int
     seconds: float
     peak_threads: int
+    cpu_seconds: float  # user + system CPU of the worker's process tree during the batch
 
     @property
     def rate(self) -> float:
         return self.tasks / self.seconds
 
+    @property
+    def cpu_ms_per_task(self) -> float:
+        return self.cpu_seconds * 1000 / self.tasks
 
-def tree_threads(pid: int) -> int:
-    """Threads of ``pid`` and its children (prefork's pool processes)."""
-    total = 0
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its children (prefork's pool processes)."""
     pids = [pid]
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         pids += [int(c) for c in children]
     except OSError:
         pass
-    for p in pids:
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by ``pid`` and its children."""
+    ticks = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_threads(pid: int) -> int:
+    """Threads of ``pid`` and its children (prefork's pool processes)."""
+    total = 0
+    for p in tree_pids(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("Threads:"):
@@ -96,20 +120,20 @@ class ThreadSampler(threading.Thread):
 
 
 def run_batch(app: Any, config: Config, worker: Worker, queue: str, store: redis.Redis, workload: str,
-              n: int, timeout: float) -> Result | None:
-    """Pause the consumer, publish ``n`` tasks, resume it, time until all are counted."""
+              n: int, timeout: float, io_seconds: float) -> Result | None:
+    """With the worker's consumer paused: publish ``n`` tasks, resume it, time until all are counted,
+    pause it again."""
     key = f"cmwq-bench:{uuid.uuid4().hex[:8]}"
-    reply = app.control.cancel_consumer(queue, destination=[worker.name], reply=True, timeout=5)
-    assert reply, f"worker {worker.name} did not pause its consumer"
     io, cpu = app.tasks["b.io"], app.tasks["b.cpu"]
     with app.producer_or_acquire() as producer:
         for i in range(n):
             if workload == "io" or (workload == "mix" and i % 2 == 0):
-                io.apply_async((key, IO_SECONDS), producer=producer)
+                io.apply_async((key, io_seconds), producer=producer)
             else:
                 cpu.apply_async((key, CPU_ITERATIONS), producer=producer)
     sampler = ThreadSampler(worker.pid)
     sampler.start()
+    cpu_started = tree_cpu_seconds(worker.pid)
     started = time.perf_counter()
     app.control.add_consumer(queue, destination=[worker.name], reply=True, timeout=5)
     deadline = time.monotonic() + timeout
@@ -118,14 +142,16 @@ def run_batch(app: Any, config: Config, worker: Worker, queue: str, store: redis
         time.sleep(0.005)
         done = int(store.get(key) or 0)
     seconds = time.perf_counter() - started
+    cpu_seconds = tree_cpu_seconds(worker.pid) - cpu_started
     peak = sampler.stop()
+    app.control.cancel_consumer(queue, destination=[worker.name], reply=True, timeout=5)
     store.delete(key)
     if done < n:
         print(f"  {workload}: only {done}/{n} done within {timeout}s", file=sys.stderr)
         with app.connection_for_write() as conn:  # drop what is left before the next batch
             conn.default_channel.queue_purge(queue)
         return None
-    return Result(config, workload, n, seconds, peak)
+    return Result(config, workload, n, seconds, peak, cpu_seconds)
 
 
 def main() -> int:
@@ -140,6 +166,8 @@ def main() -> int:
     parser.add_argument("--pools", default=None,
                         help="comma-separated labels to run, e.g. 'cmwq -c 8,threads -c 8' (default: all)")
     parser.add_argument("--logs", default="/tmp", help="where worker logs go")
+    parser.add_argument("--io-ms", type=float, default=10.0,
+                        help="how long an io task waits, in ms (default 10)")
     parser.add_argument("--broker", choices=sorted(BROKERS), default="redis",
                         help="the broker every pool is fed from (default redis)")
     args = parser.parse_args()
@@ -167,27 +195,46 @@ def main() -> int:
     results: list[Result] = []
     broker = BROKERS[args.broker]
     print(f"broker {broker}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load average "
-          f"{os.getloadavg()[0]:.2f}; io = {IO_SECONDS * 1000:.0f} ms sleep, cpu = {CPU_ITERATIONS} "
+          f"{os.getloadavg()[0]:.2f}; io = {args.io_ms:g} ms sleep, cpu = {CPU_ITERATIONS} "
           f"loop iterations; median of {repeat}", flush=True)
-    for config in configs:
-        queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
-        app = make_app(broker, queue=queue)
-        log = Path(args.logs) / f"bench-{config.pool}-{config.concurrency}.log"
-        via = "custom" if config.pool == "cmwq" else config.pool
-        worker = Worker(app, broker, queue, log, concurrency=config.concurrency, via=via, loglevel="warning")
-        try:
+    # Every worker is started first and stays up; batches then go round-robin over the pools
+    # (repeat, workload, pool), so load from outside the benchmark (other jobs, steal time on a
+    # shared VM) falls on every pool alike instead of on whichever ran during it. Idle workers
+    # have their consumers paused (run_batch resumes only the one measured).
+    setups: list[tuple[Config, Any, Worker, str]] = []
+    try:
+        for config in configs:
+            queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
+            app = make_app(broker, queue=queue)
+            log = Path(args.logs) / f"bench-{config.pool}-{config.concurrency}.log"
+            via = "custom" if config.pool == "cmwq" else config.pool
+            worker = Worker(app, broker, queue, log, concurrency=config.concurrency, via=via,
+                            loglevel="warning")
+            setups.append((config, app, worker, queue))
             worker.wait_ready(timeout=60)
+            reply = app.control.cancel_consumer(queue, destination=[worker.name], reply=True, timeout=5)
+            assert reply, f"worker {worker.name} did not pause its consumer"
+        runs: dict[tuple[str, str], list[Result | None]] = {}
+        for _ in range(repeat):
             for workload in workloads:
-                runs = [run_batch(app, config, worker, queue, store, workload, sizes[workload], timeout=120)
-                        for _ in range(repeat)]
-                done = sorted((r for r in runs if r is not None), key=lambda r: r.rate)
-                result = done[len(done) // 2] if len(done) == len(runs) else None
-                if result is not None:
+                for config, app, worker, queue in setups:
+                    result = run_batch(app, config, worker, queue, store, workload, sizes[workload],
+                                       timeout=120, io_seconds=args.io_ms / 1000)
+                    runs.setdefault((config.label, workload), []).append(result)
+                    if result is not None:
+                        print(f"  {config.label:18} {workload:4} {result.rate:9.0f} tasks/s "
+                              f"{result.peak_threads:5d} threads {result.cpu_ms_per_task:6.2f} CPU ms/task",
+                              flush=True)
+        for config, *_ in setups:
+            for workload in workloads:
+                got = runs[(config.label, workload)]
+                done = sorted((r for r in got if r is not None), key=lambda r: r.rate)
+                if len(done) == len(got):
+                    result = done[len(done) // 2]
                     result.peak_threads = max(r.peak_threads for r in done)
                     results.append(result)
-                    print(f"  {config.label:18} {workload:4} {result.rate:9.0f} tasks/s "
-                          f"{result.peak_threads:5d} threads", flush=True)
-        finally:
+    finally:
+        for _config, app, worker, queue in setups:
             worker.kill()
             try:
                 with app.connection_for_write() as conn:
@@ -202,11 +249,12 @@ def main() -> int:
 def print_table(results: list[Result], c: int) -> None:
     base = {r.workload: r.rate for r in results if r.config.pool == "threads" and r.config.concurrency == c}
     print()
-    print(f"| pool | workload | tasks | tasks/s | vs threads -c {c} | peak threads |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(f"| pool | workload | tasks | tasks/s | vs threads -c {c} | peak threads | CPU ms/task |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         ratio = f"{r.rate / base[r.workload]:.2f}x" if r.workload in base else "-"
-        print(f"| {r.config.label} | {r.workload} | {r.tasks} | {r.rate:.0f} | {ratio} | {r.peak_threads} |")
+        print(f"| {r.config.label} | {r.workload} | {r.tasks} | {r.rate:.0f} | {ratio} | {r.peak_threads} "
+              f"| {r.cpu_ms_per_task:.2f} |")
 
 
 if __name__ == "__main__":

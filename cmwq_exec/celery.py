@@ -642,10 +642,15 @@ class TaskPool(BasePool):
             jobs = list(self._jobs.values())
             held = len(self._held)
             limit = self.limit
+            max_active, max_running = self._limits
         running = sum(1 for job in jobs if job.state is _RUNNING and job.unwind is None)
         abandoned = sum(1 for job in jobs if job.unwind is not None)
         info.update({
             "max-concurrency": limit,
+            # the workqueue's limits: running tasks (-c plus abandoned ones), and all in flight
+            # (the prefetch window), see "What -c means"
+            "max-running": max_running,
+            "max-in-flight": max_active,
             "running": running,
             "queued": sum(1 for job in jobs if job.state is _QUEUED),
             "held": held,

@@ -306,16 +306,7 @@ class WorkQueue:
         """Queue ``work``. Returns False (and does nothing) if it is already pending."""
         if not isinstance(work, Work):
             raise TypeError(f"queue_work(work): work must be a cmwq_exec.Work, got {type(work).__name__}")
-        if not work._pending.acquire(False):
-            return False
-        work._where = "queueing"
-        try:
-            self._queue(work)
-        except BaseException:
-            work._where = None
-            work._pending.release()
-            raise
-        return True
+        return self._queue_if_idle(work, None)
 
     def queue_work_on(self, cpu: int, work: Work) -> bool:
         """Queue ``work`` on the pool of ``cpu`` (another usable pool while that CPU is down)
@@ -328,6 +319,10 @@ class WorkQueue:
         if isinstance(cpu, bool) or cpu not in cpus:
             raise ValueError(f"queue_work_on(cpu, work): cpu must be one of this process's CPUs "
                              f"{sorted(cpus)}, got {cpu!r}")
+        return self._queue_if_idle(work, cpu)
+
+    def _queue_if_idle(self, work: Work, cpu: int | None) -> bool:
+        """Take the pending bit and queue; False if the work is already pending."""
         if not work._pending.acquire(False):
             return False
         work._where = "queueing"
