@@ -1,16 +1,17 @@
 """Celery worker pools side by side: cmwq_exec.celery:TaskPool vs ``-P threads`` vs prefork.
 
-Same broker (Redis), same tasks (tests/celery/app.py: ``b.io`` sleeps 10 ms inside
-``cmwq_exec.blocking()``, ``b.cpu`` spins pure Python, ``mix`` is half of each; none stores a result,
-each counts its completion with one Redis INCR). For every pool configuration a real ``celery worker``
-is started; for every workload its queue consumer is paused, the whole batch is published, the
-consumer resumed and the clock runs until the last completion is counted. Meanwhile the worker's
-threads (summed over its process tree, so prefork's children count) are sampled from /proc. All the
-workers are up for the whole run and the batches go round-robin over them, so a noisy machine
-slows every pool alike.
+Same broker (RabbitMQ by default, ``--broker redis`` for Redis), same tasks (tests/celery/app.py:
+``b.io`` sleeps ``--io-ms`` (10) ms inside ``cmwq_exec.blocking()``, ``b.cpu`` spins pure Python,
+``mix`` is half of each; none stores a result, each counts its completion with one Redis INCR).
+For every pool configuration a real ``celery worker`` is started; for every workload its queue
+consumer is paused, the whole batch is published, the consumer resumed and the clock runs until
+the last completion is counted. Meanwhile the worker's threads (summed over its process tree, so
+prefork's children count) are sampled from /proc. All the workers are up for the whole run and the
+batches go round-robin over them, so a noisy machine slows every pool alike.
 
-    python benchmarks/bench_celery.py --quick        # about a minute
-    python benchmarks/bench_celery.py                # larger batches, a few minutes
+    python benchmarks/bench_celery.py --quick        # a few minutes
+    python benchmarks/bench_celery.py                # larger batches, median of 3: ~15 minutes
+    python benchmarks/bench_celery.py --io-ms 50 --workloads io   # I/O tasks that wait 50 ms
 
 Prints one table: tasks/s, tasks/s relative to ``-P threads`` at the same -c, peak threads, and the
 CPU time the worker's process tree used per task (user + system, from /proc).
@@ -168,8 +169,9 @@ def main() -> int:
     parser.add_argument("--logs", default="/tmp", help="where worker logs go")
     parser.add_argument("--io-ms", type=float, default=10.0,
                         help="how long an io task waits, in ms (default 10)")
-    parser.add_argument("--broker", choices=sorted(BROKERS), default="redis",
-                        help="the broker every pool is fed from (default redis)")
+    parser.add_argument("--broker", choices=sorted(BROKERS), default="amqp",
+                        help="the broker every pool is fed from (default amqp: kombu's Redis transport "
+                             "costs ~2 ms of CPU per task here and caps every pool near 500 tasks/s)")
     args = parser.parse_args()
 
     scale = 1 if args.quick else 2
