@@ -73,6 +73,7 @@ from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 from celery.concurrency.base import BasePool
 from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
+from celery.worker import state as _worker_state
 
 from . import timer as _timer
 from .workqueue import WQ, Work, WorkQueue
@@ -155,6 +156,12 @@ class _Job:
 
     def __repr__(self) -> str:
         return f"<cmwq celery job {self.pid} {self.state}>"
+
+
+def _terminating() -> bool:
+    """Has the worker begun a cold shutdown (Celery's own test, celery.worker.state.maybe_shutdown)?"""
+    should_terminate = getattr(_worker_state, "should_terminate", None)
+    return should_terminate is not None and should_terminate is not False
 
 
 def _check_limit(value: object, what: str) -> int:
@@ -275,7 +282,15 @@ class TaskPool(BasePool):
     def on_stop(self) -> None:
         """Warm shutdown: tasks not started are dropped unacked (the broker redelivers them when
         the connection closes); started tasks finish; then every callback is delivered.
-        Abandoned tasks (past their hard limit) are not waited for."""
+        Abandoned tasks (past their hard limit) are not waited for.
+
+        Celery's cold shutdown (SIGQUIT) also ends here: it cancels the requests it knows are active,
+        then stops the pool. A task that started just before has its accept callback still on the
+        way to the event loop, so Celery does not know it and would wait for it: once Celery has
+        decided to terminate, stopping is terminating."""
+        if _terminating():
+            self.on_terminate()
+            return
         self._stop_delivering_to_hub()
         with self._lock:
             self._close_locked()
