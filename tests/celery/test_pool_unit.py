@@ -339,17 +339,24 @@ def test_worker_default_limits_apply_when_the_task_has_none(make_pool):
     assert pool.info["timeouts"] == [0.1, 5.0]
 
 
-def test_injected_exceptions_never_escape_into_the_worker(make_pool, caplog):
+@pytest.mark.parametrize("naps", [0, 3], ids=["spinning", "napping"])
+def test_injected_exceptions_never_escape_into_the_worker(make_pool, caplog, naps):
     """Limits that race the end of their task: every job reports exactly once, no exception
-    reaches the cmwq worker loop, and the pool ends clean."""
+    reaches the cmwq worker loop, and the pool ends clean. "napping" tasks also sleep inside
+    blocking() between spins, so limits land in the middle of a running slot being handed to a
+    waiting task and taken back (max_running): the workqueue's counts must still end at zero."""
     pool, calls = make_pool(limit=4), Calls()
     rng = random.Random(5)
     caplog.set_level(logging.ERROR, logger="cmwq_exec")
 
     def brief(spin: float) -> str:
-        end = time.perf_counter() + spin
-        while time.perf_counter() < end:
-            pass
+        for _ in range(naps + 1):
+            end = time.perf_counter() + spin / (naps + 1)
+            while time.perf_counter() < end:
+                pass
+            if naps:
+                with cmwq_exec.blocking():
+                    time.sleep(spin / (naps + 1))
         return "ok"
 
     n = 300
@@ -371,6 +378,9 @@ def test_injected_exceptions_never_escape_into_the_worker(make_pool, caplog):
         assert len(finals) == 1, (i, calls.kinds(i))
     wait_for(lambda: not pool._jobs and pool._abandoned == 0, 10, "the pool to settle")
     assert (pool._wq.max_running, pool._wq.max_active) == (4, 16)
+    wq = pool._wq
+    wait_for(lambda: (wq._nr_active, wq._nr_sleeping, len(wq._inactive)) == (0, 0, 0), 10,
+             "the workqueue's counts to settle at zero")
     assert not [r for r in caplog.records if "raised" in r.getMessage()], caplog.text
     pool.apply_async(lambda: "still fine", **calls.callbacks("after"))
     wait_for(lambda: calls.of("after", "success"), 5, "a task after the storm")
