@@ -392,13 +392,8 @@ class TaskPool(BasePool):
         return job
 
     def _queue(self, work: Work) -> None:
-        wq = self._wq
-        assert wq is not None
-        cpu = self._cpu
-        if cpu is not None and cpu in wq._system.cpu_pools:
-            wq.queue_work_on(cpu, work)
-        else:
-            wq.queue_work(work)
+        assert self._wq is not None and self._cpu is not None  # on_start set both
+        self._wq.queue_work_on(self._cpu, work)
 
     def _run(self, job: _Job) -> None:
         """Run one task on a cmwq worker thread.

@@ -225,10 +225,9 @@ class Worker:
             first = self.sleep_depth == 1
             if first:
                 pool.worker_set_flags(self, SLEEPING, wakeup=True)
-        if first and self.current_counted:
-            wq = self.current_pwq.wq
-            if wq._max_running is not None:
-                wq._work_sleeps(self)
+        pwq = self.current_pwq
+        if first and self.current_counted and pwq is not None and pwq.wq._max_running is not None:
+            pwq.wq._work_sleeps(self)
 
     def sleep_end(self) -> None:
         """The worker's thread woke up and runs again."""

@@ -468,12 +468,13 @@ class WorkQueue:
         Runs on the sleeping work's own thread, where a Celery time limit may inject an exception:
         the count changes in straight-line code under the lock, and waiting works are activated by
         the timer thread, so an exception can only cost that activation (the next completion or
-        sleep does it), never a work taken off the inactive list and not yet put on a pool."""
+        sleep does it), never a work taken off the inactive list and not yet put on a pool. The
+        timer is only bothered when a waiting work may start now (not when max_active binds)."""
         with self._lock:
             if worker.sleeping_wq is None:
                 worker.sleeping_wq = self
                 self._nr_sleeping += 1
-            kick = bool(self._inactive)
+            kick = bool(self._inactive) and self._may_activate_locked()
         if kick:
             timer.add_timer(0.0, self._activate_waiting)
 

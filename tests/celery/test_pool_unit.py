@@ -272,29 +272,13 @@ def test_warm_stop_finishes_running_tasks_and_never_starts_queued_ones(make_pool
     assert calls.of("queued1") == [] and calls.of("queued2") == []
 
 
-def test_stop_during_a_cold_shutdown_terminates(make_pool, monkeypatch):
-    """Celery's cold shutdown cancels the requests it knows, sets should_terminate, then calls
-    pool.stop(): a task it did not know about yet must not make that stop wait."""
+@pytest.mark.parametrize("how", ["terminate", "stop-in-cold-shutdown"])
+def test_cold_shutdown_unwinds_running_tasks(make_pool, monkeypatch, how):
+    """pool.terminate() unwinds the running tasks. So does pool.stop() once Celery has begun a cold
+    shutdown: Celery cancels the requests it knows, sets should_terminate, then calls pool.stop(),
+    and a task it did not know about yet must not make that stop wait."""
     from celery.worker import state
 
-    pool, calls = make_pool(limit=2), Calls()
-
-    def forever() -> None:
-        while True:
-            with cmwq_exec.blocking():
-                time.sleep(0.01)
-
-    pool.apply_async(forever, **calls.callbacks("unknown"))
-    wait_for(lambda: calls.of("unknown", "accept"), 5, "the task to start")
-    monkeypatch.setattr(state, "should_terminate", 1)
-    started = time.monotonic()
-    pool.stop()
-    assert time.monotonic() - started < 2, "stop() waited for a task during a cold shutdown"
-    wait_for(lambda: left_the_pool(pool), 5, "the running task to unwind")
-    assert calls.kinds("unknown") == ["accept"]
-
-
-def test_cold_terminate_unwinds_running_tasks(make_pool):
     pool, calls = make_pool(limit=2), Calls()
 
     def forever() -> None:
@@ -304,7 +288,13 @@ def test_cold_terminate_unwinds_running_tasks(make_pool):
 
     pool.apply_async(forever, **calls.callbacks("forever"))
     wait_for(lambda: calls.of("forever", "accept"), 5, "the task to start")
-    pool.terminate()
+    if how == "terminate":
+        pool.terminate()
+    else:
+        monkeypatch.setattr(state, "should_terminate", 1)
+        started = time.monotonic()
+        pool.stop()
+        assert time.monotonic() - started < 2, "stop() waited for a task during a cold shutdown"
     wait_for(lambda: left_the_pool(pool), 5, "the running task to unwind")
     assert calls.kinds("forever") == ["accept"]
 
