@@ -3,6 +3,16 @@
 The kernel's ``timer_list`` in a userspace shape: a heap of deadlines served by a single daemon
 thread that sleeps until the next one. Callbacks run on that thread, must be short and must not
 block (they take a pool lock, queue a work, wake a worker).
+
+Every pool depends on that one thread, so nothing may end it but :func:`shutdown`:
+
+* delays are clamped to ``[0, MAX_DELAY]`` when a timer is added (a deadline beyond what
+  ``Condition.wait`` accepts used to kill the thread with OverflowError); NaN is refused in the
+  caller. Public entry points check their users' delays first with :func:`check_delay`;
+* whatever a callback raises, BaseException included, is logged and the thread goes on; so does a
+  failure of the loop itself;
+* if the thread is dead anyway, the next :func:`add_timer` starts a new one;
+* in a child process, the wheel starts afresh (new lock, no timers, no thread) at fork.
 """
 
 from __future__ import annotations
@@ -17,19 +27,41 @@ from collections.abc import Callable
 
 log = logging.getLogger("cmwq_exec.timer")
 
+#: The longest delay a timer can have: a year, as good as never for a process. Longer delays are
+#: clamped to it. (``Condition.wait`` refuses timeouts beyond ``threading.TIMEOUT_MAX``.)
+MAX_DELAY = min(365 * 24 * 3600.0, threading.TIMEOUT_MAX)
+#: After the loop itself failed (it should not), pause this long before going on.
+_LOOP_FAILURE_PAUSE = 0.01
+
+
+def check_delay(where: str, delay: object) -> float:
+    """``delay`` as a float of seconds in ``[0, MAX_DELAY]``: a delay a user gave a public call.
+
+    Raises ValueError naming the argument (``where``, e.g. ``"queue_delayed_work(work, delay):
+    delay"``) for what is not a finite int or float >= 0: other types, bools, NaN, infinities,
+    negative numbers. Finite delays longer than :data:`MAX_DELAY` are clamped to it.
+    """
+    if (isinstance(delay, bool) or not isinstance(delay, (int, float))
+            or not 0 <= delay < float("inf")):  # NaN fails the comparison too
+        raise ValueError(f"{where} must be a finite number of seconds >= 0, got {delay!r}")
+    if delay >= MAX_DELAY:
+        return MAX_DELAY
+    return float(delay)
+
 
 class Timer:
     """A pending callback. ``cancel()`` returns True if it had not fired (and now never will)."""
 
-    __slots__ = ("deadline", "callback", "state")
+    __slots__ = ("deadline", "callback", "state", "wheel")
 
-    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
-        self.deadline = deadline
-        self.callback = callback
+    def __init__(self, deadline: float, callback: Callable[[], None], wheel: _Wheel) -> None:
+        self.deadline = deadline  # I
+        self.callback = callback  # I
         self.state = 0  # 0 pending, 1 fired, 2 cancelled; L: the wheel's lock
+        self.wheel = wheel  # I
 
     def cancel(self) -> bool:
-        with _wheel.cond:
+        with self.wheel.cond:
             if self.state != 0:
                 return False
             self.state = 2
@@ -41,18 +73,30 @@ class Timer:
 
 
 class _Wheel:
+    """The heap and the thread serving it.
+
+    A thread serves the heap only while it is ``thread``: :meth:`shutdown` (or a restart after the
+    thread died) replaces it, and a replaced thread exits at its next look at the heap, so at most
+    one thread ever pops timers.
+    """
+
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.heap: list[tuple[float, int, Timer]] = []  # L: cond
-        self.seq = itertools.count()
-        self.thread: threading.Thread | None = None  # L: cond
+        self.seq = itertools.count()  # L: cond
+        self.thread: threading.Thread | None = None  # L: cond; the thread serving the heap
 
     def add(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + max(0.0, delay), callback)
+        if delay != delay:
+            raise ValueError(f"add_timer(delay, callback): delay is NaN (callback {callback!r})")
+        delay = min(max(delay, 0.0), MAX_DELAY)
+        timer = Timer(time.monotonic() + delay, callback, self)
         with self.cond:
             head = self.heap[0][0] if self.heap else None
             heapq.heappush(self.heap, (timer.deadline, next(self.seq), timer))
-            if self.thread is None:
+            if self.thread is None or not self.thread.is_alive():
+                if self.thread is not None:
+                    log.error("cmwq_exec timer thread %r had died; starting a new one", self.thread)
                 self.thread = threading.Thread(target=self.run, name="cmwq-timer", daemon=True)
                 self.thread.start()
             elif head is None or timer.deadline < head:
@@ -60,24 +104,60 @@ class _Wheel:
         return timer
 
     def run(self) -> None:
-        cond, heap = self.cond, self.heap
+        """The timer thread: serve the heap until this thread is no longer the wheel's."""
+        me = threading.current_thread()
         while True:
-            with cond:
-                while True:
-                    while heap and heap[0][2].state == 2:
-                        heapq.heappop(heap)
-                    now = time.monotonic()
-                    if heap and heap[0][0] <= now:
-                        timer = heapq.heappop(heap)[2]
-                        timer.state = 1
-                        break
-                    cond.wait(heap[0][0] - now if heap else None)
             try:
-                timer.callback()
-            except Exception:
-                log.exception("cmwq_exec timer callback %r raised", timer.callback)
+                if not self.run_next(me):
+                    return
+            except BaseException:
+                try:
+                    log.exception("cmwq_exec timer thread: its loop failed; going on")
+                    time.sleep(_LOOP_FAILURE_PAUSE)
+                except BaseException:
+                    pass
+
+    def run_next(self, me: threading.Thread) -> bool:
+        """Wait for the next due timer and call it. Returns False once ``me`` has been replaced."""
+        with self.cond:
+            while True:
+                if self.thread is not me:
+                    return False
+                heap = self.heap
+                while heap and heap[0][2].state == 2:
+                    heapq.heappop(heap)
+                now = time.monotonic()
+                if heap and heap[0][0] <= now:
+                    timer = heapq.heappop(heap)[2]
+                    timer.state = 1
+                    break
+                self.cond.wait(min(heap[0][0] - now, MAX_DELAY) if heap else None)
+        try:
+            timer.callback()
+        except BaseException:
+            log.exception("cmwq_exec timer callback %r raised", timer.callback)
+        return True
+
+    def shutdown(self, timeout: float | None = 5.0) -> bool:
+        """Stop the thread and drop the pending timers; True if the thread ended within ``timeout``.
+
+        Dropped timers never fire but stay pending: their owners can still ``cancel()`` them and
+        get True. The next :meth:`add` starts a fresh thread. From a callback (the thread itself)
+        this cannot wait: the thread ends when the callback returns, and False is returned.
+        """
+        with self.cond:
+            thread, self.thread = self.thread, None
+            self.heap.clear()
+            self.cond.notify_all()
+        if thread is None:
+            return True
+        if thread is threading.current_thread():
+            return False
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def after_fork(self) -> None:
+        """In a child: the parent's thread is gone and its lock may have been held at fork."""
         self.cond = threading.Condition(threading.Lock())
         self.heap = []
         self.thread = None
@@ -88,5 +168,14 @@ os.register_at_fork(after_in_child=_wheel.after_fork)
 
 
 def add_timer(delay: float, callback: Callable[[], None]) -> Timer:
-    """Call ``callback`` on the timer thread after ``delay`` seconds."""
+    """Call ``callback`` on the timer thread after ``delay`` seconds.
+
+    ``delay`` is clamped to ``[0, MAX_DELAY]``; NaN raises ValueError here, in the caller.
+    """
     return _wheel.add(delay, callback)
+
+
+def shutdown(timeout: float | None = 5.0) -> bool:
+    """Stop the process's timer thread, dropping every pending timer; wait up to ``timeout``
+    seconds for it to end and return whether it did. The next :func:`add_timer` starts a new one."""
+    return _wheel.shutdown(timeout)

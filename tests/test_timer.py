@@ -1,0 +1,275 @@
+"""The timer thread: delays are checked and clamped, and nothing a caller or a callback does ends it.
+
+Most tests use a private wheel (``timer._Wheel()``) so that they start from an empty heap and cannot
+hurt the process's timer thread; the end-to-end tests use the real one through the public calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import wait_for
+
+from cmwq_exec import DelayedWork, WorkQueue, timer
+
+pytestmark = pytest.mark.timeout(60)
+
+WHERE = "queue_delayed_work(work, delay): delay"
+
+
+@pytest.fixture
+def wheel() -> Iterator[Any]:
+    """A private wheel, shut down when the test ends."""
+    w = timer._Wheel()
+    yield w
+    w.shutdown(timeout=5)
+
+
+def fired(wheel: Any, delay: float = 0.01) -> bool:
+    """Does a timer added now to ``wheel`` fire within a few seconds?"""
+    event = threading.Event()
+    wheel.add(delay, event.set)
+    return event.wait(5)
+
+
+# -- check_delay -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay", [0, 0.0, 1, 0.25, 3600, 86400.0])
+def test_check_delay_returns_ordinary_delays_as_floats(delay: float) -> None:
+    checked = timer.check_delay(WHERE, delay)
+    assert type(checked) is float and checked == delay
+
+
+@pytest.mark.parametrize("delay", [math.inf, -math.inf, math.nan, -1, -0.001, -10**400,
+                                   True, False, "1", None, b"1", [1], 1j])
+def test_check_delay_rejects_what_is_not_a_finite_delay_naming_the_argument(delay: object) -> None:
+    with pytest.raises(ValueError) as info:
+        timer.check_delay(WHERE, delay)
+    assert str(info.value) == f"{WHERE} must be a finite number of seconds >= 0, got {delay!r}"
+
+
+def test_check_delay_message_for_inf_is_the_documented_one() -> None:
+    with pytest.raises(ValueError, match=r"^queue_delayed_work\(work, delay\): delay must be a finite "
+                                         r"number of seconds >= 0, got inf$"):
+        timer.check_delay(WHERE, float("inf"))
+
+
+@pytest.mark.parametrize("delay", [1e12, 1e300, 10**400, 2**63])
+def test_check_delay_clamps_huge_delays_to_max_delay(delay: float) -> None:
+    assert timer.check_delay(WHERE, delay) == timer.MAX_DELAY
+    assert timer.check_delay(WHERE, timer.MAX_DELAY + 1) == timer.MAX_DELAY
+    assert timer.check_delay(WHERE, timer.MAX_DELAY) == timer.MAX_DELAY
+
+
+def test_max_delay_is_one_a_condition_can_wait() -> None:
+    assert 0 < timer.MAX_DELAY <= threading.TIMEOUT_MAX
+
+
+# -- the thread survives huge delays ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay", [1e12, 10**400, math.inf, threading.TIMEOUT_MAX * 2])
+def test_a_huge_delay_does_not_end_the_thread(wheel: Any, delay: float) -> None:
+    far = wheel.add(delay, lambda: None)
+    assert far.deadline <= time.monotonic() + timer.MAX_DELAY
+    time.sleep(0.05)  # the thread now waits for the far timer alone
+    assert fired(wheel), "a timer added after a huge delay never fired"
+    assert wheel.thread.is_alive()
+    assert far.pending and far.cancel()
+
+
+@pytest.mark.parametrize("delay", [-1, -math.inf])
+def test_a_negative_delay_fires_at_once(wheel: Any, delay: float) -> None:
+    assert fired(wheel, delay)
+
+
+def test_add_timer_refuses_nan_in_the_caller(wheel: Any) -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        wheel.add(math.nan, lambda: None)
+    assert not wheel.heap
+    assert fired(wheel)
+
+
+def test_huge_delays_through_add_timer_leave_the_process_timer_working() -> None:
+    far = [timer.add_timer(delay, lambda: None) for delay in (1e12, math.inf, 10**400)]
+    try:
+        time.sleep(0.05)
+        event = threading.Event()
+        timer.add_timer(0.01, event.set)
+        assert event.wait(5), "the process's timer thread is dead"
+        assert timer._wheel.thread is not None and timer._wheel.thread.is_alive()
+    finally:
+        for t in far:
+            t.cancel()
+
+
+def test_huge_delayed_works_leave_later_delayed_works_running() -> None:
+    """End to end: a work delayed by 1e12 s (or inf, once queue_delayed_work refuses it) must not
+    stop the delayed works queued after it."""
+    wq = WorkQueue(f"timer-huge-{uuid.uuid4().hex[:6]}")
+    far = DelayedWork(lambda: None)
+    try:
+        assert wq.queue_delayed_work(far, 1e12)
+        never = DelayedWork(lambda: None)
+        try:
+            if wq.queue_delayed_work(never, math.inf):
+                never.cancel()
+        except ValueError:
+            pass  # refused by timer.check_delay: just as good
+        time.sleep(0.05)
+        ran = threading.Event()
+        assert wq.queue_delayed_work(DelayedWork(ran.set), 0.01)
+        assert ran.wait(5), "a delayed work queued after a huge delay never ran"
+    finally:
+        far.cancel()
+        wq.destroy()
+
+
+# -- nothing a callback raises ends the thread -----------------------------------------------------
+
+
+class Odd(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt, SystemExit, GeneratorExit, Odd])
+def test_a_raising_callback_is_logged_and_the_thread_goes_on(
+        wheel: Any, exc: type[BaseException], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="cmwq_exec.timer")
+
+    def boom() -> None:
+        raise exc("from a timer callback")
+
+    wheel.add(0, boom)
+    assert fired(wheel), f"the thread died of {exc.__name__}"
+    assert wheel.thread.is_alive()
+    records = [r for r in caplog.records if r.name == "cmwq_exec.timer"]
+    assert records and records[0].exc_info and records[0].exc_info[0] is exc
+
+
+def test_a_failing_wait_does_not_end_the_thread(wheel: Any, caplog: pytest.LogCaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's own code failing (here Condition.wait, as it did with an overflowing timeout) is
+    logged and the loop goes on."""
+    caplog.set_level(logging.ERROR, logger="cmwq_exec.timer")
+    wait = wheel.cond.wait
+    failures = []
+
+    def failing_wait(timeout: float | None = None) -> bool:
+        if not failures:
+            failures.append(timeout)
+            raise OverflowError("timestamp out of range for platform time_t")
+        return wait(timeout)
+
+    monkeypatch.setattr(wheel.cond, "wait", failing_wait)
+    assert fired(wheel, 0.05)
+    assert failures, "the wait was never called"
+    assert wheel.thread.is_alive()
+    assert any(r.exc_info and r.exc_info[0] is OverflowError for r in caplog.records)
+
+
+def test_add_timer_restarts_a_dead_thread(wheel: Any) -> None:
+    dead = threading.Thread(target=lambda: None, name="cmwq-timer")
+    dead.start()
+    dead.join()
+    wheel.thread = dead  # as if it had been killed
+    assert fired(wheel)
+    assert wheel.thread is not dead and wheel.thread.is_alive()
+
+
+# -- shutdown ---------------------------------------------------------------------------------------
+
+
+def test_shutdown_stops_the_thread_drops_its_timers_and_add_starts_a_fresh_one(wheel: Any) -> None:
+    assert fired(wheel)
+    first = wheel.thread
+    ran: list[int] = []
+    dropped = wheel.add(0.2, lambda: ran.append(1))
+    assert wheel.shutdown(timeout=5)
+    assert not first.is_alive() and wheel.thread is None and not wheel.heap
+    time.sleep(0.3)
+    assert not ran, "a timer fired after shutdown"
+    assert dropped.pending and dropped.cancel()  # its owner can still take it back
+    assert fired(wheel)
+    assert wheel.thread is not first and wheel.thread.is_alive()
+
+
+def test_shutdown_without_a_thread_and_twice(wheel: Any) -> None:
+    assert wheel.shutdown()
+    assert fired(wheel)
+    assert wheel.shutdown() and wheel.shutdown()
+
+
+def test_shutdown_from_a_callback_does_not_wait_for_itself(wheel: Any) -> None:
+    result: list[tuple[threading.Thread, bool]] = []
+    done = threading.Event()
+
+    def stop() -> None:
+        result.append((threading.current_thread(), wheel.shutdown(timeout=5)))
+        done.set()
+
+    wheel.add(0, stop)
+    assert done.wait(5)
+    old, ended = result[0]
+    assert not ended  # it could not have ended yet: it is this very thread
+    wait_for("the old timer thread to end", lambda: not old.is_alive())
+    assert fired(wheel)
+
+
+def test_shutdown_times_out_on_a_long_callback_and_the_old_thread_then_ends(wheel: Any) -> None:
+    gate = threading.Event()
+    started = threading.Event()
+
+    def long() -> None:
+        started.set()
+        gate.wait(10)
+
+    wheel.add(0, long)
+    assert started.wait(5)
+    old = wheel.thread
+    assert not wheel.shutdown(timeout=0.05)
+    assert fired(wheel), "a fresh thread did not start while the old one still ran its callback"
+    gate.set()
+    old.join(5)
+    assert not old.is_alive()
+    assert wheel.thread.is_alive()
+
+
+def test_module_shutdown_then_add_timer(fresh_system: Any) -> None:
+    fresh_system()  # the pools whose timers this drops are replaced when the test ends
+    assert timer.shutdown(timeout=5)
+    assert timer._wheel.thread is None
+    event = threading.Event()
+    timer.add_timer(0.01, event.set)
+    assert event.wait(5)
+
+
+# -- fork -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_timers_work_in_a_child_forked_while_the_wheel_lock_was_held() -> None:
+    timer.add_timer(0, lambda: None)  # the parent has a timer thread
+    with timer._wheel.cond:
+        pid = os.fork()
+        if pid == 0:  # child: the lock it inherited is held by the parent's thread
+            code = 1
+            try:
+                signal.alarm(10)  # a deadlocked child dies instead of hanging the test
+                event = threading.Event()
+                timer.add_timer(0.01, event.set)
+                code = 0 if event.wait(5) else 2
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
