@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 
@@ -10,7 +11,7 @@ import os
 class Config:
     """Settings read when the pools start (:func:`cmwq_exec.configure` changes them before that).
 
-    Times are in seconds.
+    Times are finite numbers of seconds > 0, counts integers >= 2; :meth:`validate` checks it.
     """
 
     #: Idle workers beyond the ratio are reaped after this long. The kernel keeps them 300 s; a
@@ -43,33 +44,74 @@ class Config:
     detect_blocking: bool = False
 
     def validate(self) -> None:
+        """Raise ValueError naming the first field whose value is not allowed."""
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type == "float":
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ValueError(f"{field.name} must be a positive number of seconds, got {value!r}")
-            elif field.type == "int":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                    raise ValueError(f"{field.name} must be an integer >= 2, got {value!r}")
-            elif field.type == "bool" and not isinstance(value, bool):
-                raise ValueError(f"{field.name} must be True or False, got {value!r}")
+            problem = _problem(field.type, value)
+            if problem is not None:
+                raise ValueError(f"{field.name} {problem}, got {value!r}")
+
+
+def _problem(kind: object, value: object) -> str | None:
+    """What is wrong with ``value`` for a field of type ``kind`` (as written in the class), or None."""
+    if kind == "float":
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 < value < math.inf):  # NaN fails the comparison too
+            return "must be a finite number of seconds > 0"
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            return "must be an integer >= 2"
+    elif kind == "bool" and not isinstance(value, bool):
+        return "must be True or False"
+    return None
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+
+
+def _parse(kind: object, raw: str) -> object:
+    """``raw`` (an environment variable's value) as a value for a field of type ``kind``; ValueError
+    saying what is allowed if it is not one."""
+    text = raw.strip()
+    if kind == "bool":
+        value = _BOOLS.get(text.lower())
+        if value is None:
+            raise ValueError("use 1/0, true/false, yes/no or on/off")
+        return value
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("use an integer") from None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise ValueError("use a finite number of seconds")
+    return seconds
 
 
 def from_environment(config: Config) -> Config:
-    """Apply ``CMWQ_<FIELD>`` environment variables (e.g. ``CMWQ_PIN_WORKERS=0``)."""
+    """``config`` with the ``CMWQ_<FIELD>`` environment variables applied (e.g. ``CMWQ_PIN_WORKERS=0``).
+
+    Booleans are 1/0, true/false, yes/no or on/off (any case). Raises ValueError naming the variable
+    for a value that does not parse or is not allowed for its field.
+    """
     changes: dict[str, object] = {}
     for field in dataclasses.fields(config):
-        raw = os.environ.get("CMWQ_" + field.name.upper())
+        name = "CMWQ_" + field.name.upper()
+        raw = os.environ.get(name)
         if raw is None:
             continue
         try:
-            if field.type == "bool":
-                changes[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif field.type == "int":
-                changes[field.name] = int(raw)
-            else:
-                changes[field.name] = float(raw)
-        except ValueError:
-            raise ValueError(f"environment variable CMWQ_{field.name.upper()}={raw!r} is not a "
-                             f"valid {field.type}") from None
+            value = _parse(field.type, raw)
+        except ValueError as exc:
+            raise ValueError(f"environment variable {name}={raw!r} is not a valid {field.type}: "
+                             f"{exc}") from None
+        problem = _problem(field.type, value)
+        if problem is not None:
+            raise ValueError(f"environment variable {name}={raw!r}: {field.name} {problem}")
+        changes[field.name] = value
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
