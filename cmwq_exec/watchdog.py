@@ -55,6 +55,11 @@ _PARALLEL_CORES = 1 if getattr(sys, "_is_gil_enabled", lambda: True)() else None
 #: The process counts as saturated at this share of those cores.
 SATURATION = 0.85
 
+# What a look found a worker doing (see Watchdog.check).
+_RUNNING_AGAIN = "running again"  # a STUCK worker burns CPU again: it counts as running
+_BLOCKED = "blocked"  # no CPU burned and not runnable: leave nr_running (STUCK)
+_HOG = "cpu hog"  # burned more than cpu_intensive_thresh in this work: CPU_INTENSIVE
+
 
 def _runnable(worker: Any) -> bool:
     """Is the thread runnable (state R) rather than asleep? A thread that burned no CPU because other
@@ -98,14 +103,21 @@ class Watchdog:
             return self.load
 
     def check(self, pool: WorkerPool) -> None:
-        """One look at ``pool`` (timer thread)."""
+        """One look at ``pool`` (timer thread), in three steps so that the slow reads (thread CPU
+        clocks, ``/proc``) and the hooks run without the pool lock:
+
+        1. under the lock, note progress and snapshot each worker running a work: its flags, its
+           ``work_seq`` and its ``cpu_sample``;
+        2. without it, read the clocks and ``/proc`` and judge each worker;
+        3. under the lock again, apply each judgement only if the worker is still on the same work
+           (``work_seq``) in the same state (``flags``) it was judged in; a sample is kept if the
+           worker is still on that work and nobody replaced the sample meanwhile. Then re-arm.
+        """
         config = self.system.config
         tick = config.watchdog_tick
         now = time.monotonic()
         saturated = self.cpu_load(now) >= self.saturation
         thresh_ns = config.cpu_intensive_thresh * 1e9
-        events: list[tuple[Any, dict[str, Any]]] = []
-        stall: float | None = None
         with pool.lock:
             if not pool.worklist:
                 pool.watchdog_armed = False
@@ -114,45 +126,64 @@ class Watchdog:
                 pool.wd_started = pool.nr_started
                 pool.wd_progress_at = now
                 pool.stall_warned = False
-            soon = False
-            for worker in pool.workers:
-                flags = worker.flags
-                if flags & IDLE or flags & (NOT_RUNNING & ~(STUCK | CPU_INTENSIVE)):
-                    continue  # not running a work, or it said it sleeps
-                ns = thread_cpu_ns(worker)
-                if ns is None:
+            candidates = [(worker, worker.flags, worker.work_seq, worker.cpu_sample)
+                          for worker in pool.workers
+                          if not worker.flags & IDLE
+                          # not running a work, or it said it sleeps:
+                          and not worker.flags & (NOT_RUNNING & ~(STUCK | CPU_INTENSIVE))]
+
+        soon = False
+        judged: list[tuple[Any, int, int, Any, tuple[int, int, int, float], str | None]] = []
+        for worker, flags, seq, sample in candidates:
+            ns = thread_cpu_ns(worker)
+            if ns is None:
+                continue
+            if not sample or sample[0] != seq:
+                judged.append((worker, flags, seq, sample, (seq, ns, ns, now), None))
+                soon = True  # a new work: look again soon to judge it
+                continue
+            _, first_ns, last_ns, last_at = sample
+            interval = now - last_at
+            if interval < tick * QUICK_LOOK:
+                continue
+            verdict = None
+            burned = ns - last_ns
+            if flags & STUCK:
+                if burned > interval * 1e9 / 2:
+                    verdict = _RUNNING_AGAIN
+            elif burned < interval * 1e9 * BLOCKED_SHARE:
+                if not saturated and not _runnable(worker):
+                    verdict = _BLOCKED
+                    soon = True
+            elif ns - first_ns >= thresh_ns and not flags & HOG_SEEN:
+                verdict = _HOG
+                soon = soon or not saturated
+            judged.append((worker, flags, seq, sample, (seq, first_ns, ns, now), verdict))
+
+        events: list[tuple[Any, dict[str, Any]]] = []
+        stall: float | None = None
+        with pool.lock:
+            for worker, flags, seq, sample, new_sample, verdict in judged:
+                if worker.work_seq != seq:
+                    continue  # on to another work: the next look judges that one
+                if worker.cpu_sample is sample:
+                    worker.cpu_sample = new_sample
+                if verdict is None or worker.flags != flags:
                     continue
-                seq = worker.work_seq
-                sample = worker.cpu_sample
-                if not sample or sample[0] != seq:
-                    worker.cpu_sample = (seq, ns, ns, now)
-                    soon = True  # a new work: look again soon to judge it
-                    continue
-                _, first_ns, last_ns, last_at = sample
-                interval = now - last_at
-                if interval < tick * QUICK_LOOK:
-                    continue
-                worker.cpu_sample = (seq, first_ns, ns, now)
-                burned = ns - last_ns
-                if flags & STUCK:
-                    if burned > interval * 1e9 / 2:
-                        pool.worker_clr_flags(worker, STUCK)  # running again: count it again
-                    continue
-                if burned < interval * 1e9 * BLOCKED_SHARE:
-                    if not saturated and not _runnable(worker):
-                        pool.worker_set_flags(worker, STUCK, wakeup=True)
-                        soon = True
-                        if plugin.events.worker_blocked is not None:
-                            events.append((plugin.events.worker_blocked,
-                                           {"pool": pool, "worker": worker, "work": worker.current_work}))
-                elif ns - first_ns >= thresh_ns and not flags & HOG_SEEN:
+                if verdict == _RUNNING_AGAIN:
+                    pool.worker_clr_flags(worker, STUCK)  # running again: count it again
+                elif verdict == _BLOCKED:
+                    pool.worker_set_flags(worker, STUCK, wakeup=True)
+                    if plugin.events.worker_blocked is not None:
+                        events.append((plugin.events.worker_blocked,
+                                       {"pool": pool, "worker": worker, "work": worker.current_work}))
+                else:
                     worker.flags |= HOG_SEEN
                     pool.cpu_intensive += 1
                     if worker.current_pwq is not None:
                         worker.current_pwq.nr_cpu_intensive += 1
                     if not saturated:
                         pool.worker_set_flags(worker, CPU_INTENSIVE, wakeup=True)
-                        soon = True
                     if plugin.events.cpu_intensive is not None:
                         events.append((plugin.events.cpu_intensive,
                                        {"pool": pool, "worker": worker, "work": worker.current_work}))

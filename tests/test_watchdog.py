@@ -175,3 +175,85 @@ def test_stall_warned_once_per_stall_with_stacks(fresh_system: Any, recorder: Re
             release.set()
         wq.flush()
 
+
+
+def held_by_caller(lock: Any) -> bool:
+    """Does the calling thread hold ``lock``? A thread cannot take a plain Lock it holds again,
+    while any other holder of a pool lock lets go within microseconds."""
+    if lock.acquire(timeout=1.0):
+        lock.release()
+        return False
+    return True
+
+
+def test_clocks_and_proc_are_read_without_the_pool_lock(
+        fresh_system: Any, pinned_cpu0: None, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog's slow reads (thread CPU clocks, /proc) happen with the pool lock released, so
+    a worker never waits for them to queue, wake or complete."""
+    from cmwq_exec import watchdog
+
+    fresh_system()
+    calls: dict[str, list[bool]] = {"thread_cpu_ns": [], "_runnable": []}
+    real_cpu_ns, real_runnable = watchdog.thread_cpu_ns, watchdog._runnable
+
+    def probe(name: str, worker: Any) -> None:
+        seen = calls[name]
+        if len(seen) < 5:  # on a wrong watchdog each probe costs a second
+            seen.append(held_by_caller(worker.pool.lock))
+
+    def thread_cpu_ns(worker: Any) -> int | None:
+        probe("thread_cpu_ns", worker)
+        return real_cpu_ns(worker)
+
+    def runnable(worker: Any) -> bool:
+        probe("_runnable", worker)
+        return real_runnable(worker)
+
+    monkeypatch.setattr(watchdog, "thread_cpu_ns", thread_cpu_ns)
+    monkeypatch.setattr(watchdog, "_runnable", runnable)
+    release = threading.Event()
+    started = threading.Event()
+
+    def sleeper() -> None:
+        started.set()
+        deadline = time.monotonic() + 30
+        while not release.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)  # un-annotated: the watchdog must judge it
+
+    with cmwq_exec.CMWQExecutor(unbound=False, rescuer=False) as ex:
+        try:
+            sleeping = ex.submit(sleeper)
+            assert started.wait(10)
+            assert ex.submit(time.monotonic).result(timeout=20)
+            wait_for("the sleeper's worker_blocked event",
+                     lambda: any(work is sleeping for _, _, work in recorder.blocked))
+        finally:
+            release.set()
+        sleeping.result(timeout=10)
+    assert calls["thread_cpu_ns"] and calls["_runnable"], calls
+    assert not any(calls["thread_cpu_ns"]), f"thread_cpu_ns called under pool.lock: {calls}"
+    assert not any(calls["_runnable"]), f"/proc read under pool.lock: {calls}"
+
+
+def test_stall_stacks_are_taken_without_the_pool_lock(
+        fresh_system: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    system = fresh_system(max_total_workers=len(_system.usable_cpus()) + 2, create_cooldown=0.02,
+                          stall_timeout=0.3)
+    held: list[bool] = []
+    warn_stall = type(system.watchdog).warn_stall
+
+    def probed(self: Any, pool: Any, seconds: float, busy: list[Any]) -> None:
+        held.append(held_by_caller(pool.lock))
+        warn_stall(self, pool, seconds, busy)
+
+    monkeypatch.setattr(type(system.watchdog), "warn_stall", probed)
+    wq = WorkQueue(f"wd-stall-lock-{uuid.uuid4().hex[:6]}", WQ.UNBOUND)
+    release = threading.Event()
+    try:
+        for _ in range(6):
+            assert wq.queue_work(Work(stuck_in_test_watchdog, release))
+        wait_for("a stall warning", lambda: held, timeout=10)
+    finally:
+        release.set()
+    wq.flush()
+    assert not any(held), "warn_stall ran under pool.lock"
