@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -31,9 +32,11 @@ from concurrent.futures._base import (
 from concurrent.futures.thread import BrokenThreadPool
 from typing import Any
 
-from .blocking import blocking
+from . import workqueue as _workqueue
+from .lockdep import make_lock
+from .pending import NOWHERE
 from .worker import current
-from .workqueue import WQ, WorkQueue
+from .workqueue import WQ, WorkQueue, waiting
 
 #: Helping runs works inline on the waiting thread; past this depth it just waits.
 MAX_HELP_DEPTH = 64
@@ -45,10 +48,11 @@ _LOGGER = logging.getLogger("concurrent.futures")
 
 
 class _BlockingEvent(threading.Event):
-    """The event of a ``concurrent.futures`` waiter installed from a worker: waiting on it sleeps."""
+    """The event of a ``concurrent.futures`` waiter installed from a worker: waiting on it sleeps
+    and gives the worker's max_active slot up meanwhile (see WorkQueue's max_active)."""
 
     def wait(self, timeout: float | None = None) -> bool:
-        with blocking():
+        with waiting(current.worker):
             return super().wait(timeout)
 
 
@@ -68,7 +72,7 @@ class _Waiters(list):  # type: ignore[type-arg]
 #: Condition costs eight garbage-collected objects, and the collector's passes over them dominated the
 #: submit path. Until then its state changes under one of these small locks (striped by identity,
 #: never held while taking another lock, so no lock order can be violated).
-_STRIPES = tuple(threading.Lock() for _ in range(64))
+_STRIPES = tuple(make_lock("stripe") for _ in range(64))
 _NO_CALLBACKS: tuple[Any, ...] = ()
 
 
@@ -81,7 +85,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
 
     _reusable = False
     __slots__ = ("_cond", "_state", "_result", "_exception", "_waiter_list", "_done_callbacks",
-                 "_fn", "_args", "_kwargs", "_pwq", "_color", "_queued_at", "_counted")
+                 "_fn", "_args", "_kwargs", "_pwq", "_color", "_queued_at", "_counted", "_where")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Future.__init__, inlined (the submit path is hot)
@@ -98,6 +102,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         self._color = 0
         self._queued_at = 0.0
         self._counted = False  # holds a max_active slot of its workqueue (set under its _lock)
+        self._where = NOWHERE  # for the rescuer and for reading (see cmwq_exec.pending)
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
@@ -259,7 +264,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         if self._state != FINISHED and worker is not None:
             if self._state == PENDING:
                 self._help(worker)
-            with blocking():
+            with waiting(worker):
                 return self._get(timeout, True)
         return self._get(timeout, True)
 
@@ -268,7 +273,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         if self._state != FINISHED and worker is not None:
             if self._state == PENDING:
                 self._help(worker)
-            with blocking():
+            with waiting(worker):
                 return self._get(timeout, False)  # type: ignore[no-any-return]
         return self._get(timeout, False)  # type: ignore[no-any-return]
 
@@ -332,18 +337,45 @@ class CMWQExecutor(ThreadPoolExecutor):
             flags |= WQ.RESCUER
         if unbound:
             flags |= WQ.UNBOUND
-        self._wq = WorkQueue(name or f"executor-{next(_counter)}", flags, max_active=max_workers)
+        self._wq = wq = WorkQueue(name or f"executor-{next(_counter)}", flags, max_active=max_workers)
+        # ThreadPoolExecutor.__init__'s attributes, with their meaning (code written for it reads them)
+        self._max_workers = max_workers if max_workers is not None else wq._system.config.max_total_workers
         self._thread_name_prefix = thread_name_prefix
         self._initializer = initializer  # type: ignore[assignment]  # TPE types it as returning None
         self._initargs = initargs
-        self._initialized = threading.local()
         self._shutdown = False
-        self._broken_reason: str | None = None  # why a failed initializer broke it
-        self._shutdown_lock = threading.Lock()
+        self._broken: str | bool = False  # type: ignore[assignment]  # False, or why it broke (as TPE)
+        self._shutdown_lock = make_lock("executor")
+        self._initialized = threading.local()
         self._future_class: type[CMWQFuture] = CMWQFuture
         if initializer is not None or thread_name_prefix:
             self._future_class = type("_Future", (_InitFuture,), {"_executor": self})
+        # dropped without shutdown(): its rescuer goes once its calls are done (thread.py's weakref
+        # callback does the same for its threads)
+        weakref.finalize(self, wq._close)
         _executors.add(self)
+
+    @property
+    def _work_queue(self) -> _PendingCalls:  # type: ignore[override]
+        """ThreadPoolExecutor's queue of calls not yet started: here a read-only view of them."""
+        return _PendingCalls(self._wq)
+
+    @property
+    def _threads(self) -> set[threading.Thread]:  # type: ignore[override]
+        """The threads that may run this executor's calls: the workers of the pools it uses."""
+        system = self._wq._system
+        pools = [system.unbound_pool] if self._wq._unbound else system.pools
+        threads: set[threading.Thread] = set()
+        for pool in pools:
+            with pool.lock:
+                threads.update(w.thread for w in pool.workers if w.thread is not None)
+        return threads
+
+    @property
+    def _idle_semaphore(self) -> threading.Semaphore:  # type: ignore[override]
+        """ThreadPoolExecutor counts its idle threads in a semaphore: a snapshot of the idle workers."""
+        system = self._wq._system
+        return threading.Semaphore(sum(pool.nr_idle for pool in system.pools))
 
     @property
     def workqueue(self) -> WorkQueue:
@@ -352,8 +384,8 @@ class CMWQExecutor(ThreadPoolExecutor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CMWQFuture:
         with self._shutdown_lock:
-            if self._broken_reason:
-                raise BrokenThreadPool(self._broken_reason)
+            if self._broken:
+                raise BrokenThreadPool(self._broken)
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if _shutting_down:
@@ -390,6 +422,8 @@ class CMWQExecutor(ThreadPoolExecutor):
             self._wq.flush()
             if self._wq._rescuer is not None:
                 self._wq._rescuer.stop()
+        else:
+            self._wq._close()  # the rescuer goes once the calls in flight are done
 
     shutdown.__doc__ = Executor.shutdown.__doc__
 
@@ -399,14 +433,14 @@ class CMWQExecutor(ThreadPoolExecutor):
         """Run the initializer once per worker thread; a failure breaks the executor."""
         if self._initializer is None or getattr(self._initialized, "done", False):
             return True
-        if self._broken_reason:
-            future.set_exception(BrokenThreadPool(self._broken_reason))
+        if self._broken:
+            future.set_exception(BrokenThreadPool(self._broken))
             return False
         try:
             self._initializer(*self._initargs)
         except BaseException as exc:
             self._break("A thread initializer failed, the thread pool is not usable anymore")
-            future.set_exception(BrokenThreadPool(self._broken_reason))
+            future.set_exception(BrokenThreadPool(self._broken))
             future.exception().__cause__ = exc  # type: ignore[union-attr]
             return False
         self._initialized.done = True
@@ -414,9 +448,9 @@ class CMWQExecutor(ThreadPoolExecutor):
 
     def _break(self, reason: str) -> None:
         with self._shutdown_lock:
-            if self._broken_reason:
+            if self._broken:
                 return
-            self._broken_reason = reason
+            self._broken = reason
         for work in self._wq._pending_works():
             if isinstance(work, CMWQFuture) and work._claim():
                 work.set_exception(BrokenThreadPool(reason))
@@ -435,23 +469,41 @@ def _run_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> li
     return [fn(*args) for args in chunk]
 
 
+class _PendingCalls:
+    """``executor._work_queue``: ``qsize()`` and ``empty()`` of the calls not yet started."""
+
+    __slots__ = ("_wq",)
+
+    def __init__(self, wq: WorkQueue) -> None:
+        self._wq = wq
+
+    def qsize(self) -> int:
+        return sum(1 for work in self._wq._pending_works() if not work.done())
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+
 def _python_exit() -> None:
-    """Interpreter shutdown: refuse new calls, let queued ones finish (like ThreadPoolExecutor)."""
+    """Interpreter shutdown: refuse new calls, let every queued one finish, whether or not its
+    executor is still referenced (like ThreadPoolExecutor), and the works of every workqueue."""
     global _shutting_down
     _shutting_down = True
-    for executor in list(_executors):
-        try:
-            executor._wq.flush()
-        except Exception:  # pragma: no cover - best effort at exit
-            pass
+    try:
+        _workqueue.flush_all()
+    except Exception:  # pragma: no cover - best effort at exit
+        _LOGGER.exception("cmwq_exec: waiting for queued works at exit failed")
 
 
-def after_fork() -> None:
+def _after_fork_in_child() -> None:
     """In a forked child: locks held by the parent's threads at fork time are fresh again."""
+    global _STRIPES
+    _STRIPES = tuple(make_lock("stripe") for _ in range(64))
     _help.depth = 0
     for executor in list(_executors):
-        executor._shutdown_lock = threading.Lock()
+        executor._shutdown_lock = make_lock("executor")
 
 
+os.register_at_fork(after_in_child=_after_fork_in_child)
 # Runs before threading joins non-daemon threads, like ThreadPoolExecutor's own exit hook.
 threading._register_atexit(_python_exit)  # type: ignore[attr-defined]

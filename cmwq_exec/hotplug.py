@@ -21,7 +21,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING
 
-from . import plugin
+from . import plugin, timer
 from .pool import (
     TRUSTEE_BUTCHER,
     TRUSTEE_DONE,
@@ -88,7 +88,17 @@ def cpu_down(system: System, cpu: int) -> None:
             return
         pool.trustee_state = TRUSTEE_START
     _trustee_event(pool, TRUSTEE_START)
-    start_thread(lambda: Trustee(pool).run(), f"cmwq/trustee:{pool.name}")
+    _start_trustee(pool)
+
+
+def _start_trustee(pool: WorkerPool) -> None:
+    """Start the trustee's thread; if it cannot be created, the timer thread tries again after
+    ``create_cooldown`` (the pool runs unbound meanwhile: its workers were unbound above)."""
+    try:
+        start_thread(lambda: Trustee(pool).run(), f"cmwq/trustee:{pool.name}")
+    except RuntimeError as exc:
+        log.warning("pool %s: cannot start its trustee (will retry): %s", pool.name, exc)
+        timer.add_timer(pool.system.config.create_cooldown, lambda: _start_trustee(pool))
 
 
 def cpu_up(system: System, cpu: int) -> None:
@@ -137,9 +147,8 @@ class Trustee:
                 else:
                     if pool.trustee_state == TRUSTEE_IN_CHARGE:
                         pool.trustee_state = TRUSTEE_BUTCHER
-                        pool.lock.release()
-                        _trustee_event(pool, TRUSTEE_BUTCHER)
-                        pool.lock.acquire()
+                        with pool.unlocked:
+                            _trustee_event(pool, TRUSTEE_BUTCHER)
                         continue
                     for worker in [w for w in pool.idle if not w.woken]:
                         pool.destroy_worker(worker, "trustee")
@@ -174,19 +183,17 @@ class Trustee:
             if left <= 0:
                 break
             if not idle.woken:
-                idle.woken = True
-                idle.park.release()
+                pool.wake_worker(idle)
                 left -= 1
         pool.send_mayday()
         if left > 0 and not pool.idle:
-            pool.lock.release()
             worker: Worker | None
-            try:
-                worker = pool.create_worker(rogue=True)
-            except WorkerCreationError as exc:
-                log.debug("trustee of %s: %s", pool.name, exc)
-                worker = None
-            pool.lock.acquire()
+            with pool.unlocked:
+                try:
+                    worker = pool.create_worker(rogue=True)
+                except WorkerCreationError as exc:
+                    pool.creation_failed(exc)
+                    worker = None
             if worker is not None:
                 pool.start_worker(worker)
                 pool.wake_up_worker()

@@ -5,21 +5,22 @@ its hot path: while only the kernel's formulas are registered that callable *is*
 plugins cost nothing until one is registered. Event hooks are exposed as :data:`events`, whose
 attribute of the same name is ``None`` while no plugin implements the hook; call sites test it first.
 
-A hook implementation that raises is logged once (with its plugin's name) and skipped: for a policy
-hook the next answer, in the end the kernel's, is used.
+A hook implementation that raises (any ``BaseException``: ``KeyboardInterrupt`` and ``SystemExit``
+too, which would otherwise end the worker thread that called it) is logged once (with its plugin's
+name) and skipped: for a policy hook the next answer, in the end the kernel's, is used.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from typing import Any, Optional
 
 import pluggy
 
 from . import hookspecs, policy
+from .lockdep import make_lock
 
 log = logging.getLogger("cmwq_exec.plugin")
 
@@ -39,7 +40,7 @@ EVENT_HOOKS = tuple(
     and name != "cmwq_select_pool"
 )
 
-_lock = threading.Lock()
+_lock = make_lock("plugin")
 _reported: set[tuple[str, str]] = set()
 _pm: pluggy.PluginManager | None = None
 
@@ -111,7 +112,7 @@ def _policy_caller(name: str, impls: list[tuple[str, Callable[..., Any]]],
         for plugin_name, fn in impls:
             try:
                 answer = fn(pool=pool)
-            except Exception as exc:  # a plugin never wedges a pool
+            except BaseException as exc:  # a plugin never wedges a pool
                 _report(plugin_name, hook, exc)
                 continue
             if answer is not None:
@@ -127,7 +128,7 @@ def _event_caller(hook: str, impls: list[tuple[str, Callable[..., Any]]]) -> Cal
         for plugin_name, fn in impls:
             try:
                 fn(**kwargs)
-            except Exception as exc:
+            except BaseException as exc:  # nor kills the worker thread that reports the event
                 _report(plugin_name, hook, exc)
 
     call.__name__ = hook
@@ -139,7 +140,7 @@ def _select_caller(impls: list[tuple[str, Callable[..., Any]]]) -> Callable[...,
         for plugin_name, fn in impls:
             try:
                 answer = fn(workqueue=workqueue, pools=pools, current_pool=current_pool)
-            except Exception as exc:
+            except BaseException as exc:
                 _report(plugin_name, "cmwq_select_pool", exc)
                 continue
             if answer is not None:
@@ -166,6 +167,14 @@ def _rebuild() -> None:
         setattr(events, name, _event_caller("cmwq_" + name, impls) if impls else None)
     for listener in list(_listeners):
         listener()
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = make_lock("plugin")  # a parent thread may have held it at fork time
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def on_change(listener: Callable[[], None]) -> None:

@@ -14,6 +14,15 @@ Invariants (``L:`` fields, under ``lock``; checked by :meth:`check_invariants` i
 * while the pool is online and not managing, at least one idle worker exists once it has started.
 
 Field ownership: ``I:`` set at init; ``L:`` under ``lock``; ``T:`` the trustee's while it is in charge.
+
+Interruptions. A ``KeyboardInterrupt`` (or any asynchronous exception) is raised only where the
+interpreter checks for one: when a call returns and on a backward jump, never between two stores.
+Every lock is taken in a ``with`` block (the lock is released however the block ends); a critical
+section reachable from a caller's thread makes its calls first (they may fail) and its changes
+after, with no call between two changes but the last; a move from one list to another pops in a
+``try`` and appends in its ``finally``. So an interruption anywhere leaves the invariants above true.
+A wakeup lost to one (a work appended, the wake not yet done) is made up by the watchdog, which
+wakes a worker for a pool with works pending and nobody running.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import plugin, timer
 from . import worker as _worker
+from .lockdep import make_lock
 from .worker import DIE, IDLE, NOT_RUNNING, ROGUE, Worker
 
 if TYPE_CHECKING:
@@ -44,6 +54,22 @@ class WorkerCreationError(RuntimeError):
     """A worker thread could not be created (thread limit, the configured cap, an injected fault)."""
 
 
+class Unlocked:
+    """``with pool.unlocked:`` drops the held pool lock for the block and takes it back however the
+    block ends (the manager creating a worker, a worker running a work)."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        self.lock.release()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.lock.acquire()
+
+
 class WorkerPool:
     """One pool of concurrency-managed workers (gcwq)."""
 
@@ -52,7 +78,8 @@ class WorkerPool:
         self.cpu = cpu  # I: None for the unbound pool
         self.index = index  # I: position in system.pools, indexes each workqueue's pwqs
         self.name = "unbound" if cpu is None else f"cpu{cpu}"  # I
-        self.lock = threading.Lock()
+        self.lock = make_lock("pool")
+        self.unlocked = Unlocked(self.lock)  # I
         self.worklist: deque[Any] = deque()  # L: pending works, FIFO
         self.idle: dict[Worker, None] = {}  # L: idle workers; the last inserted is woken first (LIFO)
         self.workers: set[Worker] = set()  # L: every worker of the pool
@@ -64,12 +91,11 @@ class WorkerPool:
         self.online = True  # L: serves its CPU; False once the CPU went down (trustee in charge)
         self.trustee_state = TRUSTEE_DONE  # L
         self.trustee_cond = threading.Condition(self.lock)  # trustee_wait
-        self.done_cond = threading.Condition(self.lock)  # reusable works completed (flush_work)
-        self.nr_done_waiters = 0  # L
+        self.dying = False  # L: System.shutdown(): workers exit as they go idle
         self.mayday_timer: timer.Timer | None = None  # L
         self.idle_timer: timer.Timer | None = None  # L
         self.next_worker_id = 0  # L
-        self.first_worker_pending = False  # L: the timer thread is trying to create a first worker
+        self.create_pending = False  # L: the timer thread is to create a worker (no worker can)
         # counters, L: read at scrape time
         self.nr_started = 0  # works started here
         self.cm_wakeups = 0  # wakeups by concurrency management (a runner slept, or was found stuck)
@@ -99,19 +125,37 @@ class WorkerPool:
         """Wake the first idle worker. L: held. Returns False if none is idle (the manager is at it)."""
         if not self.idle:
             return False
-        worker = next(reversed(self.idle))
+        self.wake_worker(next(reversed(self.idle)))
+        return True
+
+    def wake_worker(self, worker: Worker) -> None:
+        """Wake an idle worker unless it was woken already. L: held.
+
+        A worker parks by acquiring its ``park`` lock, which is held while it is idle; waking
+        releases it, at most once per idle period (``woken``), so a wakeup that comes before the
+        worker parks is kept by the lock and none is lost or doubled (see Worker.thread_main)."""
         if not worker.woken:
             worker.woken = True
             worker.park.release()
-        return True
 
-    def insert_work(self, work: Any) -> None:
-        """Append ``work`` to the worklist and wake a worker if the policy says so. L: held."""
-        self.worklist.append(work)
-        if self.need_more_worker(self) and not self.wake_up_worker() and not self.nr_workers:
-            self.schedule_first_worker()
+    def prepare_insert(self) -> None:
+        """Before works are appended to the worklist: arm the watchdog. L: held.
+
+        The calls that may fail come before the worklist changes (see "Interruptions")."""
         if not self.watchdog_armed:
             self.system.watchdog.arm(self)
+
+    def kick(self) -> None:
+        """After works were appended: wake a worker if the policy says so, or have one created if
+        the pool has nobody to wake and nobody who could create one. L: held."""
+        if self.need_more_worker(self) and not self.wake_up_worker() and not self.nr_workers:
+            self.schedule_create_worker()
+
+    def insert_work(self, work: Any) -> None:
+        """Append a work whose accounting is done to the worklist, and wake a worker. L: held."""
+        self.prepare_insert()
+        self.worklist.append(work)
+        self.kick()
 
     # -- worker state transitions (the kernel's worker_set_flags / worker_clr_flags) ---------------
 
@@ -144,7 +188,9 @@ class WorkerPool:
         worker.last_active = time.monotonic()
         self.idle[worker] = None
         self.nr_idle += 1
-        if worker.flags & ROGUE:
+        if self.dying:
+            self.destroy_worker(worker, "shutdown")
+        elif worker.flags & ROGUE:
             self.trustee_cond.notify_all()
         elif self.idle_timer is None and self.too_many_workers(self):
             self.idle_timer = timer.add_timer(self.system.config.idle_timeout, self.idle_worker_timeout)
@@ -163,7 +209,7 @@ class WorkerPool:
         The new worker is parked (not yet idle); :meth:`start_worker` puts it on the idle list.
         """
         system = self.system
-        with system.lock:
+        with system.threads_lock:
             if system.nr_threads >= system.config.max_total_workers:
                 raise WorkerCreationError(
                     f"worker cap reached: {system.nr_threads} threads >= max_total_workers="
@@ -178,7 +224,7 @@ class WorkerPool:
         try:
             worker.thread = _worker.start_thread(worker.thread_main, f"cmwq/{self.name}:{worker_id}")
         except BaseException as exc:
-            with system.lock:
+            with system.threads_lock:
                 system.nr_threads -= 1
             if isinstance(exc, WorkerCreationError):
                 raise
@@ -201,9 +247,8 @@ class WorkerPool:
         self.workers.discard(worker)
         self.nr_workers -= 1
         worker.flags |= DIE
-        worker.woken = True
-        worker.park.release()
-        with self.system.lock:
+        self.wake_worker(worker)
+        with self.system.threads_lock:
             self.system.nr_threads -= 1
         destroyed = plugin.events.worker_destroyed
         if destroyed is not None:
@@ -270,24 +315,27 @@ class WorkerPool:
         self.mayday_timer = timer.add_timer(config.mayday_initial_timeout, self.mayday_timeout)
         try:
             while True:
-                self.lock.release()
-                try:
-                    worker = self.create_worker(rogue=not self.online)
-                except WorkerCreationError as exc:
-                    failed = plugin.events.worker_create_failed
-                    if failed is not None:
-                        failed(pool=self, error=exc)
-                    log.debug("pool %s: %s", self.name, exc)
-                    time.sleep(config.create_cooldown)
-                    self.lock.acquire()
-                    if not self.need_to_create_worker(self):
-                        return True
-                    continue
-                self.lock.acquire()
-                self.start_worker(worker)
-                return True
+                with self.unlocked:
+                    try:
+                        worker = self.create_worker(rogue=not self.online)
+                    except WorkerCreationError as exc:
+                        self.creation_failed(exc)
+                        time.sleep(config.create_cooldown)
+                        worker = None
+                if worker is not None:
+                    self.start_worker(worker)
+                    return True
+                if not self.need_to_create_worker(self):
+                    return True
         finally:
             self._cancel_mayday_timer()
+
+    def creation_failed(self, exc: WorkerCreationError) -> None:
+        """A worker could not be created: tell the plugins (no lock held)."""
+        failed = plugin.events.worker_create_failed
+        if failed is not None:
+            failed(pool=self, error=exc)
+        log.debug("pool %s: %s", self.name, exc)
 
     def manage_workers(self, worker: Worker | None) -> bool:
         """Take the manager role (if free) and create a worker if needed. L: held, may be dropped.
@@ -314,49 +362,85 @@ class WorkerPool:
 
     def start(self) -> None:
         """Create the pool's first worker; if that fails, keep trying from the timer thread."""
-        try:
-            worker = self.create_worker()
-        except WorkerCreationError as exc:
-            log.warning("pool %s: cannot create its first worker (will retry): %s", self.name, exc)
-            with self.lock:
-                self.schedule_first_worker()
-            return
         with self.lock:
+            self.schedule_create_worker(now=True)
+
+    def schedule_create_worker(self, now: bool = False) -> None:
+        """A pool without an idle worker and without anyone to be its manager (no worker at all, or
+        its workers gone): the timer thread creates one, sends mayday while works wait, and retries
+        after ``create_cooldown``. With ``now``, the calling thread tries first. L: held."""
+        if self.create_pending:
+            return
+        self.create_pending = True
+        if now:
+            self._create_worker_from_timer(locked=True)
+        else:
+            timer.add_timer(0, self._create_worker_from_timer)
+
+    def _create_worker_from_timer(self, locked: bool = False) -> None:
+        if locked:
+            self._create_worker_locked()
+        else:
+            with self.lock:
+                self._create_worker_locked()
+
+    def _create_worker_locked(self) -> None:
+        """L: held (dropped while creating). Runs with create_pending set."""
+        if self.nr_idle or self.managing or self.dying:
+            self.create_pending = False
+            return
+        self.managing = True
+        try:
+            with self.unlocked:
+                try:
+                    worker: Worker | None = self.create_worker(rogue=not self.online)
+                except WorkerCreationError as exc:
+                    self.creation_failed(exc)
+                    log.warning("pool %s: cannot create a worker (will retry): %s", self.name, exc)
+                    worker = None
+        finally:
+            self.managing = False
+            if self.trustee_state != TRUSTEE_DONE:
+                self.trustee_cond.notify_all()
+        if worker is not None:
+            self.create_pending = False
             self.start_worker(worker)
             if self.need_more_worker(self):
                 self.wake_up_worker()  # works may be waiting (a pool handed back by its trustee)
-
-    def schedule_first_worker(self) -> None:
-        """A pool without any worker has nobody to be its manager: the timer thread tries to create
-        one, sends mayday while works wait, and retries after ``create_cooldown``. L: held."""
-        if self.first_worker_pending:
             return
-        self.first_worker_pending = True
-        timer.add_timer(0, self._create_first_worker)
+        if self.worklist:
+            self.nr_mayday += 1
+            self.send_mayday()
+        timer.add_timer(self.system.config.create_cooldown, self._create_worker_from_timer)
 
-    def _create_first_worker(self) -> None:
+    def shutdown(self) -> None:
+        """System.shutdown(): idle workers exit now, busy ones when they go idle."""
         with self.lock:
-            if self.nr_workers or self.managing:
-                self.first_worker_pending = False
-                return
-            self.managing = True
-        worker: Worker | None
-        try:
-            worker = self.create_worker(rogue=not self.online)
-        except WorkerCreationError:
-            worker = None
+            self.dying = True
+            if not self.worklist:  # else they run what is left and exit as they go idle
+                for worker in [w for w in self.idle if not w.woken]:
+                    self.destroy_worker(worker, "shutdown")
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
+                self.idle_timer = None
+
+    def worker_crashed(self, worker: Worker, exc: BaseException) -> None:
+        """A worker's loop raised (a bug; hooks and works cannot make it). Take the worker out of
+        the accounting and make sure the pool still has someone to run its works. No lock held."""
+        log.critical("cmwq_exec worker %r died: %r; the pool replaces it", worker, exc, exc_info=exc)
         with self.lock:
-            self.managing = False
-            if worker is not None:
-                self.first_worker_pending = False
-                self.start_worker(worker)
-                if self.need_more_worker(self):
-                    self.wake_up_worker()
-                return
-            if self.worklist:
-                self.nr_mayday += 1
-                self.send_mayday()
-            timer.add_timer(self.system.config.create_cooldown, self._create_first_worker)
+            if worker.flags & IDLE:
+                self.worker_leave_idle(worker)
+            if worker in self.workers:
+                self.workers.discard(worker)
+                self.nr_workers -= 1
+                if not worker.flags & NOT_RUNNING:
+                    self.nr_running -= 1
+                with self.system.threads_lock:
+                    self.system.nr_threads -= 1
+            worker.flags |= DIE
+            if self.worklist and not self.wake_up_worker():
+                self.schedule_create_worker()
 
     # -- reading ----------------------------------------------------------------------------------
 

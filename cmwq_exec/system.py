@@ -15,8 +15,9 @@ import threading
 import weakref
 from typing import Any
 
-from . import plugin
+from . import plugin, timer
 from .config import Config, from_environment
+from .lockdep import make_lock
 from .pool import WorkerPool
 from .watchdog import Watchdog
 
@@ -82,8 +83,10 @@ class System:
 
     def __init__(self, config: Config) -> None:
         self.config = config  # I
-        self.lock = threading.Lock()  # nr_threads, workqueues, online_pools changes
-        self.nr_threads = 0  # worker threads of all pools (the cap counts these)
+        self.lock = make_lock("system")  # workqueues, online_pools changes
+        self.threads_lock = make_lock("threads")  # nr_threads (a leaf: taken under a pool lock)
+        self.nr_threads = 0  # threads_lock: worker threads of all pools (the cap counts these)
+        self.stopped = False  # lock: shutdown() ran
         self.timing = False  # per-work timestamps for the histograms
         self.usable = usable_cpus()
         cpus = sorted(set(possible_cpus()) | self.usable)
@@ -103,6 +106,9 @@ class System:
         self._read_policy()
 
     def start(self) -> None:
+        # The timer thread first: mayday, retries of worker creation and delayed works all need
+        # it, and once running it cannot die, so no later caller can meet its creation failing.
+        timer.start()
         if self.config.detect_blocking:
             from .detect import enable
 
@@ -110,10 +116,55 @@ class System:
         for pool in self.online_pools:
             pool.start()
         if self.config.hotplug:
-            from .hotplug import HotplugMonitor
+            self.start_hotplug()
 
-            self.hotplug = HotplugMonitor(self)
-            self.hotplug.start()
+    def start_hotplug(self) -> None:
+        """Start the hotplug monitor; if its thread cannot be created, try again later (the pools
+        work meanwhile; only CPU changes go unnoticed)."""
+        from .hotplug import HotplugMonitor
+
+        with self.lock:
+            if self.stopped or self.hotplug is not None:
+                return
+            monitor = HotplugMonitor(self)
+            try:
+                monitor.start()
+            except RuntimeError as exc:
+                log.warning("cpu hotplug monitor not started (will retry): %s", exc)
+                timer.add_timer(self.config.create_cooldown, self.start_hotplug)
+                return
+            self.hotplug = monitor
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop every thread of these pools: with ``wait``, first wait for every work queued so
+        far; then refuse works on every workqueue, stop the rescuers and the hotplug monitor, and
+        let every worker exit (idle ones now, busy ones when their work ends). For tests and
+        embedders that replace the pools; the process's pools otherwise live as long as it does."""
+        with self.lock:
+            if self.stopped:
+                return
+            self.stopped = True
+            hotplug, self.hotplug = self.hotplug, None
+            workqueues = list(self._workqueues)
+        if hotplug is not None:
+            hotplug.stop()
+        for wq in workqueues:
+            if wait and not wq._destroyed:
+                wq.flush()
+            wq._destroyed = True
+            if wq._rescuer is not None:
+                wq._rescuer.stop()
+        for pool in self.pools:
+            pool.shutdown()
+        timer.shutdown(5.0 if wait else 0.0)
+        if wait:
+            threads = [w.thread for pool in self.pools for w in list(pool.workers)]
+            threads += [wq._rescuer.thread for wq in workqueues if wq._rescuer is not None]
+            if hotplug is not None and hotplug.thread is not None:
+                threads.append(hotplug.thread)
+            for thread in threads:
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join(5.0)
 
     def start_unbound_pool(self) -> None:
         with self.lock:
@@ -191,7 +242,7 @@ class System:
 
 
 _system: System | None = None
-_system_lock = threading.Lock()
+_system_lock = make_lock("system-registry")
 _config = Config()
 
 
@@ -228,34 +279,31 @@ def get_system() -> System:
             config = from_environment(_config)
             config.validate()
             system = System(config)
+            try:
+                system.start()
+            except BaseException:
+                system.shutdown(wait=False)  # a thread could not be started: try again next time
+                raise
             _system = system
-            system.start()
         return _system
 
 
 def _reset_for_tests(**options: Any) -> System:
-    """Replace the process's pools by fresh ones (tests only: the old pools' threads stay parked)."""
+    """Replace the process's pools by fresh ones (tests): the old ones are shut down first."""
     global _system, _config
     with _system_lock:
         old = _system
         _system = None
         _config = dataclasses.replace(Config(), **options)
-    if old is not None and old.hotplug is not None:
-        old.hotplug.stop()
+    if old is not None:
+        old.shutdown(wait=False)  # a test may have left a work blocked: never wait for it here
     return get_system()
 
 
 def _after_fork_in_child() -> None:
     global _system, _system_lock
-    _system = None
-    _system_lock = threading.Lock()
-    from . import executor, worker, workqueue
-
-    worker.current.worker = None  # forked from a worker: this thread is not one in the child
-    worker.current.detected = None
-    executor.after_fork()
-    for wq in list(workqueue.all_workqueues):
-        wq._reset_after_fork()
+    _system = None  # the parent's threads are gone: a fresh system starts on first use
+    _system_lock = make_lock("system-registry")
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

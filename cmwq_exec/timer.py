@@ -25,6 +25,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from .lockdep import make_lock
+
 log = logging.getLogger("cmwq_exec.timer")
 
 #: The longest delay a timer can have: a year, as good as never for a process. Longer delays are
@@ -81,7 +83,7 @@ class _Wheel:
     """
 
     def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        self.cond = threading.Condition(make_lock("timer"))
         self.heap: list[tuple[float, int, Timer]] = []  # L: cond
         self.seq = itertools.count()  # L: cond
         self.thread: threading.Thread | None = None  # L: cond; the thread serving the heap
@@ -92,16 +94,23 @@ class _Wheel:
         delay = min(max(delay, 0.0), MAX_DELAY)
         timer = Timer(time.monotonic() + delay, callback, self)
         with self.cond:
+            self.start_locked()  # first: a timer is queued only if a thread will serve it
             head = self.heap[0][0] if self.heap else None
             heapq.heappush(self.heap, (timer.deadline, next(self.seq), timer))
-            if self.thread is None or not self.thread.is_alive():
-                if self.thread is not None:
-                    log.error("cmwq_exec timer thread %r had died; starting a new one", self.thread)
-                self.thread = threading.Thread(target=self.run, name="cmwq-timer", daemon=True)
-                self.thread.start()
-            elif head is None or timer.deadline < head:
+            if head is None or timer.deadline < head:
                 self.cond.notify()
         return timer
+
+    def start_locked(self) -> None:
+        """Make sure a thread serves the heap; RuntimeError if none can be started. L: cond."""
+        thread = self.thread
+        if thread is not None and thread.is_alive():
+            return
+        if thread is not None and thread.ident is not None:
+            log.error("cmwq_exec timer thread %r had died; starting a new one", thread)
+        thread = threading.Thread(target=self.run, name="cmwq-timer", daemon=True)
+        thread.start()
+        self.thread = thread
 
     def run(self) -> None:
         """The timer thread: serve the heap until this thread is no longer the wheel's."""
@@ -158,7 +167,7 @@ class _Wheel:
 
     def after_fork(self) -> None:
         """In a child: the parent's thread is gone and its lock may have been held at fork."""
-        self.cond = threading.Condition(threading.Lock())
+        self.cond = threading.Condition(make_lock("timer"))
         self.heap = []
         self.thread = None
 
@@ -173,6 +182,12 @@ def add_timer(delay: float, callback: Callable[[], None]) -> Timer:
     ``delay`` is clamped to ``[0, MAX_DELAY]``; NaN raises ValueError here, in the caller.
     """
     return _wheel.add(delay, callback)
+
+
+def start() -> None:
+    """Start the process's timer thread now if it is not running (RuntimeError if it cannot be)."""
+    with _wheel.cond:
+        _wheel.start_locked()
 
 
 def shutdown(timeout: float | None = 5.0) -> bool:

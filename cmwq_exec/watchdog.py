@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
 from . import plugin, timer
+from .lockdep import make_lock
 from .worker import CPU_INTENSIVE, HOG_SEEN, IDLE, NOT_RUNNING, STUCK, thread_cpu_ns
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class Watchdog:
 
     def __init__(self, system: System) -> None:
         self.system = system
-        self.lock = threading.Lock()
+        self.lock = make_lock("watchdog")
         self.load_at = time.monotonic()  # lock: last CPU-load window
         self.load_cpu = time.process_time()
         self.load = 0.0  # cores the process used over the last window
@@ -87,10 +87,10 @@ class Watchdog:
 
     def arm(self, pool: WorkerPool) -> None:
         """Start looking at ``pool`` (it has pending works). L: pool.lock held."""
-        pool.watchdog_armed = True
+        timer.add_timer(self.system.config.watchdog_tick, lambda: self.check(pool))
         pool.wd_started = pool.nr_started
         pool.wd_progress_at = time.monotonic()
-        timer.add_timer(self.system.config.watchdog_tick, lambda: self.check(pool))
+        pool.watchdog_armed = True  # last: armed only once the timer is set
 
     def cpu_load(self, now: float) -> float:
         """Cores used by the process, measured over windows of at least half a tick."""

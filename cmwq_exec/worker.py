@@ -17,10 +17,13 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from . import plugin
+from .lockdep import make_lock
+from .pending import NOWHERE, RESCUE, SCHEDULED, WORKLIST, work_flush
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -53,6 +56,14 @@ class _Current(threading.local):
 current = _Current()
 
 
+def _after_fork_in_child() -> None:
+    current.worker = None  # forked from a worker: this thread is not one in the child
+    current.detected = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def current_worker() -> Worker | None:
     """The worker (or rescuer) the calling thread is, or None."""
     return current.worker
@@ -71,7 +82,7 @@ class Worker:
     __slots__ = (
         "pool", "id", "thread", "native_id", "flags", "park", "woken", "last_active",
         "current_work", "current_pwq", "current_counted", "scheduled", "sleep_depth", "sleeping_wq",
-        "work_seq", "cpu_sample", "__weakref__",
+        "waiting_wq", "work_seq", "cpu_sample", "__weakref__",
     )
 
     def __init__(self, pool: WorkerPool, worker_id: int) -> None:
@@ -90,6 +101,7 @@ class Worker:
         self.scheduled: deque[Any] = deque()  # L: works that collided with the one we run
         self.sleep_depth = 0  # X: nesting of blocking()
         self.sleeping_wq: Any = None  # wq._lock: the workqueue whose running count our sleep lowered
+        self.waiting_wq: Any = None  # wq._lock: the workqueue whose active count our wait lowered
         self.work_seq = 0  # L: bumped per work; the watchdog tells works apart with it
         self.cpu_sample: tuple[int, int, int, float] | None = None  # L: the watchdog's last look:
         # (work_seq, CPU ns at its first look at that work, CPU ns now, when)
@@ -103,42 +115,54 @@ class Worker:
         system = pool.system
         if pool.cpu is None or system.config.pin_workers:
             system.bind_thread(pool)
+        try:
+            self.worker_loop()
+        except BaseException as exc:  # a bug: works and hooks cannot raise into the loop
+            pool.worker_crashed(self, exc)
+
+    def worker_loop(self) -> None:
+        pool = self.pool
         park, lock = self.park, pool.lock
-        park.acquire()
-        lock.acquire()
         while True:
-            # woke up
-            if self.flags & DIE:
-                lock.release()
-                return
-            pool.worker_leave_idle(self)
-            while True:  # recheck
-                if not pool.need_more_worker(pool):
-                    if pool.manage_requested and pool.manage_workers(self):
-                        continue
-                    break
-                # the last idle worker about to work first makes another one
-                if not pool.may_start_working(pool) and pool.manage_workers(self):
-                    continue
-                pool.worker_clr_flags(self, PREP)
-                worklist = pool.worklist
-                while worklist:
-                    self.process_one_work(worklist.popleft())
-                    scheduled = self.scheduled
-                    while scheduled:
-                        self.process_one_work(scheduled.popleft())
-                    if not pool.keep_working(pool):
-                        break
-                pool.worker_set_flags(self, PREP, wakeup=False)
-                if self.flags & STUCK:
-                    self.flags &= ~STUCK  # a worker found blocked is counted again once it idles
-                if pool.need_to_manage_workers(pool) and pool.manage_workers(self):
+            # Parked until woken. No wakeup can be lost: ``park`` stays held from the moment the
+            # worker is put on the idle list (under the pool lock) until a waker releases it (under
+            # the pool lock, once per idle period: ``woken``); a release before this acquire is
+            # kept by the lock, and this acquire consumes exactly that release.
+            park.acquire()
+            with lock:
+                if self.flags & DIE:
+                    return
+                pool.worker_leave_idle(self)
+                self.work_until_idle()
+
+    def work_until_idle(self) -> None:
+        """The kernel's worker_thread body, from leaving idle to going idle again. L: held
+        (dropped while a work runs or the manager creates a worker)."""
+        pool = self.pool
+        while True:  # recheck
+            if not pool.need_more_worker(pool):
+                if pool.manage_requested and pool.manage_workers(self):
                     continue
                 break
-            pool.worker_enter_idle(self)
-            lock.release()
-            park.acquire()
-            lock.acquire()
+            # the last idle worker about to work first makes another one
+            if not pool.may_start_working(pool) and pool.manage_workers(self):
+                continue
+            pool.worker_clr_flags(self, PREP)
+            worklist = pool.worklist
+            while worklist:
+                self.process_one_work(worklist.popleft())
+                scheduled = self.scheduled
+                while scheduled:
+                    self.process_one_work(scheduled.popleft())
+                if not pool.keep_working(pool):
+                    break
+            pool.worker_set_flags(self, PREP, wakeup=False)
+            if self.flags & STUCK:
+                self.flags &= ~STUCK  # a worker found blocked is counted again once it idles
+            if pool.need_to_manage_workers(pool) and pool.manage_workers(self):
+                continue
+            break
+        pool.worker_enter_idle(self)
 
     def process_one_work(self, work: Any) -> None:
         """Run one work. Called and returns with the pool lock held; drops it while the work runs.
@@ -150,11 +174,11 @@ class Worker:
         if work._reusable:
             running = work._worker
             if running is not None and running is not self:
+                work._where = SCHEDULED
                 running.scheduled.append(work)
-                work._where = "scheduled"
                 return
             work._worker = self
-            work._where = None
+            work._where = NOWHERE
             work._pending.release()  # from here on it may be queued again
         pwq = work._pwq
         color = work._color
@@ -169,32 +193,31 @@ class Worker:
         timing = pool.system.timing
         if pool.worklist and pool.need_more_worker(pool):
             pool.wake_up_worker()  # kick: a policy that allows more runners gets them chained
-        pool.lock.release()
-
-        if timing:
-            started = time.monotonic()
-            cpu_started = time.thread_time()
-        else:
-            started = cpu_started = 0.0
-        started_hook = plugin.events.work_started
-        if started_hook is not None:
-            started_hook(pool=pool, workqueue=pwq.wq, work=work)
-        try:
-            error = work._execute()
-        except BaseException as exc:  # past the work's own handling (e.g. a done callback's SystemExit)
-            log.exception("cmwq_exec worker %s: %r escaped the completion of %r", self, exc, work)
-            error = exc
-        finished_hook = plugin.events.work_finished
-        if finished_hook is not None:
-            finished_hook(pool=pool, workqueue=pwq.wq, work=work, error=error)
-        error = None
         wq = pwq.wq
-        if self.sleeping_wq is not None:
-            self.sleeping_wq._work_wakes(self)  # a blocking() left unbalanced by an injected exception
-        if counted:
-            wq._work_done()
-
-        pool.lock.acquire()
+        with pool.unlocked:
+            if timing:
+                started = time.monotonic()
+                cpu_started = time.thread_time()
+            else:
+                started = cpu_started = 0.0
+            started_hook = plugin.events.work_started
+            if started_hook is not None:
+                started_hook(pool=pool, workqueue=wq, work=work)
+            try:
+                error = work._execute()
+            except BaseException as exc:  # past the work's own handling (a done callback's SystemExit)
+                log.exception("cmwq_exec worker %s: %r escaped the completion of %r", self, exc, work)
+                error = exc
+            finished_hook = plugin.events.work_finished
+            if finished_hook is not None:
+                finished_hook(pool=pool, workqueue=wq, work=work, error=error)
+            error = None
+            if self.sleeping_wq is not None:
+                self.sleeping_wq._work_wakes(self)  # a blocking() left unbalanced by an injected exception
+            if self.waiting_wq is not None:
+                self.waiting_wq._work_stops_waiting(self)  # likewise for a wait on another work
+            if counted:
+                wq._work_done()
         if timing:
             ended = time.monotonic()
             pwq.observe(started - queued_at, ended - started, time.thread_time() - cpu_started)
@@ -204,8 +227,10 @@ class Worker:
         self.current_pwq = None
         if work._reusable:
             work._worker = None
-            if pool.nr_done_waiters:
-                pool.done_cond.notify_all()
+            if work_flush.waiters:
+                work_flush.notify()
+        else:
+            work._pwq = None  # a finished call keeps no workqueue (nor its executor's rescuer) alive
         pwq.nr_completed += 1
         wq._drop_in_flight(pwq, color)
 
@@ -235,12 +260,26 @@ class Worker:
         with pool.lock:
             depth = self.sleep_depth = self.sleep_depth - 1
             if depth == 0:
-                oflags = self.flags
-                self.flags = oflags & ~SLEEPING
-                if oflags & SLEEPING and not self.flags & NOT_RUNNING:
-                    pool.nr_running += 1
+                pool.worker_clr_flags(self, SLEEPING)
         if depth == 0 and self.sleeping_wq is not None:
             self.sleeping_wq._work_wakes(self)
+
+    def wait_begin(self) -> bool:
+        """The current work is about to wait for another work (a future, a flush): while it waits
+        it holds no max_active slot of its workqueue, so the work it waits for can always start
+        (the kernel's answer: a sleeper is not counted). Returns whether this call gave the slot
+        up (pass it to wait_end). X: on the worker's own thread."""
+        pwq = self.current_pwq
+        if self.current_counted and pwq is not None and self.waiting_wq is None:
+            pwq.wq._work_waits(self)
+            return True
+        return False
+
+    def wait_end(self, began: bool) -> None:
+        """The wait that wait_begin() began is over: the work counts against max_active again."""
+        wq = self.waiting_wq
+        if began and wq is not None:
+            wq._work_stops_waiting(self)
 
     def count_cm_wakeup(self) -> None:
         """A wakeup happened because this worker stopped running. L: held."""
@@ -253,13 +292,26 @@ class Worker:
 
 
 class Rescuer:
-    """The rescuer of one workqueue: a reserved thread that runs its works where workers are lacking."""
+    """The rescuer of one workqueue: a reserved thread that runs its works where workers are lacking.
+
+    It holds its workqueue weakly: a workqueue (or executor) nobody references stops its rescuer
+    (``stop``, from the workqueue's finalizer), and one that is closing (``close``: an executor shut
+    down without waiting) stops it once its works are done.
+    """
 
     def __init__(self, wq: Any, system: Any) -> None:
-        self.wq = wq
-        self.cond = threading.Condition(threading.Lock())
-        self.pools: deque[WorkerPool] = deque()  # under cond: pools that sent mayday
-        self.stopping = False  # under cond
+        self.wq_ref = weakref.ref(wq)
+        self.name = wq.name
+        self.lock = make_lock("rescuer")
+        self.pools: deque[WorkerPool] = deque()  # lock: pools that sent mayday
+        self.stopping = False  # set once, read by the rescuer after a signal
+        self.closing = False  # likewise: stop once the workqueue has no works in flight
+        # The rescuer sleeps on ``wake``, a lock used as a binary semaphore (held: no signal).
+        # Signalling is a bare release, which takes no lock of ours: a finalizer run by the
+        # garbage collector in the middle of any critical section may signal safely.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.held: deque[Any] = deque()  # L (the rescued pool's lock): works taken to run next
         self.worker = Worker(system.unbound_pool, -1)
         self.worker.flags = RESCUER
         try:
@@ -267,51 +319,82 @@ class Rescuer:
         except RuntimeError as exc:  # like the kernel: no rescuer, no workqueue
             raise RuntimeError(f"cannot create the rescuer thread of workqueue {wq.name!r}: {exc}") from exc
 
+    def signal(self) -> None:
+        try:
+            self.wake.release()
+        except RuntimeError:
+            pass  # a signal is pending already
+
     def summon(self, pool: WorkerPool) -> None:
         """Mayday from ``pool``. Called with ``pool.lock`` held (lock order: pool, then rescuer)."""
-        with self.cond:
-            if pool not in self.pools:
-                self.pools.append(pool)
-                self.cond.notify()
+        with self.lock:
+            if pool in self.pools:
+                return
+            self.pools.append(pool)
+        self.signal()
 
     def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
+        """Stop now (the workqueue is destroyed or gone). Safe from a finalizer."""
+        self.stopping = True
+        self.signal()
+
+    def close(self) -> None:
+        """Stop once the workqueue's works are done (the workqueue kicks on each drained color).
+        Safe from a finalizer."""
+        self.closing = True
+        self.signal()
+
+    kick = signal
 
     def thread_main(self) -> None:
         worker = self.worker
         current.worker = worker
         worker.native_id = threading.get_native_id()
         while True:
-            with self.cond:
-                while not self.pools and not self.stopping:
-                    self.cond.wait()
-                if self.stopping:
+            self.wake.acquire()  # until signalled (a signal before this is kept by the lock)
+            while not self.stopping:
+                with self.lock:
+                    pool = self.pools.popleft() if self.pools else None
+                wq = self.wq_ref()
+                if wq is None:
                     return
-                pool = self.pools.popleft()
-            try:
-                self.rescue(pool)
-            except Exception:
-                log.exception("rescuer of %s failed on pool %s", self.wq.name, pool.name)
+                if pool is None:
+                    drained = self.closing and not any(wq._in_flight_counts())
+                    del wq  # never sleep holding the workqueue: its finalizer stops this thread
+                    if drained:
+                        return
+                    break  # nothing to do until the next signal
+                try:
+                    self.rescue(wq, pool)
+                except Exception:
+                    log.exception("rescuer of %s failed on pool %s", self.name, pool.name)
+                del wq
+            if self.stopping:
+                return
 
-    def rescue(self, pool: WorkerPool) -> None:
-        """Run this workqueue's pending works on ``pool``, one at a time, while the pool still lacks
-        workers; then kick the pool so a regular worker takes over."""
+    def rescue(self, wq: Any, pool: WorkerPool) -> None:
+        """Run the workqueue's pending works on ``pool``, one at a time, while the pool still lacks
+        workers; then put back what is left and kick the pool so a regular worker takes over.
+
+        One pass over the worklist takes all of the workqueue's works (in order) into ``held``, so
+        a backlog costs one scan per rescue, not one per work."""
         worker = self.worker
         worker.pool = pool
         pool.system.bind_thread(pool)
-        wq = self.wq
+        held = self.held
         with pool.lock:
-            while True:
-                work = None
-                for i, candidate in enumerate(pool.worklist):
-                    if candidate._pwq.wq is wq:
-                        work = candidate
-                        del pool.worklist[i]
-                        break
-                if work is None:
-                    break
+            mine = [w for w in pool.worklist if w._pwq.wq is wq]
+            if mine:
+                others = [w for w in pool.worklist if w._pwq.wq is not wq]
+                for work in mine:
+                    work._where = RESCUE
+                held.extend(mine)
+                try:
+                    pool.worklist.clear()
+                finally:
+                    pool.worklist.extend(others)
+            while held:
+                work = held.popleft()
                 pwq = work._pwq
                 worker.process_one_work(work)
                 pwq.nr_rescued += 1
@@ -320,6 +403,14 @@ class Rescuer:
                     rescued(pool=pool, workqueue=wq, work=work)
                 if not (pool.need_to_create_worker(pool) or not pool.online):
                     break
+            if held:  # the pool has workers again: they take the rest, first in line
+                for work in held:
+                    work._where = WORKLIST
+                rest = list(held)
+                try:
+                    held.clear()
+                finally:
+                    pool.worklist.extendleft(reversed(rest))
             if pool.need_more_worker(pool):
                 pool.wake_up_worker()
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -33,6 +35,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import plugin, timer
+from . import system as _system
+from .lockdep import make_lock
+from .pending import INACTIVE, NOWHERE, RESCUE, SCHEDULED, TIMER, WORKLIST, work_flush
 from .worker import Rescuer, current, current_worker
 
 if TYPE_CHECKING:
@@ -101,7 +106,8 @@ class Work:
     A work is *pending* from the moment it is queued until a worker starts it; queueing a pending
     work does nothing and returns False. A work never runs concurrently with itself: queued again
     while it runs, it runs again after, on the same pool. Exceptions are logged (a work has no
-    caller to return to); use :class:`cmwq_exec.CMWQExecutor` for results.
+    caller to return to); use :class:`cmwq_exec.CMWQExecutor` for results. Its pending state is
+    described in :mod:`cmwq_exec.pending`.
     """
 
     _reusable = True
@@ -115,13 +121,12 @@ class Work:
         self.args = args
         self.kwargs = kwargs
         self._pending = threading.Lock()  # locked while pending: test-and-set is acquire(False)
-        self._pwq: PoolWorkqueue | None = None
+        self._pwq: PoolWorkqueue | None = None  # the owning workqueue's state on the chosen pool
         self._color = 0
         self._queued_at = 0.0
         self._counted = False  # holds a max_active slot of its workqueue (set under wq._lock)
         self._worker: Any = None  # L: the worker running it
-        self._where: str | None = None  # where a pending work sits: queueing, timer, inactive,
-        # moving, worklist, scheduled
+        self._where = NOWHERE  # wq._lock (and L for pool lists): where it sits while pending
         self._timer: timer.Timer | None = None
 
     def _execute(self) -> BaseException | None:
@@ -145,74 +150,40 @@ class Work:
         """Take the work off its queue if pending. Returns True if it was pending (and now is not).
         A run already started is not interrupted."""
         while True:
-            if not self._pending.locked():
-                return False
-            where = self._where
-            if where == "timer":
-                tm = self._timer
-                if tm is not None and tm.cancel():
-                    self._where = None
-                    self._pending.release()
-                    return True
-            elif where == "inactive":
-                pwq = self._pwq
-                assert pwq is not None
-                wq = pwq.wq
-                with wq._lock:
-                    grabbed = self._where == "inactive"
-                    if grabbed:
-                        wq._inactive.remove(self)
-                        self._where = None
-                if grabbed:
-                    with pwq.pool.lock:
-                        wq._drop_in_flight(pwq, self._color)
-                    self._pending.release()
-                    return True
-            elif where in ("worklist", "scheduled"):
-                pwq = self._pwq
-                assert pwq is not None
-                pool = pwq.pool
-                with pool.lock:
-                    if self._where == where and self._pwq is pwq:
-                        if where == "worklist":
-                            pool.worklist.remove(self)
-                        else:
-                            self._worker.scheduled.remove(self)
-                        self._where = None
-                        pwq.wq._drop_in_flight(pwq, self._color)
-                        grabbed = True
-                    else:
-                        grabbed = False
-                if grabbed:
-                    if self._counted:
-                        pwq.wq._work_done()  # its slot passes on
-                    self._pending.release()
-                    return True
-            time.sleep(0)  # queueing or moving between lists right now: look again
+            pwq = self._pwq
+            if pwq is None:
+                return False  # never queued
+            wq = pwq.wq
+            with wq._lock:
+                if self._pwq is None or self._pwq.wq is not wq:
+                    continue  # queued on another workqueue meanwhile: ask that one
+                answer = wq._cancel_locked(self)
+            if answer is not None:
+                return answer
+            # Pending, but placed by no workqueue: another workqueue is queueing it at this very
+            # moment (the same work queued on two workqueues at once) and has not yet recorded
+            # itself as the owner. The only wait of this kind; it lasts a few bytecodes.
+            time.sleep(0)
 
     def flush(self) -> bool:
         """Wait until the work is neither pending nor running. Returns True if it had to wait."""
         worker = current_worker()
         if worker is not None and worker.current_work is self:
             raise RuntimeError("a work cannot flush itself: it would wait for its own end")
+        if self._pwq is None:
+            return False
         waited = False
-        from .blocking import blocking
-
-        with blocking():
-            while True:
-                pwq = self._pwq
-                if pwq is None:
-                    return waited
-                pool = pwq.pool
-                with pool.lock:
-                    if not self._pending.locked() and self._worker is None:
-                        return waited
-                    pool.nr_done_waiters += 1
-                    try:
-                        pool.done_cond.wait(0.05)  # completions notify; the timeout rechecks moves
-                    finally:
-                        pool.nr_done_waiters -= 1
-                waited = True
+        cond = work_flush.cond
+        with waiting(worker):
+            with cond:
+                work_flush.waiters += 1
+                try:
+                    while self._pending.locked() or self._worker is not None:
+                        cond.wait()
+                        waited = True
+                finally:
+                    work_flush.waiters -= 1
+        return waited
 
     def cancel_sync(self) -> bool:
         """Cancel, then wait for a run in progress to end. On return the work is neither pending nor
@@ -231,14 +202,37 @@ class DelayedWork(Work):
     __slots__ = ()
 
     def flush(self) -> bool:
-        """Queue it now if its timer is still pending, then wait for it (flush_delayed_work)."""
-        tm = self._timer
-        if self._where == "timer" and tm is not None and tm.cancel():
-            pwq = self._pwq
-            assert pwq is not None
-            self._where = "queueing"
-            pwq.wq._queue(self)
+        """Queue it now if its timer is still pending, then wait for it (flush_delayed_work).
+
+        If its workqueue was destroyed meanwhile, the work is cancelled (with a warning) instead."""
+        pwq = self._pwq
+        if pwq is not None and self._where is TIMER:
+            pwq.wq._fire_delayed(self, now=True)
         return super().flush()
+
+
+class waiting:
+    """``with waiting(worker):`` around a wait for other works: the worker sleeps (another worker
+    takes over) and gives its max_active slot up meanwhile (the awaited work can start). A no-op
+    outside a worker."""
+
+    __slots__ = ("worker", "began")
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.began = False
+
+    def __enter__(self) -> None:
+        worker = self.worker
+        if worker is not None:
+            worker.sleep_begin()
+            self.began = worker.wait_begin()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        worker = self.worker
+        if worker is not None:
+            worker.wait_end(self.began)
+            worker.sleep_end()
 
 
 class WorkQueue:
@@ -266,27 +260,28 @@ class WorkQueue:
                                  f"None, got {max_running!r}")
             flags |= WQ.UNBOUND
             max_active = 1
-        from .system import get_system
-
         self.name = name
         self.flags = flags
-        self._system = system = get_system()
+        self._system = system = _system.get_system()
         self._unbound = bool(flags & WQ.UNBOUND)
         self._max_active = max_active  # L: _lock to change; read racily on the hot path
         self._max_running = max_running  # L: as _max_active
         self._limited = max_active is not None or max_running is not None  # L: as _max_active
-        self._lock = threading.Lock()
+        self._lock = make_lock("workqueue")
         self._nr_active = 0  # _lock: works of a limited workqueue on a worklist or running
         self._nr_sleeping = 0  # _lock: of those, asleep in blocking() (counted if max_running is set)
+        self._nr_waiting = 0  # _lock: of those, waiting for another work (no max_active slot held)
         self._inactive: deque[Any] = deque()  # _lock: works waiting for max_active
         self._work_color = 0  # _flush_cond: the color new works get
-        self._flush_cond = threading.Condition(threading.Lock())
+        self._flush_cond = threading.Condition(make_lock("flush"))
         self._flush_seq = 0  # _flush_cond: bumped when a color count reaches zero
         self._nr_flushers = 0  # _flush_cond
         self._draining = 0
         self._destroyed = False
         self._pwqs = [PoolWorkqueue(self, pool) for pool in system.pools]
         self._rescuer = Rescuer(self, system) if flags & WQ.RESCUER else None
+        if self._rescuer is not None:
+            weakref.finalize(self, self._rescuer.stop)  # nobody can queue on it any more
         system.add_workqueue(self)
         all_workqueues.add(self)
         if self._unbound:
@@ -323,15 +318,16 @@ class WorkQueue:
 
     def _queue_if_idle(self, work: Work, cpu: int | None) -> bool:
         """Take the pending bit and queue; False if the work is already pending."""
-        if not work._pending.acquire(False):
-            return False
-        work._where = "queueing"
-        try:
-            self._queue(work, cpu)
-        except BaseException:
-            work._where = None
-            work._pending.release()
-            raise
+        with self._lock:
+            try:
+                if not work._pending.acquire(False):
+                    return False
+                self._check_open()
+                self._place(work, self._select_pool(work, cpu))
+            except BaseException:
+                if work._where is NOWHERE and work._pending.locked():
+                    work._pending.release()  # taken here and placed nowhere
+                raise
         return True
 
     def queue_delayed_work(self, work: DelayedWork, delay: float) -> bool:
@@ -339,28 +335,51 @@ class WorkQueue:
         if not isinstance(work, DelayedWork):
             raise TypeError(f"queue_delayed_work(work, delay): work must be a cmwq_exec.DelayedWork, "
                             f"got {type(work).__name__}")
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
-            raise ValueError(f"queue_delayed_work(work, delay): delay must be a number of seconds >= 0, "
-                             f"got {delay!r}")
+        delay = timer.check_delay("queue_delayed_work(work, delay): delay", delay)
         if delay == 0:
             return self.queue_work(work)
-        self._check_open()
-        if not work._pending.acquire(False):
-            return False
-        work._pwq = self._pwqs[self._system.unbound_pool.index]  # remembers the workqueue
-        work._where = "timer"
-
-        def fire() -> None:
-            work._where = "queueing"
+        with self._lock:
+            self._check_open()
             try:
-                self._queue(work)
-            except Exception:
-                log.exception("delayed work %r could not be queued on %s", work, self.name)
-                work._where = None
-                work._pending.release()
-
-        work._timer = timer.add_timer(delay, fire)
+                if not work._pending.acquire(False):
+                    return False
+                work._pwq = self._pwqs[self._system.unbound_pool.index]  # the owner, until it fires
+                tm = timer.add_timer(delay, functools.partial(self._fire_delayed, work))
+                work._timer = tm
+                work._where = TIMER
+            except BaseException:
+                if work._where is NOWHERE and work._pending.locked():
+                    work._pending.release()
+                raise
         return True
+
+    def _fire_delayed(self, work: DelayedWork, now: bool = False) -> None:
+        """A delayed work's timer fired (on the timer thread), or ``flush()`` wants it now: queue it
+        if it still waits for its timer. A destroyed workqueue cancels it, with a warning.
+
+        A timer that fired after the work was cancelled and queued again with a new timer finds
+        that new timer still pending and leaves the work to it."""
+        pool = self._select_pool(work, None)
+        with self._lock:
+            tm = work._timer
+            if work._where is not TIMER or tm is None or (tm.pending and not now):
+                return  # cancelled, or waiting for another timer
+            if now:
+                tm.cancel()  # if it fires meanwhile, its callback finds the work queued
+            if self._destroyed:
+                log.warning("workqueue %r was destroyed while %r waited for its delay: cancelled",
+                            self.name, work)
+                work._where = NOWHERE
+                work._pending.release()
+                if work_flush.waiters:
+                    work_flush.notify()
+                return
+            work._where = NOWHERE
+            try:
+                self._place(work, pool)
+            except BaseException:
+                work._pending.release()
+                raise
 
     def _check_open(self) -> None:
         if self._destroyed:
@@ -377,7 +396,7 @@ class WorkQueue:
         if work._reusable and work._worker is not None:
             # non-reentrancy: where it runs now, whatever the workqueue (even an unbound one), so
             # the running worker takes it over under one pool lock
-            return work._worker.pool
+            return work._worker.pool  # type: ignore[no-any-return]
         if self._unbound:
             return system.unbound_pool
         if cpu is not None:  # queue_work_on()
@@ -394,73 +413,150 @@ class WorkQueue:
         return pool
 
     def _queue(self, work: Any, cpu: int | None = None) -> None:
-        """Put a work (pending bit already ours) on its pool, or on the inactive list beyond
-        max_active. The hot path of every queued work."""
+        """Queue a one-shot work (a submitted call): the hot path of every submit."""
         if self._draining or self._destroyed:
             self._check_open()
         pool = self._select_pool(work, cpu)
+        if self._limited:
+            with self._lock:
+                self._place(work, pool)
+            return
         pwq = self._pwqs[pool.index]
         work._pwq = pwq
         if self._system.timing:
             work._queued_at = time.monotonic()
-        lock = pool.lock
-        lock.acquire()
-        color = work._color = self._work_color
-        in_flight = pwq.in_flight
-        in_flight[color] = in_flight.get(color, 0) + 1
-        if not self._limited:
-            work._counted = False
-            pool.insert_work(work)
-            if work._reusable:
-                work._where = "worklist"
-            lock.release()
-            return
-        lock.release()
-        with self._lock:
-            limited = self._limited  # again, under the lock: set_max_active may have run
-            active = not limited or self._may_activate_locked()
-            work._counted = limited and active
-            if work._counted:
-                self._nr_active += 1
-            elif not active:
+        with pool.lock:
+            pool.prepare_insert()
+            color = self._work_color
+            in_flight = pwq.in_flight
+            count = in_flight.get(color, 0) + 1
+            # the changes, no call between them but the last (see pool.py, "Interruptions")
+            work._color = color
+            work._where = WORKLIST
+            in_flight[color] = count
+            pool.worklist.append(work)
+            pool.kick()
+
+    def _place(self, work: Any, pool: WorkerPool) -> None:
+        """Put a work whose pending state is ours on ``pool``'s worklist, or on the inactive list
+        beyond the limits. _lock held."""
+        pwq = self._pwqs[pool.index]
+        work._pwq = pwq
+        if self._system.timing:
+            work._queued_at = time.monotonic()
+        limited = self._limited
+        active = not limited or self._may_activate_locked()
+        with pool.lock:
+            if active:
+                pool.prepare_insert()
+            color = self._work_color
+            in_flight = pwq.in_flight
+            count = in_flight.get(color, 0) + 1
+            work._color = color
+            if not active:
+                work._counted = False
+                work._where = INACTIVE
+                in_flight[color] = count
                 self._inactive.append(work)
-                if work._reusable:
-                    work._where = "inactive"
-        if active:
-            with lock:
-                pool.insert_work(work)
-                if work._reusable:
-                    work._where = "worklist"
+                return
+            if limited:
+                work._counted = True
+                work._where = WORKLIST
+                self._nr_active += 1
+                in_flight[color] = count
+                pool.worklist.append(work)
+            else:
+                work._counted = False
+                work._where = WORKLIST
+                in_flight[color] = count
+                pool.worklist.append(work)
+            pool.kick()
+
+    def _cancel_locked(self, work: Work) -> bool | None:
+        """Cancel a pending work of this workqueue. _lock held. True if it was pending here (and now
+        is not), False if it was not pending, None if it is pending but not (yet) placed here."""
+        where = work._where
+        pwq = work._pwq
+        assert pwq is not None
+        if where is TIMER:
+            tm = work._timer
+            if tm is not None:
+                tm.cancel()  # if it fired already, its callback finds the work no longer waiting
+        elif where is INACTIVE:
+            with pwq.pool.lock:
+                work._where = NOWHERE
+                try:
+                    self._inactive.remove(work)
+                finally:
+                    self._drop_in_flight(pwq, work._color)
+        elif where is WORKLIST or where is SCHEDULED or where is RESCUE:
+            pool = pwq.pool
+            with pool.lock:
+                if work._where is not where:  # a worker took it meanwhile (under the pool lock)
+                    return False
+                work._where = NOWHERE
+                try:
+                    if where is WORKLIST:
+                        pool.worklist.remove(work)
+                    elif where is SCHEDULED:
+                        work._worker.scheduled.remove(work)
+                    else:
+                        assert self._rescuer is not None
+                        self._rescuer.held.remove(work)
+                finally:
+                    self._drop_in_flight(pwq, work._color)
+            if work._counted:
+                self._slot_freed_locked()
+        else:
+            with pwq.pool.lock:  # a worker releases the bit under the pool lock
+                if not work._pending.locked():
+                    return False
+            return None
+        work._where = NOWHERE
+        work._pending.release()
+        if work_flush.waiters:
+            work_flush.notify()
+        return True
 
     def _may_activate_locked(self) -> bool:
-        """One more work may become active. _lock held."""
+        """One more work may become active. _lock held.
+
+        Works waiting for other works (``_nr_waiting``) hold no max_active slot; works asleep
+        (``_nr_sleeping``, counted only with max_running) hold no running slot."""
         max_active, max_running = self._max_active, self._max_running
-        return ((max_active is None or self._nr_active < max_active)
+        return ((max_active is None or self._nr_active - self._nr_waiting < max_active)
                 and (max_running is None or self._nr_active - self._nr_sleeping < max_running))
 
-    def _take_inactive_locked(self) -> list[Any]:
-        """Give slots to waiting works while the limits allow, in order. _lock held; the caller
-        activates what is returned."""
-        taken = []
+    def _activate_locked(self) -> None:
+        """Move waiting works to their pools while the limits allow, in order. _lock held.
+
+        Each move pops in a ``try`` and appends in its ``finally``: an interruption between the
+        two cannot lose the work (see pool.py, "Interruptions")."""
         inactive = self._inactive
         while inactive and self._may_activate_locked():
-            work = inactive.popleft()
-            work._counted = True
-            if work._reusable:
-                work._where = "moving"
-            self._nr_active += 1
-            taken.append(work)
-        return taken
+            work = inactive[0]
+            pool = work._pwq.pool
+            with pool.lock:
+                pool.prepare_insert()
+                work._counted = True
+                work._where = WORKLIST
+                self._nr_active += 1
+                try:
+                    inactive.popleft()
+                finally:
+                    pool.worklist.append(work)
+                pool.kick()
+
+    def _slot_freed_locked(self) -> None:
+        """A work holding a slot finished or was cancelled: pass its slot on. _lock held."""
+        self._nr_active -= 1
+        if self._inactive:
+            self._activate_locked()
 
     def _work_done(self) -> None:
-        """A work of a limited workqueue finished (or was cancelled): pass its slot on. No lock held."""
+        """A work of a limited workqueue finished: pass its slot on. No lock held."""
         with self._lock:
-            self._nr_active -= 1
-            if not self._inactive:
-                return
-            taken = self._take_inactive_locked()
-        for work in taken:
-            self._activate(work)
+            self._slot_freed_locked()
 
     def _work_sleeps(self, worker: Any) -> None:
         """``worker``'s work (holding a slot) went to sleep: its running slot is free until it wakes.
@@ -486,19 +582,29 @@ class WorkQueue:
                 worker.sleeping_wq = None
                 self._nr_sleeping -= 1
 
+    def _work_waits(self, worker: Any) -> None:
+        """``worker``'s work (holding a slot) waits for another work: its max_active slot is free
+        until the wait ends, so the awaited work can start whatever the limit (as _work_sleeps)."""
+        with self._lock:
+            if worker.waiting_wq is None:
+                worker.waiting_wq = self
+                self._nr_waiting += 1
+            kick = bool(self._inactive) and self._may_activate_locked()
+        if kick:
+            timer.add_timer(0.0, self._activate_waiting)
+
+    def _work_stops_waiting(self, worker: Any) -> None:
+        """The wait is over: the work holds its slot again (for a moment the workqueue may run one
+        work more than max_active: the one it waited for may still be running)."""
+        with self._lock:
+            if worker.waiting_wq is self:
+                worker.waiting_wq = None
+                self._nr_waiting -= 1
+
     def _activate_waiting(self) -> None:
         """Start the waiting works the limits now allow (on the timer thread)."""
         with self._lock:
-            taken = self._take_inactive_locked()
-        for work in taken:
-            self._activate(work)
-
-    def _activate(self, work: Any) -> None:
-        pool = work._pwq.pool
-        with pool.lock:
-            pool.insert_work(work)
-            if work._reusable:
-                work._where = "worklist"
+            self._activate_locked()
 
     def set_max_active(self, max_active: int | None, max_running: Any = _KEEP) -> None:
         """Change ``max_active`` (and ``max_running``, if given) at run time; raising a limit starts
@@ -515,9 +621,7 @@ class WorkQueue:
             if max_running is not _KEEP:
                 self._max_running = max_running
             self._limited = max_active is not None or self._max_running is not None
-            taken = self._take_inactive_locked()  # all of them if there is no limit any more
-        for work in taken:
-            self._activate(work)
+            self._activate_locked()  # all of them if there is no limit any more
 
     def _in_flight_counts(self) -> list[int]:
         counts = []
@@ -537,6 +641,9 @@ class WorkQueue:
             del pwq.in_flight[color]
             if self._nr_flushers:
                 self._notify_flushers()
+            rescuer = self._rescuer
+            if rescuer is not None and rescuer.closing:
+                rescuer.kick()  # it stops once nothing is in flight
 
     def _notify_flushers(self) -> None:
         """Called with a pool lock held (lock order: pool, then _flush_cond)."""
@@ -554,9 +661,11 @@ class WorkQueue:
     def flush(self) -> None:
         """Wait until every work queued before this call has finished (flush_workqueue).
 
-        A work of this workqueue may not flush it: it would wait for itself (RuntimeError)."""
-        from .blocking import blocking
+        A work of this workqueue may not flush it: it would wait for itself (RuntimeError).
 
+        No wakeup is lost: a flusher counts itself (``_nr_flushers``) before it looks at the
+        counts, and reads ``_flush_seq`` before each look; a work that empties a color after
+        the count was made sees the flusher and bumps the sequence, so the wait below returns."""
         worker = current.worker
         if worker is not None and worker.current_pwq is not None and worker.current_pwq.wq is self:
             raise RuntimeError(f"a work of workqueue {self.name!r} cannot flush or drain it: it would "
@@ -567,7 +676,7 @@ class WorkQueue:
             self._work_color += 1
             self._nr_flushers += 1
         try:
-            with blocking():
+            with waiting(worker):
                 while True:
                     with self._flush_cond:
                         seq = self._flush_seq
@@ -575,7 +684,7 @@ class WorkQueue:
                         return
                     with self._flush_cond:
                         while self._flush_seq == seq:
-                            self._flush_cond.wait(0.1)
+                            self._flush_cond.wait()
         finally:
             with self._flush_cond:
                 self._nr_flushers -= 1
@@ -601,6 +710,13 @@ class WorkQueue:
         if self._rescuer is not None:
             self._rescuer.stop()
         self._system.remove_workqueue(self)
+
+    def _close(self) -> None:
+        """Refuse nothing, but let the rescuer go once the works in flight are done (an executor
+        shut down without waiting, or dropped)."""
+        rescuer = self._rescuer
+        if rescuer is not None:
+            rescuer.close()
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -631,29 +747,33 @@ class WorkQueue:
         return total
 
     def _pending_works(self) -> list[Any]:
-        """Works of this workqueue not yet started (on a worklist or inactive)."""
+        """Works of this workqueue not yet started (on a worklist, held by its rescuer, inactive)."""
         found: list[Any] = []
+        rescuer = self._rescuer
         for pwq in self._pwqs:
             with pwq.pool.lock:
                 found.extend(w for w in pwq.pool.worklist if w._pwq is pwq)
+                if rescuer is not None:
+                    found.extend(w for w in rescuer.held if w._pwq is pwq)
         with self._lock:
             found.extend(self._inactive)
         return found
 
     def _reset_after_fork(self) -> None:
         """In a forked child: the parent's threads are gone; start afresh on the child's pools."""
-        from .system import get_system
-
-        self._lock = threading.Lock()
-        self._flush_cond = threading.Condition(threading.Lock())
+        self._lock = make_lock("workqueue")
+        self._flush_cond = threading.Condition(make_lock("flush"))
         self._nr_active = 0
         self._nr_sleeping = 0
+        self._nr_waiting = 0
         self._inactive = deque()
         self._nr_flushers = 0
         self._draining = 0
-        self._system = system = get_system()
+        self._system = system = _system.get_system()
         self._pwqs = [PoolWorkqueue(self, pool) for pool in system.pools]
         self._rescuer = Rescuer(self, system) if self.flags & WQ.RESCUER else None
+        if self._rescuer is not None:
+            weakref.finalize(self, self._rescuer.stop)
         system.add_workqueue(self)
 
     def __repr__(self) -> str:
@@ -670,3 +790,20 @@ def _check_limit(name: str, value: object) -> None:
 
 #: Every workqueue ever created, so a forked child can start them afresh.
 all_workqueues: weakref.WeakSet[WorkQueue] = weakref.WeakSet()
+
+
+def flush_all() -> None:
+    """Wait for every work queued on any workqueue so far (interpreter exit, System.shutdown)."""
+    for wq in list(all_workqueues):
+        if not wq._destroyed:
+            wq.flush()
+
+
+def _after_fork_in_child() -> None:
+    # Registered after system.py's own hook (this module imports it), so the child's fresh
+    # system is there to start on.
+    for wq in list(all_workqueues):
+        wq._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

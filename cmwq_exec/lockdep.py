@@ -1,0 +1,146 @@
+"""The lock order of the package, written down once, and checked in debug mode.
+
+Every lock the package owns is made here, by :func:`make_lock` with the name of its class. A thread
+that holds a lock takes only locks of a higher rank, so no two threads can wait for each other:
+
+======  ====================  ===========================================================
+rank    class                 the lock
+======  ====================  ===========================================================
+10      ``system-registry``   ``system._system_lock``: creating or replacing the process's System
+20      ``system``            ``System.lock``: online pools, the workqueue registry
+25      ``executor``          ``CMWQExecutor._shutdown_lock``: a submit against a shutdown
+30      ``workqueue``         ``WorkQueue._lock``: limits, inactive list, pending state of its works
+40      ``pool``              ``WorkerPool.lock`` and its conditions
+50      leaves                ``rescuer``, ``flush``, ``timer``, ``threads``, ``watchdog``,
+                              ``plugin``, ``stripe``: they never take another lock
+======  ====================  ===========================================================
+
+Two locks of one class are never held together (two pools, two workqueues).
+
+A worker's park lock and a work's pending bit are not locks in this sense (another thread releases
+them: they are a binary semaphore and a test-and-set bit) and are not checked.
+
+Debug mode: with ``CMWQ_LOCKDEP=1`` in the environment when the package is imported, every lock is
+a :class:`CheckedLock` that checks the order on every blocking acquisition, records a violation in
+:data:`violations` and raises :class:`LockOrderError` instead of taking the lock. Without it,
+:func:`make_lock` returns a plain ``threading.Lock`` and costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+RANKS = {
+    "system-registry": 10,
+    "system": 20,
+    "executor": 25,
+    "workqueue": 30,
+    "pool": 40,
+    "rescuer": 50,
+    "flush": 50,
+    "timer": 50,
+    "threads": 50,
+    "watchdog": 50,
+    "plugin": 50,
+    "stripe": 50,
+}
+
+ENABLED = os.environ.get("CMWQ_LOCKDEP", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+#: Every violation seen in this process (debug mode), as messages; the test suite asserts it stays empty.
+violations: list[str] = []
+
+
+class LockOrderError(AssertionError):
+    """A lock was about to be taken against the documented order (debug mode only)."""
+
+
+class _Held(threading.local):
+    stack: list[CheckedLock] = []  # noqa: RUF012 (a per-thread default, replaced on first push)
+
+
+_held = _Held()
+
+
+class CheckedLock:
+    """A ``threading.Lock`` that checks the lock order (debug mode). Usable by ``threading.Condition``."""
+
+    __slots__ = ("_lock", "name", "rank")
+
+    def __init__(self, name: str) -> None:
+        self._lock = threading.Lock()
+        self.name = name
+        self.rank = RANKS[name]
+
+    def _check(self) -> None:
+        for held in _held.stack:
+            if held.rank >= self.rank:
+                message = (f"lock order violated: taking {self.name!r} (rank {self.rank}) while holding "
+                           f"{held.name!r} (rank {held.rank}); see cmwq_exec/lockdep.py")
+                violations.append(message)
+                raise LockOrderError(message)
+
+    def _push(self) -> None:
+        stack = _held.stack
+        if not stack:
+            stack = _held.stack = []
+        stack.append(self)
+
+    def _pop(self) -> None:
+        stack = _held.stack
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is self:
+                del stack[i]
+                return
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if blocking:  # a try-lock cannot deadlock
+            self._check()
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self._push()
+        return got
+
+    def release(self) -> None:
+        self._pop()
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+    # threading.Condition uses these when the lock has them
+    def _is_owned(self) -> bool:
+        return any(held is self for held in _held.stack)
+
+    def _release_save(self) -> None:
+        self.release()
+
+    def _acquire_restore(self, _state: Any) -> None:
+        self.acquire()
+
+    def __repr__(self) -> str:
+        return f"<CheckedLock {self.name} rank={self.rank} {'locked' if self.locked() else 'unlocked'}>"
+
+
+def make_lock(name: str) -> Any:
+    """A new lock of class ``name`` (a key of :data:`RANKS`)."""
+    if name not in RANKS:
+        raise ValueError(f"unknown lock class {name!r}; known: {', '.join(sorted(RANKS))}")
+    if ENABLED:
+        return CheckedLock(name)
+    return threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    _held.stack = []  # the forking thread's locks are fresh copies in the child, none held
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
