@@ -259,11 +259,11 @@ def configure(**options: Any) -> Config:
         raise ValueError(f"configure(): unknown option(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(names))}")
     with _system_lock:
+        config = dataclasses.replace(_config, **options)
+        config.validate()  # a bad value is reported as such, running pools or not
         if _system is not None:
             raise RuntimeError("configure() must be called before the first workqueue or executor "
                                "is created: the pools are already running")
-        config = dataclasses.replace(_config, **options)
-        config.validate()
         _config = config
         return config
 

@@ -126,6 +126,9 @@ class Watchdog:
                 pool.wd_started = pool.nr_started
                 pool.wd_progress_at = now
                 pool.stall_warned = False
+            # works pending and nobody running: a wakeup was lost (an interruption between the
+            # append and the wake of a submit); make it up
+            pool.kick()
             candidates = [(worker, worker.flags, worker.work_seq, worker.cpu_sample)
                           for worker in pool.workers
                           if not worker.flags & IDLE

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import plugin, timer
 from . import system as _system
+from .interrupts import deferred_interrupts
 from .lockdep import make_lock
 from .pending import INACTIVE, NOWHERE, RESCUE, SCHEDULED, TIMER, WORKLIST, work_flush
 from .worker import Rescuer, current, current_worker
@@ -154,7 +155,7 @@ class Work:
             if pwq is None:
                 return False  # never queued
             wq = pwq.wq
-            with wq._lock:
+            with deferred_interrupts(), wq._lock:
                 if self._pwq is None or self._pwq.wq is not wq:
                     continue  # queued on another workqueue meanwhile: ask that one
                 answer = wq._cancel_locked(self)
@@ -318,7 +319,7 @@ class WorkQueue:
 
     def _queue_if_idle(self, work: Work, cpu: int | None) -> bool:
         """Take the pending bit and queue; False if the work is already pending."""
-        with self._lock:
+        with deferred_interrupts(), self._lock:
             try:
                 if not work._pending.acquire(False):
                     return False
@@ -338,7 +339,7 @@ class WorkQueue:
         delay = timer.check_delay("queue_delayed_work(work, delay): delay", delay)
         if delay == 0:
             return self.queue_work(work)
-        with self._lock:
+        with deferred_interrupts(), self._lock:
             self._check_open()
             try:
                 if not work._pending.acquire(False):
@@ -360,7 +361,7 @@ class WorkQueue:
         A timer that fired after the work was cancelled and queued again with a new timer finds
         that new timer still pending and leaves the work to it."""
         pool = self._select_pool(work, None)
-        with self._lock:
+        with deferred_interrupts(), self._lock:
             tm = work._timer
             if work._where is not TIMER or tm is None or (tm.pending and not now):
                 return  # cancelled, or waiting for another timer
@@ -474,48 +475,61 @@ class WorkQueue:
 
     def _cancel_locked(self, work: Work) -> bool | None:
         """Cancel a pending work of this workqueue. _lock held. True if it was pending here (and now
-        is not), False if it was not pending, None if it is pending but not (yet) placed here."""
+        is not), False if it was not pending, None if it is pending but not (yet) placed here.
+
+        Once the work is taken off its list, the rest (its in-flight count, its slot, its pending
+        bit) is done in ``finally`` blocks: an interruption cannot leave it half cancelled."""
         where = work._where
         pwq = work._pwq
         assert pwq is not None
-        if where is TIMER:
-            tm = work._timer
-            if tm is not None:
-                tm.cancel()  # if it fired already, its callback finds the work no longer waiting
-        elif where is INACTIVE:
-            with pwq.pool.lock:
-                work._where = NOWHERE
-                try:
-                    self._inactive.remove(work)
-                finally:
-                    self._drop_in_flight(pwq, work._color)
-        elif where is WORKLIST or where is SCHEDULED or where is RESCUE:
-            pool = pwq.pool
-            with pool.lock:
-                if work._where is not where:  # a worker took it meanwhile (under the pool lock)
-                    return False
-                work._where = NOWHERE
-                try:
-                    if where is WORKLIST:
-                        pool.worklist.remove(work)
-                    elif where is SCHEDULED:
-                        work._worker.scheduled.remove(work)
-                    else:
-                        assert self._rescuer is not None
-                        self._rescuer.held.remove(work)
-                finally:
-                    self._drop_in_flight(pwq, work._color)
-            if work._counted:
-                self._slot_freed_locked()
-        else:
+        if where is NOWHERE:
             with pwq.pool.lock:  # a worker releases the bit under the pool lock
                 if not work._pending.locked():
                     return False
             return None
-        work._where = NOWHERE
-        work._pending.release()
-        if work_flush.waiters:
-            work_flush.notify()
+        pool = pwq.pool
+        taken = counted = False
+        try:
+            if where is TIMER:
+                taken = True
+                work._where = NOWHERE
+                tm = work._timer
+                if tm is not None:
+                    tm.cancel()  # if it fired already, its callback finds the work no longer waiting
+            elif where is INACTIVE:
+                with pool.lock:
+                    taken = True
+                    work._where = NOWHERE
+                    try:
+                        self._inactive.remove(work)
+                    finally:
+                        self._drop_in_flight(pwq, work._color)
+            else:  # on a pool's worklist, a worker's scheduled list or the rescuer's
+                with pool.lock:
+                    if work._where is not where:  # a worker took it meanwhile (under the pool lock)
+                        return False
+                    counted = work._counted
+                    taken = True
+                    work._where = NOWHERE
+                    try:
+                        if where is WORKLIST:
+                            pool.worklist.remove(work)
+                        elif where is SCHEDULED:
+                            work._worker.scheduled.remove(work)
+                        else:
+                            assert self._rescuer is not None
+                            self._rescuer.held.remove(work)
+                    finally:
+                        self._drop_in_flight(pwq, work._color)
+        finally:
+            if taken:
+                try:
+                    if counted:
+                        self._slot_freed_locked()
+                finally:
+                    work._pending.release()
+                    if work_flush.waiters:
+                        work_flush.notify()
         return True
 
     def _may_activate_locked(self) -> bool:
@@ -614,7 +628,7 @@ class WorkQueue:
             _check_limit("max_running", max_running)
         if self.flags & WQ.ORDERED and (max_active != 1 or max_running not in (_KEEP, None)):
             raise ValueError(f"workqueue {self.name!r} is ordered: max_active stays 1, max_running None")
-        with self._lock:
+        with deferred_interrupts(), self._lock:
             # _nr_active counts the works holding a slot (work._counted): works queued while there
             # was no limit hold none, finish as they are, and never give one back
             self._max_active = max_active
