@@ -126,18 +126,28 @@ def test_done_callbacks(executor: CMWQExecutor, release: Release) -> None:
 
 
 def test_cancel_a_pending_future(make_executor: Make, release: Release) -> None:
+    """A pending future cancels; a running one does not and runs to its end."""
     executor = make_executor(max_workers=1)
     gate = release(threading.Event())
-    first = executor.submit(gate.wait, 30)
+    started = threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait(30)
+
+    first = executor.submit(hold)
+    assert started.wait(10), "the first call never started"
     ran = []
-    second = executor.submit(ran.append, 1)
+    second = executor.submit(ran.append, 1)  # max_workers=1: it waits behind the first
     assert second.cancel() is True
     assert second.cancelled() and second.done()
     with pytest.raises(cf.CancelledError):
         second.result()
-    assert first.cancel() is False or first.cancelled()  # running (or not yet started)
+    assert first.running()
+    assert first.cancel() is False
+    assert not first.cancelled() and first.running()
     gate.set()
-    cf.wait([first, second], timeout=10)
+    assert first.result(timeout=10) is True
     executor.shutdown(wait=True)
     assert ran == []
 
