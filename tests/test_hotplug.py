@@ -136,6 +136,8 @@ def test_explicit_cpu_down_up(fresh_system: Any, trustee_states: TrusteeStates) 
     assert pool not in system.online_pools and 1 not in system.usable
     wait_for("cpu1's workers gone or rogue",
              lambda: all(w.flags & ROGUE for w in pool_workers(pool)))
+    # the trustee reports DONE after it has dropped the pool's lock: wait for the report
+    wait_for("the trustee's DONE reported", lambda: "DONE" in trustee_states.of("cpu1"))
     states = trustee_states.of("cpu1")
     assert states[:2] == ["START", "IN_CHARGE"], states
     assert states[-1] == "DONE", states
@@ -185,20 +187,50 @@ def test_explicit_rapid_down_up_cycles(fresh_system: Any, trustee_states: Truste
     need_two_cpus()
     system = fresh_system()
     pool = system.cpu_pools[1]
-    flow = Flow(20_000, {1}).start()
-    wait_for("works queued on cpu1", lambda: flow.queued >= 1000)
-    for cycle in range(30):
-        system.cpu_down(1)
-        if cycle % 3 == 0:
-            wait_for("trustee in charge", lambda: pool.stats()["trustee_state"] != "START")
-        system.cpu_up(1)
-        if cycle % 5 == 0:
-            wait_for("trustee done", lambda: pool.stats()["trustee_state"] == "DONE")
+    # cycle 0 goes down while a work of cpu1's pool is held: its trustee cannot have drained the
+    # pool (and be DONE) before cpu_up, so it must hand the pool back (RELEASE). The later cycles
+    # race the trustee freely: each may end either way.
+    gate = threading.Event()
+    held_on: list[str] = []
+
+    def hold() -> None:
+        worker = current_worker()
+        held_on.append(worker.pool.name if worker else "?")
+        with blocking():
+            assert gate.wait(30), "never let go"
+
+    holder = WorkQueue(f"hp-hold-{uuid.uuid4().hex[:6]}")
+    try:
+        assert holder.queue_work_on(1, Work(hold))
+        wait_for("the held work to start", lambda: held_on)
+        assert held_on == ["cpu1"]
+        flow = Flow(20_000, {1}).start()
+        wait_for("works queued on cpu1", lambda: flow.queued >= 1000)
+        for cycle in range(30):
+            system.cpu_down(1)
+            if cycle % 3 == 0:
+                wait_for("trustee in charge", lambda: pool.stats()["trustee_state"] != "START")
+            system.cpu_up(1)
+            if cycle == 0:
+                wait_for("cycle 0's trustee to hand the pool back",
+                         lambda: "RELEASE" in trustee_states.of("cpu1"))
+            if cycle % 5 == 0:
+                wait_for("trustee done", lambda: pool.stats()["trustee_state"] == "DONE")
+            if cycle == 0:
+                gate.set()
+    finally:
+        gate.set()
+    holder.flush()
     flow.check(60)
     wait_for("cpu1's trustee DONE", lambda: pool.stats()["trustee_state"] == "DONE")
     assert pool.stats()["online"]
+    # each trustee reports DONE once, after the pool's lock is dropped: wait for the last report
+    wait_for("every trustee's DONE reported",
+             lambda: trustee_states.of("cpu1").count("DONE") >= trustee_states.of("cpu1").count("START"))
     states = trustee_states.of("cpu1")
-    assert "RELEASE" in states or states.count("DONE") >= 1, states
+    assert states[:2] == ["START", "IN_CHARGE"], states
+    assert states.count("DONE") == states.count("START"), states
+    assert set(states) <= {"START", "IN_CHARGE", "BUTCHER", "RELEASE", "DONE"}, states
     wait_for("cpu1's pool has a worker", lambda: pool.stats()["nr_workers"] >= 1, timeout=5)
     for worker in pool_workers(pool):
         assert not worker.flags & ROGUE, worker
