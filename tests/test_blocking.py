@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 from cmwq_exec import WQ, Work, WorkQueue, blocking
 from cmwq_exec.worker import SLEEPING, current_worker
@@ -183,7 +184,7 @@ def test_blocking_wakes_a_worker_only_when_work_is_pending(no_watchdog: Any) -> 
     assert after == before
 
 
-def test_shared_instance_across_concurrent_works(wait_until: Callable[..., Any]) -> None:
+def test_shared_instance_across_concurrent_works() -> None:
     """One blocking() object entered by several workers at once: each is accounted on its own."""
     shared = blocking()
     wq = WorkQueue("blocking-shared", WQ.UNBOUND)
@@ -202,7 +203,7 @@ def test_shared_instance_across_concurrent_works(wait_until: Callable[..., Any])
     try:
         for _ in range(4):
             wq.queue_work(Work(body))
-        wait_until(lambda: len(inside) == 4)
+        wait_for("len(inside) == 4", lambda: len(inside) == 4)
         pool = pool_ref[0]
         with pool.lock:
             pool.check_invariants()

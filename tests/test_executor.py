@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 from cmwq_exec import CMWQExecutor, CMWQFuture, blocking
 
@@ -116,10 +117,7 @@ def test_done_callbacks(executor: CMWQExecutor, release: Release) -> None:
     assert calls == []
     gate.set()
     future.result(timeout=10)
-    deadline = time.monotonic() + 10
-    while len(calls) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for("both done callbacks", lambda: len(calls) >= 2)
     assert calls == [future, future]
     future.add_done_callback(calls.append)  # already done: called at once
     assert calls == [future, future, future]
@@ -229,10 +227,7 @@ def test_shutdown_cancel_futures_cancels_pending_and_loses_nothing(make_executor
     executor = make_executor(max_workers=1)
     gate = release(threading.Event())
     first = executor.submit(gate.wait, 30)
-    deadline = time.monotonic() + 10
-    while not first.running():
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for("the first call to run", first.running)
     ran = []
     rest = [executor.submit(ran.append, i) for i in range(20)]
     executor.shutdown(wait=False, cancel_futures=True)
@@ -597,10 +592,7 @@ def test_waiting_from_a_worker_hands_over(no_watchdog: Any, make_executor: Make,
             return gate.wait(10)
 
     running = executor.submit(slow)
-    deadline = time.monotonic() + 10
-    while not running.running():
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for("the slow call to run", running.running)
 
     def outer() -> bool:
         opener = executor.submit(gate.set)  # on this worker's pool, behind this running call

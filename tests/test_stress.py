@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, CMWQExecutor, DelayedWork, Work, WorkQueue, blocking
@@ -189,10 +190,8 @@ def test_random_queue_cancel_requeue_exactly_once(flags: WQ, max_active: int | N
 
     with Sampler():
         run_threads(hammer, [(s,) for s in range(4)])
-        deadline = time.monotonic() + 60
-        while any(w.pending or w.running for w in works):  # self-requeues may still be chaining
-            assert time.monotonic() < deadline, "works never settled"
-            time.sleep(0.005)
+        # self-requeues may still be chaining
+        wait_for("the works to settle", lambda: not any(w.pending or w.running for w in works), 60)
         wq.flush()
     assert not overlaps, f"works ran concurrently with themselves: {overlaps[:5]}"
     assert runs == [q - c for q, c in zip(queued, cancelled, strict=True)]
@@ -234,10 +233,7 @@ def test_random_delayed_works_exactly_once(quiesce: Callable[..., None]) -> None
                     queued[j] += 1
 
     run_threads(hammer, [(s,) for s in range(4)])
-    deadline = time.monotonic() + 60
-    while any(w.pending or w.running for w in works):
-        assert time.monotonic() < deadline, "delayed works never settled"
-        time.sleep(0.005)
+    wait_for("the delayed works to settle", lambda: not any(w.pending or w.running for w in works), 60)
     wq.flush()
     assert runs == [q - c for q, c in zip(queued, cancelled, strict=True)]
     assert sum(runs) > 100
