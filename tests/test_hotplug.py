@@ -14,6 +14,7 @@ from helpers import registered, wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, blocking
+from cmwq_exec.pool import WorkerCreationError, WorkerPool
 from cmwq_exec.worker import ROGUE, current_worker
 
 pytestmark = [pytest.mark.hotplug, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -243,6 +244,48 @@ def test_explicit_rapid_down_up_cycles(fresh_system: Any, trustee_states: Truste
     # and it still serves works queued from CPU 1
     again = Flow(500, {1}).start()
     again.check(30)
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                   reason="library bug: WorkerPool._create_first_worker gives up the manager role "
+                          "without trustee_cond.notify_all(), so a trustee waiting for it never wakes")
+def test_trustee_takes_charge_after_the_timer_created_the_first_worker(
+        fresh_system: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU goes down while the timer thread creates its online pool's first worker (cpu_up's own
+    start failed): the trustee waits for the manager role and takes charge once the worker exists."""
+    need_two_cpus()
+    system = fresh_system()
+    pool = system.cpu_pools[1]
+    system.cpu_down(1)
+    wait_for("cpu1's pool drained to no worker",
+             lambda: pool.stats()["trustee_state"] == "DONE" and pool.stats()["nr_workers"] == 0)
+    gate = threading.Event()
+    timer_creating = threading.Event()
+    real_create = WorkerPool.create_worker
+
+    def create_worker(self: Any, rogue: bool = False) -> Any:
+        if self is pool:
+            if threading.current_thread().name != "cmwq-timer":
+                raise WorkerCreationError("injected: cpu_up's direct start fails")
+            timer_creating.set()
+            assert gate.wait(30)
+        return real_create(self, rogue)
+
+    monkeypatch.setattr(WorkerPool, "create_worker", create_worker)
+    try:
+        system.cpu_up(1)  # its start() fails: the timer thread creates the first worker
+        assert timer_creating.wait(10), "the timer thread never created the first worker"
+        with pool.lock:
+            assert pool.managing and pool.online
+        system.cpu_down(1)  # the trustee waits for the manager role
+        wait_for("the trustee to wait for the manager role", lambda: pool.trustee_cond._waiters)
+        gate.set()  # the first worker is created (not rogue: the pool was online) and the role freed
+        wait_for("the trustee to take charge", lambda: pool.stats()["trustee_state"] != "START", timeout=5)
+    finally:
+        gate.set()
+        monkeypatch.undo()
+        system.cpu_up(1)  # RELEASE wakes a stuck trustee too
+        wait_for("cpu1's trustee DONE", lambda: pool.stats()["trustee_state"] == "DONE")
 
 
 def write_cpu1(value: str) -> None:
