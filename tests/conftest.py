@@ -22,12 +22,6 @@ from cmwq_exec import CMWQExecutor
 from cmwq_exec import system as _system
 
 
-def _wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "",
-                interval: float = 0.002) -> Any:
-    """Poll ``predicate`` until it returns something truthy and return that; fail after ``timeout``."""
-    return wait_for(what or repr(predicate), predicate, timeout, interval)
-
-
 def _check_invariants(pools: Any = None) -> None:
     """``pool.check_invariants()`` of every pool (of the current system by default), under its lock."""
     if pools is None:
@@ -52,18 +46,12 @@ def _quiesce(pools: Any = None, timeout: float = 10.0) -> None:
     if pools is None:
         pools = cmwq_exec.get_system().pools
     for pool in pools:
-        _wait_until(lambda pool=pool: _is_quiet(pool), timeout, f"{pool!r} to quiesce")
+        wait_for(f"{pool!r} to quiesce", lambda pool=pool: _is_quiet(pool), timeout)
         with pool.lock:
             pool.check_invariants()
             assert pool.nr_running == 0, pool
             if pool.next_worker_id and pool.online:
                 assert pool.nr_idle >= 1, f"{pool!r} has no idle worker at rest"
-
-
-@pytest.fixture
-def wait_until() -> Callable[..., Any]:
-    """``wait_until(predicate, timeout=10, what="")``: poll with a deadline, fail on timeout."""
-    return _wait_until
 
 
 @pytest.fixture

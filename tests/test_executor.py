@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 from cmwq_exec import CMWQExecutor, CMWQFuture, blocking
 
@@ -116,28 +117,35 @@ def test_done_callbacks(executor: CMWQExecutor, release: Release) -> None:
     assert calls == []
     gate.set()
     future.result(timeout=10)
-    deadline = time.monotonic() + 10
-    while len(calls) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for("both done callbacks", lambda: len(calls) >= 2)
     assert calls == [future, future]
     future.add_done_callback(calls.append)  # already done: called at once
     assert calls == [future, future, future]
 
 
 def test_cancel_a_pending_future(make_executor: Make, release: Release) -> None:
+    """A pending future cancels; a running one does not and runs to its end."""
     executor = make_executor(max_workers=1)
     gate = release(threading.Event())
-    first = executor.submit(gate.wait, 30)
+    started = threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait(30)
+
+    first = executor.submit(hold)
+    assert started.wait(10), "the first call never started"
     ran = []
-    second = executor.submit(ran.append, 1)
+    second = executor.submit(ran.append, 1)  # max_workers=1: it waits behind the first
     assert second.cancel() is True
     assert second.cancelled() and second.done()
     with pytest.raises(cf.CancelledError):
         second.result()
-    assert first.cancel() is False or first.cancelled()  # running (or not yet started)
+    assert first.running()
+    assert first.cancel() is False
+    assert not first.cancelled() and first.running()
     gate.set()
-    cf.wait([first, second], timeout=10)
+    assert first.result(timeout=10) is True
     executor.shutdown(wait=True)
     assert ran == []
 
@@ -219,10 +227,7 @@ def test_shutdown_cancel_futures_cancels_pending_and_loses_nothing(make_executor
     executor = make_executor(max_workers=1)
     gate = release(threading.Event())
     first = executor.submit(gate.wait, 30)
-    deadline = time.monotonic() + 10
-    while not first.running():
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for("the first call to run", first.running)
     ran = []
     rest = [executor.submit(ran.append, i) for i in range(20)]
     executor.shutdown(wait=False, cancel_futures=True)
@@ -587,10 +592,7 @@ def test_waiting_from_a_worker_hands_over(no_watchdog: Any, make_executor: Make,
             return gate.wait(10)
 
     running = executor.submit(slow)
-    deadline = time.monotonic() + 10
-    while not running.running():
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for("the slow call to run", running.running)
 
     def outer() -> bool:
         opener = executor.submit(gate.set)  # on this worker's pool, behind this running call

@@ -8,11 +8,11 @@ import collections
 import concurrent.futures as cf
 import itertools
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from helpers import wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -124,10 +124,8 @@ class ExecutorModel(RuleBasedStateMachine):
                 entry.may_be_cancelled = True
             # nothing of it stays pending: running, finished or cancelled (a worker may be between
             # taking a call off the worklist and claiming it: allow it a moment)
-            deadline = time.monotonic() + 2
-            while not all(c.future.running() or c.future.done() for c in mine):
-                assert time.monotonic() < deadline, "calls still pending after shutdown(cancel_futures)"
-                time.sleep(0.001)
+            wait_for("no call pending after shutdown(cancel_futures)",
+                     lambda: all(c.future.running() or c.future.done() for c in mine), timeout=2)
 
     @rule(ex=st.integers(0, len(KINDS) - 1))
     def reopen(self, ex: int) -> None:
@@ -161,10 +159,7 @@ class ExecutorModel(RuleBasedStateMachine):
             futures = [c.future for c in self.calls]
             done, not_done = cf.wait(futures, timeout=30)
             assert not not_done, f"{len(not_done)} futures never finished"
-            deadline = time.monotonic() + 10
-            while not all(c.callbacks for c in self.calls):
-                assert time.monotonic() < deadline, "done callbacks missing"
-                time.sleep(0.001)
+            wait_for("every done callback", lambda: all(c.callbacks for c in self.calls), timeout=10)
             ran = collections.Counter(self.runs)
             for entry in self.calls:
                 future = entry.future

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 from cmwq_exec import WQ, Work, WorkQueue, blocking, hookimpl, plugin, policy
 from cmwq_exec.worker import current_worker
@@ -252,8 +253,7 @@ def test_work_events(registered: Register) -> None:
     assert all(c["pool"].cpu is not None for c in started)
 
 
-def test_worker_lifecycle_events(reset_system: Callable[..., Any], registered: Register,
-                                 wait_until: Callable[..., Any]) -> None:
+def test_worker_lifecycle_events(reset_system: Callable[..., Any], registered: Register) -> None:
     recorder = Recorder()
     registered(recorder, "lifecycle")
     system = reset_system(idle_timeout=0.1)
@@ -270,11 +270,11 @@ def test_worker_lifecycle_events(reset_system: Callable[..., Any], registered: R
     try:
         for _ in range(6):
             wq.queue_work(Work(hold))
-        wait_until(lambda: len(started) == 6)
+        wait_for("len(started) == 6", lambda: len(started) == 6)
     finally:
         gate.set()
     wq.flush()
-    wait_until(lambda: pool.nr_workers == 2, what="reaping down to two idle workers")
+    wait_for("reaping down to two idle workers", lambda: pool.nr_workers == 2)
     created = [c for c in recorder.of("worker_created") if c["pool"] is pool]
     destroyed = [c for c in recorder.of("worker_destroyed") if c["pool"] is pool]
     managed = [c for c in recorder.of("manager_ran") if c["pool"] is pool]
@@ -286,18 +286,18 @@ def test_worker_lifecycle_events(reset_system: Callable[..., Any], registered: R
 
 
 def test_creation_failure_mayday_and_rescue_events(reset_system: Callable[..., Any], registered: Register,
-                                                   wait_until: Callable[..., Any], mocker: Any) -> None:
+                                                   mocker: Any) -> None:
     recorder = Recorder()
     registered(recorder, "mayday")
     system = reset_system(create_cooldown=0.05)
     wq = WorkQueue("mayday", WQ.UNBOUND | WQ.RESCUER)
     pool = system.unbound_pool
-    wait_until(lambda: pool.nr_idle == 1 and not pool.managing)
+    wait_for("pool.nr_idle == 1 and not pool.managing", lambda: pool.nr_idle == 1 and not pool.managing)
     mocker.patch("cmwq_exec.worker.start_thread", side_effect=RuntimeError("can't start new thread"))
     works = [Work(int) for _ in range(3)]
     for work in works:
         wq.queue_work(work)
-    wait_until(lambda: not any(w.pending for w in works), what="works rescued")
+    wait_for("works rescued", lambda: not any(w.pending for w in works))
     mocker.stopall()
     wq.flush()
     failed = recorder.of("worker_create_failed")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import hold_works
+from helpers import hold_works, wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, CMWQExecutor, Work, WorkQueue, blocking
@@ -133,18 +133,17 @@ def test_nr_running_at_most_one_for_noop_work(no_watchdog: Any, executor: CMWQEx
 
 
 def test_manager_keeps_an_idle_worker_ready(reset_system: Callable[..., Any],
-                                            wait_until: Callable[..., Any],
                                             release: Callable[[threading.Event], threading.Event],
                                             quiesce: Callable[..., None]) -> None:
     system = reset_system()
     wq = WorkQueue("spare", WQ.UNBOUND)
     pool = system.unbound_pool
-    wait_until(lambda: settled(pool) and pool.nr_workers == 1, what="the unbound pool's first worker")
+    wait_for("the unbound pool's first worker", lambda: settled(pool) and pool.nr_workers == 1)
     gate = release(threading.Event())
     _, started = hold_works(wq, 1, gate)
-    wait_until(lambda: started() == 1)
+    wait_for("started() == 1", lambda: started() == 1)
     # the last idle worker made another one before it started working
-    wait_until(lambda: settled(pool), what="a spare idle worker")
+    wait_for("a spare idle worker", lambda: settled(pool))
     with pool.lock:
         assert pool.nr_workers == 2 and pool.nr_idle == 1
         pool.check_invariants()
@@ -166,7 +165,6 @@ def test_one_idle_worker_kept_after_work(executor: CMWQExecutor, quiesce: Callab
 
 
 def test_idle_workers_reaped_after_idle_timeout(reset_system: Callable[..., Any],
-                                                wait_until: Callable[..., Any],
                                                 release: Callable[[threading.Event], threading.Event],
                                                 quiesce: Callable[..., None]) -> None:
     timeout = 0.2
@@ -175,7 +173,7 @@ def test_idle_workers_reaped_after_idle_timeout(reset_system: Callable[..., Any]
     wq = WorkQueue("reap", WQ.UNBOUND)
     gate = release(threading.Event())
     _, started = hold_works(wq, 8, gate)
-    wait_until(lambda: started() == 8 and settled(pool), what="8 blocked works and a spare worker")
+    wait_for("8 blocked works and a spare worker", lambda: started() == 8 and settled(pool))
     with pool.lock:
         peak = pool.nr_workers
         assert peak >= 9
@@ -200,7 +198,7 @@ def test_idle_workers_reaped_after_idle_timeout(reset_system: Callable[..., Any]
 
 
 def test_each_idle_worker_gets_its_full_idle_timeout(
-        reset_system: Callable[..., Any], wait_until: Callable[..., Any],
+        reset_system: Callable[..., Any],
         release: Callable[[threading.Event], threading.Event], quiesce: Callable[..., None]) -> None:
     """Workers that went idle later are not reaped with the earlier ones: the idle timer re-arms for
     the next expiry instead of reaping everyone beyond the ratio at once."""
@@ -211,9 +209,9 @@ def test_each_idle_worker_gets_its_full_idle_timeout(
     gate_a = release(threading.Event())
     gate_b = release(threading.Event())
     _, started_a = hold_works(wq, 4, gate_a)
-    wait_until(lambda: started_a() == 4 and settled(pool))
+    wait_for("started_a() == 4 and settled(pool)", lambda: started_a() == 4 and settled(pool))
     _, started_b = hold_works(wq, 4, gate_b)
-    wait_until(lambda: started_b() == 4 and settled(pool))
+    wait_for("started_b() == 4 and settled(pool)", lambda: started_b() == 4 and settled(pool))
     gate_a.set()
     time.sleep(timeout / 2)  # the second group goes idle half a timeout after the first
     t_b = time.monotonic()
@@ -229,12 +227,12 @@ def test_each_idle_worker_gets_its_full_idle_timeout(
         time.sleep(0.001)
     # the 4 workers of the second group went idle after t_b: none may be gone before t_b + timeout
     assert low is not None and low >= 4, f"{4 - low} workers reaped before their idle_timeout"
-    wait_until(lambda: pool.nr_workers == 2, what="reaping down to two idle workers")
+    wait_for("reaping down to two idle workers", lambda: pool.nr_workers == 2)
     quiesce([pool])
 
 
 def test_reaping_keeps_idle_workers_in_ratio_to_busy_ones(
-        reset_system: Callable[..., Any], wait_until: Callable[..., Any],
+        reset_system: Callable[..., Any],
         release: Callable[[threading.Event], threading.Event], quiesce: Callable[..., None]) -> None:
     """With 8 busy workers, idle ones are reaped down to 3: (3 - 2) * 4 < 8 <= (4 - 2) * 4."""
     system = reset_system(idle_timeout=0.1)
@@ -243,29 +241,29 @@ def test_reaping_keeps_idle_workers_in_ratio_to_busy_ones(
     gate_a = release(threading.Event())
     gate_b = release(threading.Event())
     _, started_a = hold_works(wq, 8, gate_a)
-    wait_until(lambda: started_a() == 8 and settled(pool))
+    wait_for("started_a() == 8 and settled(pool)", lambda: started_a() == 8 and settled(pool))
     _, started_b = hold_works(wq, 8, gate_b)
-    wait_until(lambda: started_b() == 8 and settled(pool))
+    wait_for("started_b() == 8 and settled(pool)", lambda: started_b() == 8 and settled(pool))
     gate_a.set()
 
     def ratio_reached() -> bool:
         with pool.lock:
             return pool.nr_workers - pool.nr_idle == 8 and pool.nr_idle == 3
 
-    wait_until(ratio_reached, what="idle workers reaped down to 3 beside 8 busy ones")
+    wait_for("idle workers reaped down to 3 beside 8 busy ones", ratio_reached)
     # and not below: wait past two more idle timeouts
     time.sleep(0.25)
     assert ratio_reached()
     gate_b.set()
     wq.flush()
-    wait_until(lambda: pool.nr_workers == 2, what="reaping down to two idle workers")
+    wait_for("reaping down to two idle workers", lambda: pool.nr_workers == 2)
     quiesce([pool])
 
 
 # -- concurrency management: handing over -----------------------------------------------------------
 
 
-def test_blocking_hands_over_to_another_worker(no_watchdog: Any, wait_until: Callable[..., Any],
+def test_blocking_hands_over_to_another_worker(no_watchdog: Any,
                                                release: Callable[[threading.Event], threading.Event],
                                                quiesce: Callable[..., None]) -> None:
     """Two works on one per-CPU pool: the first waits inside blocking() for an Event the second
@@ -336,18 +334,17 @@ def test_pool_stats_is_a_snapshot(executor: CMWQExecutor, quiesce: Callable[...,
 # -- when no worker can be created ----------------------------------------------------------------
 
 
-def test_rescuer_runs_works_when_worker_creation_fails(reset_system: Callable[..., Any],
-                                                       wait_until: Callable[..., Any], mocker: Any,
+def test_rescuer_runs_works_when_worker_creation_fails(reset_system: Callable[..., Any], mocker: Any,
                                                        quiesce: Callable[..., None]) -> None:
     system = reset_system(create_cooldown=0.05)
     wq = WorkQueue("rescued", WQ.UNBOUND | WQ.RESCUER)
     pool = system.unbound_pool
-    wait_until(lambda: settled(pool) and pool.nr_workers == 1)
+    wait_for("settled(pool) and pool.nr_workers == 1", lambda: settled(pool) and pool.nr_workers == 1)
     mocker.patch("cmwq_exec.worker.start_thread", side_effect=RuntimeError("can't start new thread"))
     ran: list[str] = []
     for _ in range(3):
         wq.queue_work(Work(lambda: ran.append(threading.current_thread().name)))
-    wait_until(lambda: len(ran) == 3, what="works to run although no worker can be created")
+    wait_for("works to run although no worker can be created", lambda: len(ran) == 3)
     assert any(name.startswith("cmwq/rescuer:") for name in ran), ran
     mocker.stopall()
     stats = wq.stats()
@@ -363,7 +360,7 @@ def test_rescuer_runs_works_when_worker_creation_fails(reset_system: Callable[..
 
 
 def test_worker_cap_is_respected_and_works_still_progress(
-        reset_system: Callable[..., Any], wait_until: Callable[..., Any],
+        reset_system: Callable[..., Any],
         release: Callable[[threading.Event], threading.Event], quiesce: Callable[..., None]) -> None:
     cap = len(usable_cpus()) + 2  # one worker per CPU pool, the unbound pool's first and its spare
     system = reset_system(max_total_workers=cap, create_cooldown=0.05)
@@ -371,12 +368,12 @@ def test_worker_cap_is_respected_and_works_still_progress(
     pool = system.unbound_pool
     gate = release(threading.Event())
     _, started = hold_works(wq, 1, gate)
-    wait_until(lambda: started() == 1 and settled(pool))
+    wait_for("started() == 1 and settled(pool)", lambda: started() == 1 and settled(pool))
     assert system.nr_threads == cap
     ran: list[str] = []
     for _ in range(3):
         wq.queue_work(Work(lambda: ran.append(threading.current_thread().name)))
-    wait_until(lambda: len(ran) == 3, what="works to progress at the worker cap (via the rescuer)")
+    wait_for("works to progress at the worker cap (via the rescuer)", lambda: len(ran) == 3)
     assert system.nr_threads <= cap
     assert all(name.startswith("cmwq/rescuer:") for name in ran), ran
     gate.set()

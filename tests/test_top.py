@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from helpers import wait_for
 from prometheus_client import CollectorRegistry
 
 from cmwq_exec import Work, WorkQueue, blocking, metrics, top
@@ -83,14 +84,14 @@ def test_json_snapshot_shows_works_in_flight(url: str, held_works, capsys) -> No
 def test_json_snapshot_after_completion(url: str, held_works, capsys) -> None:
     name, n, release = held_works
     release.set()
-    deadline = time.monotonic() + 30
-    while True:  # poll the exporter until the works are reported done
+
+    def reported_done() -> dict[str, Any] | None:
         assert top.main(["--url", url, "--json"]) == 0
         [snapshot] = _json_lines(capsys)
         row = _row(snapshot, name)
-        if row["completed"] == n or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        return row if row["completed"] == n else None
+
+    row = wait_for("the exporter to report the works done", reported_done, 30, interval=0.05)
     assert (row["started"], row["completed"], row["inflight"]) == (n, n, 0)
     assert row["execution_avg"] is None or row["execution_avg"] >= 0
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import hold_works
+from helpers import hold_works, wait_for
 
 from cmwq_exec import WQ, CMWQExecutor, DelayedWork, Work, WorkQueue, blocking
 from cmwq_exec.worker import current_worker
@@ -162,10 +162,7 @@ def test_work_shared_by_a_per_cpu_and_an_unbound_workqueue_never_overlaps() -> N
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads)
-    deadline = time.monotonic() + 10
-    while work.pending or work.running:
-        assert time.monotonic() < deadline, "the shared work never settled"
-        time.sleep(0.005)
+    wait_for("the shared work to settle", lambda: not (work.pending or work.running))
     bound.flush()
     unbound.flush()
     assert overlap.max == 1
@@ -194,7 +191,7 @@ class _CountsOwnedBy(dict):  # type: ignore[type-arg]
 
 
 def test_work_shared_with_an_unbound_workqueue_is_accounted_under_its_pools_lock(
-        release: Release, wait_until: Callable[..., Any]) -> None:
+        release: Release) -> None:
     import cmwq_exec
 
     bound, unbound = WorkQueue("handoff-bound"), WorkQueue("handoff-unbound", WQ.UNBOUND)
@@ -206,9 +203,10 @@ def test_work_shared_with_an_unbound_workqueue_is_accounted_under_its_pools_lock
     bound.queue_work(gate.work)
     assert gate.started.wait(10)
     assert unbound.queue_work(gate.work)  # it runs on a per-CPU worker: handed over to that one
-    wait_until(lambda: gate.work not in upool.worklist, what="an unbound worker to take it")
+    wait_for("an unbound worker to take it", lambda: gate.work not in upool.worklist)
     gate.open.set()
-    wait_until(lambda: gate.runs == 2 and not gate.work.pending and not gate.work.running)
+    wait_for("the work to run twice and settle",
+             lambda: gate.runs == 2 and not gate.work.pending and not gate.work.running)
     unbound.flush()
     assert counts.unlocked == [], "the unbound pool's in_flight changed without its lock"
 
@@ -386,10 +384,7 @@ def test_delayed_work_runs_after_the_delay() -> None:
     assert work.pending
     assert not wq.queue_delayed_work(work, 0.15)  # pending
     assert not wq.queue_work(work)
-    deadline = time.monotonic() + 10
-    while not ran_at:
-        assert time.monotonic() < deadline, "delayed work never ran"
-        time.sleep(0.005)
+    wait_for("the delayed work to run", lambda: ran_at)
     assert ran_at[0] - queued_at >= 0.15
     work.flush()
     assert len(ran_at) == 1
@@ -431,8 +426,7 @@ def test_delayed_work_zero_delay_queues_at_once() -> None:
 # -- flushing and draining a workqueue ------------------------------------------------------------
 
 
-def test_flush_waits_for_works_queued_before_it_only(release: Release,
-                                                     wait_until: Callable[..., Any]) -> None:
+def test_flush_waits_for_works_queued_before_it_only(release: Release) -> None:
     wq = WorkQueue("flush-wq")
     before = threading.Event()
     release(before)
@@ -447,7 +441,7 @@ def test_flush_waits_for_works_queued_before_it_only(release: Release,
         wq.queue_work(Work(old, i))
     color = wq._work_color
     _, returned, _ = in_thread(wq.flush)
-    wait_until(lambda: wq._work_color != color, what="flush to start")
+    wait_for("flush to start", lambda: wq._work_color != color)
     later = Gate(release)
     wq.queue_work(later.work)  # queued after flush began: flush does not wait for it
     assert later.started.wait(10)
@@ -495,8 +489,7 @@ def test_flush_of_an_empty_workqueue_returns() -> None:
     wq.flush()
 
 
-def test_drain_allows_chained_requeue_and_refuses_others(release: Release,
-                                                        wait_until: Callable[..., Any]) -> None:
+def test_drain_allows_chained_requeue_and_refuses_others(release: Release) -> None:
     wq = WorkQueue("drain")
     start = release(threading.Event())
     chain: list[int] = []
@@ -526,7 +519,7 @@ def test_drain_allows_chained_requeue_and_refuses_others(release: Release,
         outsider.flush()
         return False
 
-    wait_until(refused, what="queue_work from outside to be refused during drain")
+    wait_for("queue_work from outside to be refused during drain", refused)
     with pytest.raises(RuntimeError, match="draining"):
         wq.queue_delayed_work(DelayedWork(int), 0.01)
     assert not outsider.pending
@@ -540,8 +533,7 @@ def test_drain_allows_chained_requeue_and_refuses_others(release: Release,
 
 
 def test_executor_submit_refused_while_draining(make_executor: Callable[..., CMWQExecutor],
-                                                release: Release,
-                                                wait_until: Callable[..., Any]) -> None:
+                                                release: Release) -> None:
     executor = make_executor()
     gate = release(threading.Event())
     executor.submit(gate.wait, 30)
@@ -554,7 +546,7 @@ def test_executor_submit_refused_while_draining(make_executor: Callable[..., CMW
             return True
         return False
 
-    wait_until(refused)
+    wait_for("refused", refused)
     gate.set()
     assert drained.wait(10)
 
@@ -612,12 +604,11 @@ def hold_plain(wq: WorkQueue, n: int, gate: threading.Event) -> Callable[[], int
     return lambda: len(started)
 
 
-def test_max_running_bounds_works_that_do_not_sleep(release: Release,
-                                                    wait_until: Callable[..., Any]) -> None:
+def test_max_running_bounds_works_that_do_not_sleep(release: Release) -> None:
     wq = WorkQueue("max-running-plain", max_active=6, max_running=2)
     gate = release(threading.Event())
     started = hold_plain(wq, 8, gate)
-    wait_until(lambda: started() == 2, what="two works to start")
+    wait_for("two works to start", lambda: started() == 2)
     time.sleep(0.1)  # bounded absence check: nothing tells that a third did not start
     assert started() == 2
     gate.set()
@@ -626,11 +617,11 @@ def test_max_running_bounds_works_that_do_not_sleep(release: Release,
 
 
 def test_max_running_lets_sleeping_works_hand_their_slot_on_up_to_max_active(
-        release: Release, wait_until: Callable[..., Any]) -> None:
+        release: Release) -> None:
     wq = WorkQueue("max-running-sleep", max_active=6, max_running=2)
     gate = release(threading.Event())
     _, started = hold_works(wq, 10, gate)
-    wait_until(lambda: started() == 6, what="six sleeping works to start")
+    wait_for("six sleeping works to start", lambda: started() == 6)
     time.sleep(0.1)  # bounded absence check: max_active still bounds them
     assert started() == 6
     with wq._lock:
@@ -642,8 +633,7 @@ def test_max_running_lets_sleeping_works_hand_their_slot_on_up_to_max_active(
         assert (wq._nr_active, wq._nr_sleeping, len(wq._inactive)) == (0, 0, 0)
 
 
-def test_max_running_counts_a_work_again_once_it_wakes(release: Release,
-                                                       wait_until: Callable[..., Any]) -> None:
+def test_max_running_counts_a_work_again_once_it_wakes(release: Release) -> None:
     """Two works sleep, so two more start; the sleepers wake and keep running: now four run, above
     max_running, and nothing else starts until enough of them finish."""
     wq = WorkQueue("max-running-wake", max_active=10, max_running=2)
@@ -662,9 +652,9 @@ def test_max_running_counts_a_work_again_once_it_wakes(release: Release,
 
     for fn in (napper, napper, holder, holder, holder, holder):
         wq.queue_work(Work(fn))
-    wait_until(lambda: len(started) == 4, what="two nappers and two holders to start")
+    wait_for("two nappers and two holders to start", lambda: len(started) == 4)
     nap.set()
-    wait_until(lambda: wq._nr_sleeping == 0, what="the nappers to wake")
+    wait_for("the nappers to wake", lambda: wq._nr_sleeping == 0)
     time.sleep(0.1)  # bounded absence check
     assert len(started) == 4 and wq._nr_active == 4
     hold.set()
@@ -672,16 +662,16 @@ def test_max_running_counts_a_work_again_once_it_wakes(release: Release,
     assert started.count("holder") == 4
 
 
-def test_max_running_set_at_run_time(release: Release, wait_until: Callable[..., Any]) -> None:
+def test_max_running_set_at_run_time(release: Release) -> None:
     wq = WorkQueue("max-running-set", max_active=8, max_running=1)
     gate = release(threading.Event())
     started = hold_plain(wq, 6, gate)
-    wait_until(lambda: started() == 1, what="one work to start")
+    wait_for("one work to start", lambda: started() == 1)
     wq.set_max_active(8, max_running=3)
-    wait_until(lambda: started() == 3, what="two more to start")
+    wait_for("two more to start", lambda: started() == 3)
     assert wq.max_running == 3 and wq.max_active == 8
     wq.set_max_active(8, max_running=None)
-    wait_until(lambda: started() == 6, what="the rest to start without a running limit")
+    wait_for("the rest to start without a running limit", lambda: started() == 6)
     gate.set()
     wq.flush()
 
@@ -761,27 +751,25 @@ def test_queue_work_on_checks_the_cpu(cpu: Any) -> None:
         wq.queue_work_on(0, lambda: None)  # type: ignore[arg-type]
 
 
-def test_set_max_active_raises_the_limit_at_run_time(release: Release,
-                                                     wait_until: Callable[..., Any]) -> None:
+def test_set_max_active_raises_the_limit_at_run_time(release: Release) -> None:
     wq = WorkQueue("raise-limit", max_active=1)
     gate = release(threading.Event())
     _, started = hold_works(wq, 4, gate)
-    wait_until(lambda: started() == 1)
+    wait_for("started() == 1", lambda: started() == 1)
     time.sleep(0.1)  # an absence: no second work may start meanwhile
     assert started() == 1
     wq.set_max_active(4)
     assert wq.max_active == 4
-    wait_until(lambda: started() == 4, what="waiting works to start once max_active rose")
+    wait_for("waiting works to start once max_active rose", lambda: started() == 4)
     gate.set()
     wq.flush()
 
 
-def test_set_max_active_lowers_the_limit_at_run_time(release: Release,
-                                                     wait_until: Callable[..., Any]) -> None:
+def test_set_max_active_lowers_the_limit_at_run_time(release: Release) -> None:
     wq = WorkQueue("lower-limit", max_active=4)
     gate = release(threading.Event())
     _, started = hold_works(wq, 4, gate)
-    wait_until(lambda: started() == 4)
+    wait_for("started() == 4", lambda: started() == 4)
     wq.set_max_active(2)
     inside = Concurrency()
     barrier = threading.Barrier(2, timeout=10)
@@ -801,14 +789,14 @@ def test_set_max_active_lowers_the_limit_at_run_time(release: Release,
     assert inside.calls == 8 and inside.max == 2
 
 
-def test_set_max_active_none_removes_the_limit(release: Release, wait_until: Callable[..., Any]) -> None:
+def test_set_max_active_none_removes_the_limit(release: Release) -> None:
     wq = WorkQueue("unlimit", max_active=1)
     gate = release(threading.Event())
     _, started = hold_works(wq, 6, gate)
-    wait_until(lambda: started() == 1)
+    wait_for("started() == 1", lambda: started() == 1)
     wq.set_max_active(None)
     assert wq.max_active is None
-    wait_until(lambda: started() == 6)
+    wait_for("started() == 6", lambda: started() == 6)
     gate.set()
     wq.flush()
     # and back to a limit, with the accounting right
