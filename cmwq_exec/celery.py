@@ -175,8 +175,9 @@ def _check_limit(value: object, what: str) -> int:
 def _check_seconds(value: object, what: str) -> float | None:
     if value is None or value == 0:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"cmwq_exec.celery.TaskPool: {what} must be a number of seconds, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"cmwq_exec.celery.TaskPool: {what} must be a finite number of seconds >= 0, "
+                         f"got {value!r}")
     return float(value)
 
 
@@ -241,6 +242,7 @@ class TaskPool(BasePool):
         self._limits = self._wanted_limits()
         max_active, max_running = self._limits
         self._wq = WorkQueue("celery", WQ.RESCUER, max_active=max_active, max_running=max_running)
+        self._wq._flush_at_exit = False  # Celery's warm or cold shutdown decides what to wait for
         self._start_metrics()
 
     def _start_metrics(self) -> None:
@@ -612,6 +614,7 @@ class TaskPool(BasePool):
             if self._control is None:
                 self._control = WorkQueue(f"celery-callbacks.{os.getpid()}.{id(self):x}",
                                           WQ.UNBOUND | WQ.RESCUER)
+                self._control._flush_at_exit = False  # as the task workqueue's
             return self._control
 
     def _wake(self) -> None:

@@ -279,6 +279,7 @@ class WorkQueue:
         self._nr_flushers = 0  # _flush_cond
         self._draining = 0
         self._destroyed = False
+        self._flush_at_exit = True  # interpreter exit waits for its works (the Celery pool's: no)
         self._pwqs = [PoolWorkqueue(self, pool) for pool in system.pools]
         self._rescuer = Rescuer(self, system) if flags & WQ.RESCUER else None
         if self._rescuer is not None:
@@ -584,9 +585,7 @@ class WorkQueue:
             if worker.sleeping_wq is None:
                 worker.sleeping_wq = self
                 self._nr_sleeping += 1
-            kick = bool(self._inactive) and self._may_activate_locked()
-        if kick:
-            timer.add_timer(0.0, self._activate_waiting)
+            self._activate_soon_locked()
 
     def _work_wakes(self, worker: Any) -> None:
         """``worker``'s work woke up: it runs again and counts against max_running (straight-line,
@@ -603,8 +602,12 @@ class WorkQueue:
             if worker.waiting_wq is None:
                 worker.waiting_wq = self
                 self._nr_waiting += 1
-            kick = bool(self._inactive) and self._may_activate_locked()
-        if kick:
+            self._activate_soon_locked()
+
+    def _activate_soon_locked(self) -> None:
+        """A slot was given up: have the timer thread start a waiting work, if one may start now
+        (not when max_active binds). _lock held (the timer's lock is a leaf)."""
+        if self._inactive and self._may_activate_locked():
             timer.add_timer(0.0, self._activate_waiting)
 
     def _work_stops_waiting(self, worker: Any) -> None:
@@ -809,7 +812,7 @@ all_workqueues: weakref.WeakSet[WorkQueue] = weakref.WeakSet()
 def flush_all() -> None:
     """Wait for every work queued on any workqueue so far (interpreter exit, System.shutdown)."""
     for wq in list(all_workqueues):
-        if not wq._destroyed:
+        if not wq._destroyed and wq._flush_at_exit:
             wq.flush()
 
 

@@ -5,7 +5,8 @@ threads, and sharing them is what the library does in production. A test that ne
 (a short ``idle_timeout``, a fault-injected pool) asks for ``reset_system`` and gets fresh pools; the
 defaults come back when it ends.
 
-Nothing here is autouse: other test files (Celery, Prometheus, hotplug) live under this directory too.
+Nothing here is autouse but the lock-order check: with ``CMWQ_LOCKDEP=1`` every test fails that
+took a lock against the order written in ``cmwq_exec/lockdep.py`` (in any thread).
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ def _quiesce(pools: Any = None, timeout: float = 10.0) -> None:
                 assert pool.nr_idle >= 1, f"{pool!r} has no idle worker at rest"
 
 
+@pytest.fixture(autouse=True)
+def _lock_order_kept() -> Iterator[None]:
+    """In lock-order debug mode, a test during which any thread broke the lock order fails."""
+    from cmwq_exec import lockdep
+
+    seen = len(lockdep.violations)
+    yield
+    broken = lockdep.violations[seen:]
+    assert not broken, "lock order violated:\n" + "\n".join(broken)
+
+
 @pytest.fixture
 def check_invariants() -> Callable[..., None]:
     """``check_invariants(pools=None)``: every pool's invariants, each under its lock."""
@@ -69,7 +81,7 @@ def quiesce() -> Callable[..., None]:
 @pytest.fixture
 def reset_system() -> Iterator[Callable[..., Any]]:
     """``reset_system(**config)`` replaces the process's pools by fresh ones with that config; the
-    test ends with fresh default pools again (the old pools' threads stay parked, harmlessly)."""
+    test ends with fresh default pools again (the old pools are shut down: their threads exit)."""
     used = False
 
     def reset(**options: Any) -> Any:

@@ -246,13 +246,11 @@ def test_explicit_rapid_down_up_cycles(fresh_system: Any, trustee_states: Truste
     again.check(30)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="library bug: WorkerPool._create_first_worker gives up the manager role "
-                          "without trustee_cond.notify_all(), so a trustee waiting for it never wakes")
 def test_trustee_takes_charge_after_the_timer_created_the_first_worker(
         fresh_system: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU goes down while the timer thread creates its online pool's first worker (cpu_up's own
-    start failed): the trustee waits for the manager role and takes charge once the worker exists."""
+    start failed): the trustee waits for the manager role and takes charge once the worker exists
+    (whoever gives the manager role up notifies a waiting trustee)."""
     need_two_cpus()
     system = fresh_system()
     pool = system.cpu_pools[1]

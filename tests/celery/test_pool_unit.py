@@ -304,8 +304,11 @@ def test_bad_input_gets_a_clear_error(monkeypatch):
         TaskPool(limit="eight")
     with pytest.raises(ImproperlyConfigured, match="got 2.5"):
         TaskPool(limit=2.5)
-    with pytest.raises(ValueError, match="time limit must be a number of seconds"):
+    with pytest.raises(ValueError, match="time limit must be a finite number of seconds"):
         TaskPool(limit=1, timeout="soon")
+    for endless in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="time limit must be a finite number of seconds"):
+            TaskPool(limit=1, timeout=endless)
     pool = TaskPool(limit=1)
     with pytest.raises(ImproperlyConfigured, match="pool_grow n"):
         pool.grow(-1)
