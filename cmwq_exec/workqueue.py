@@ -38,7 +38,7 @@ from . import plugin, timer
 from . import system as _system
 from .interrupts import deferred_interrupts
 from .lockdep import make_lock
-from .pending import INACTIVE, NOWHERE, RESCUE, SCHEDULED, TIMER, WORKLIST, work_flush
+from .pending import INACTIVE, NOWHERE, SCHEDULED, TIMER, WORKLIST, work_flush
 from .worker import Rescuer, current, current_worker
 
 if TYPE_CHECKING:
