@@ -5,13 +5,14 @@ Public API: :class:`CMWQExecutor`, :class:`WorkQueue`, :class:`Work`, :class:`De
 ``hookimpl``/``hookspec``.
 """
 
+from . import plugin as _plugin  # noqa: F401  (loads the entry-point plugins when the pools start)
 from .blocking import blocking
+from .core.system import configure, get_system
+from .core.workqueue import WQ, DelayedWork, Work, WorkQueue
 from .detect import disable as undetect_blocking
 from .detect import enable as detect_blocking
 from .executor import CMWQExecutor, CMWQFuture
 from .hookspecs import hookimpl, hookspec
-from .system import configure, get_system
-from .workqueue import WQ, DelayedWork, Work, WorkQueue
 
 __all__ = [
     "WQ",

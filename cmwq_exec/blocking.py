@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from .worker import current
+from .core.worker import current
 
 
 class blocking(contextlib.ContextDecorator):

@@ -75,8 +75,8 @@ from celery.concurrency.base import BasePool
 from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
 from celery.worker import state as _worker_state
 
-from . import timer as _timer
-from .workqueue import WQ, Work, WorkQueue
+from .core import timer as _timer
+from .core.workqueue import WQ, Work, WorkQueue
 
 __all__ = ["TaskPool"]
 
@@ -236,7 +236,7 @@ class TaskPool(BasePool):
         multiplier = self.app.conf.get("worker_prefetch_multiplier") if self.app is not None else None
         if isinstance(multiplier, int) and not isinstance(multiplier, bool) and multiplier >= 1:
             self._window = multiplier
-        from .system import get_system
+        from .core.system import get_system
 
         self._cpu = get_system().local_pool().cpu
         self._limits = self._wanted_limits()
@@ -671,7 +671,7 @@ class TaskPool(BasePool):
             "timeouts": [self._default_soft, self._default_hard],
         })
         try:
-            from .system import get_system
+            from .core.system import get_system
 
             pools = [pool.stats() for pool in get_system().pools]
         except Exception as exc:  # stats must never break inspect

@@ -30,7 +30,9 @@ import time
 from types import BuiltinFunctionType, BuiltinMethodType, MethodDescriptorType
 from typing import Any
 
-from .worker import current
+from .core import hooks
+from .core.worker import current
+from .core.workqueue import Work
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _lock = threading.Lock()
@@ -111,12 +113,18 @@ def enabled() -> str | None:
 _tool_id: int | None = None
 
 
-def _user_call_sites() -> set[Any]:
-    """Code objects of cmwq_exec that call the user's functions (a submitted ``time.sleep`` counts)."""
-    from . import executor, workqueue
+#: Code objects of cmwq_exec that call the user's functions (a submitted ``time.sleep`` counts):
+#: the core's Work here, and what the front-ends add with :func:`add_user_call_site`.
+_user_sites: set[Any] = {Work._execute.__code__}
 
-    return {executor.CMWQFuture._run.__code__, workqueue.Work._execute.__code__,
-            executor._run_chunk.__code__}
+
+def add_user_call_site(function: Any) -> None:
+    """``function`` calls the user's code (a front-end's run of a submitted call): watch its calls."""
+    _user_sites.add(function.__code__)
+
+
+def _user_call_sites() -> set[Any]:
+    return set(_user_sites)
 
 
 _USER_SITES: set[Any] = set()
@@ -228,3 +236,7 @@ def _disable_wrappers() -> None:
         setattr(owner, name, original)
 
 
+
+
+# the process's pools turn detection on when their configuration asks for it
+hooks.on_system_start(lambda config: enable() if config.detect_blocking else None)

@@ -32,11 +32,12 @@ from concurrent.futures._base import (
 from concurrent.futures.thread import BrokenThreadPool
 from typing import Any
 
-from . import workqueue as _workqueue
-from .lockdep import make_lock
-from .pending import NOWHERE
-from .worker import current
-from .workqueue import WQ, WorkQueue, waiting
+from . import detect
+from .core import workqueue as _workqueue
+from .core.lockdep import make_lock
+from .core.pending import NOWHERE
+from .core.worker import current
+from .core.workqueue import WQ, WorkQueue, waiting
 
 #: Helping runs works inline on the waiting thread; past this depth it just waits.
 MAX_HELP_DEPTH = 64
@@ -505,5 +506,7 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+detect.add_user_call_site(CMWQFuture._run)
+detect.add_user_call_site(_run_chunk)
 # Runs before threading joins non-daemon threads, like ThreadPoolExecutor's own exit hook.
 threading._register_atexit(_python_exit)  # type: ignore[attr-defined]

@@ -244,7 +244,7 @@ class CMWQCollector:
 
 def _get_system() -> Any:
     # Imported late so that importing this module does not start cmwq_exec.
-    from cmwq_exec import get_system
+    from cmwq_exec.core.system import get_system
 
     return get_system()
 

@@ -15,78 +15,59 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import pluggy
 
-from . import hookspecs, policy
-from .lockdep import make_lock
+from . import hookspecs
+from .core import hooks, policy
+from .core.lockdep import make_lock
+from .core.policy import PoolCounters
+from .hookspecs import hookimpl
 
 log = logging.getLogger("cmwq_exec.plugin")
 
-POLICY_HOOKS = (
-    "need_more_worker",
-    "may_start_working",
-    "keep_working",
-    "need_to_create_worker",
-    "need_to_manage_workers",
-    "too_many_workers",
-)
-EVENT_HOOKS = tuple(
-    name[len("cmwq_") :]
-    for name in dir(hookspecs)
-    if name.startswith("cmwq_")
-    and name[len("cmwq_") :] not in POLICY_HOOKS
-    and name != "cmwq_select_pool"
-)
+POLICY_HOOKS = hooks.POLICY_NAMES
+EVENT_HOOKS = hooks.EVENT_NAMES
 
 _lock = make_lock("plugin")
 _reported: set[tuple[str, str]] = set()
 _pm: pluggy.PluginManager | None = None
+DEFAULT_POLICY = "cmwq_exec.default_policy"
+
+#: The objects this layer fills (the core reads them).
+current_policy = hooks.current_policy
+events = hooks.events
 
 
-class Policy:
-    """The policy functions in force: attribute per policy hook, each ``f(pool) -> bool``.
+class DefaultPolicy:
+    """The kernel's formulas (:mod:`cmwq_exec.core.policy`) as the pluggy plugin that answers every
+    policy hook last. While it is the only one answering a hook, pools call the formula directly:
+    the same answer, without a plugin call on the hot path."""
 
-    ``select_pool`` is ``None`` while no plugin chooses pools.
-    """
+    @hookimpl(trylast=True)
+    def cmwq_need_more_worker(self, pool: PoolCounters) -> bool:
+        return policy.need_more_worker(pool)
 
-    need_more_worker: Callable[[Any], bool] = staticmethod(policy.need_more_worker)
-    may_start_working: Callable[[Any], bool] = staticmethod(policy.may_start_working)
-    keep_working: Callable[[Any], bool] = staticmethod(policy.keep_working)
-    need_to_create_worker: Callable[[Any], bool] = staticmethod(policy.need_to_create_worker)
-    need_to_manage_workers: Callable[[Any], bool] = staticmethod(policy.need_to_manage_workers)
-    too_many_workers: Callable[[Any], bool] = staticmethod(policy.too_many_workers)
-    select_pool: Callable[..., Any] | None = None
+    @hookimpl(trylast=True)
+    def cmwq_may_start_working(self, pool: PoolCounters) -> bool:
+        return policy.may_start_working(pool)
 
+    @hookimpl(trylast=True)
+    def cmwq_keep_working(self, pool: PoolCounters) -> bool:
+        return policy.keep_working(pool)
 
-EventCaller = Optional[Callable[..., None]]  # noqa: UP045 (a runtime alias on 3.10)
+    @hookimpl(trylast=True)
+    def cmwq_need_to_create_worker(self, pool: PoolCounters) -> bool:
+        return policy.need_to_create_worker(pool)
 
+    @hookimpl(trylast=True)
+    def cmwq_need_to_manage_workers(self, pool: PoolCounters) -> bool:
+        return policy.need_to_manage_workers(pool)
 
-class Events:
-    """One attribute per event hook: ``None`` while unimplemented, else ``f(**kwargs)``."""
-
-    worker_created: EventCaller
-    worker_destroyed: EventCaller
-    worker_create_failed: EventCaller
-    manager_ran: EventCaller
-    mayday: EventCaller
-    work_rescued: EventCaller
-    trustee_state: EventCaller
-    cpu_intensive: EventCaller
-    worker_blocked: EventCaller
-    stall: EventCaller
-    work_started: EventCaller
-    work_finished: EventCaller
-
-    def __init__(self) -> None:
-        for name in EVENT_HOOKS:
-            setattr(self, name, None)
-
-
-current_policy = Policy()
-events = Events()
-_listeners: list[Callable[[], None]] = []
+    @hookimpl(trylast=True)
+    def cmwq_too_many_workers(self, pool: PoolCounters) -> bool:
+        return policy.too_many_workers(pool)
 
 
 def _report(plugin_name: str, hook: str, exc: BaseException) -> None:
@@ -157,16 +138,16 @@ def _rebuild() -> None:
     """Recompute :data:`current_policy` and :data:`events` from what is registered."""
     pm = get_plugin_manager()
     for name in POLICY_HOOKS:
-        default = getattr(policy, name)
-        impls = [(p, f) for p, f in _impls(pm, "cmwq_" + name) if p != "cmwq_exec.default_policy"]
-        setattr(current_policy, name, _policy_caller(name, impls, default) if impls else default)
+        formula = getattr(policy, name)
+        impls = _impls(pm, "cmwq_" + name)
+        only_default = all(plugin_name == DEFAULT_POLICY for plugin_name, _ in impls)
+        setattr(current_policy, name, formula if only_default else _policy_caller(name, impls, formula))
     select = _impls(pm, "cmwq_select_pool")
     current_policy.select_pool = _select_caller(select) if select else None
     for name in EVENT_HOOKS:
         impls = _impls(pm, "cmwq_" + name)
         setattr(events, name, _event_caller("cmwq_" + name, impls) if impls else None)
-    for listener in list(_listeners):
-        listener()
+    hooks.policy_changed()
 
 
 def _after_fork_in_child() -> None:
@@ -177,11 +158,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def on_change(listener: Callable[[], None]) -> None:
-    """Call ``listener`` whenever the registered plugins change (pools re-read their policy)."""
-    _listeners.append(listener)
-
-
 def get_plugin_manager() -> pluggy.PluginManager:
     """The project's plugin manager, created on first use with the default policy registered and
     the ``cmwq_exec`` entry points loaded (unless ``CMWQ_EXEC_DISABLE_PLUGIN_AUTOLOAD`` is set)."""
@@ -190,7 +166,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
         if _pm is None:
             pm = pluggy.PluginManager("cmwq_exec")
             pm.add_hookspecs(hookspecs)
-            pm.register(policy.DefaultPolicy(), name="cmwq_exec.default_policy")
+            pm.register(DefaultPolicy(), name=DEFAULT_POLICY)
             if not os.environ.get("CMWQ_EXEC_DISABLE_PLUGIN_AUTOLOAD"):
                 try:
                     pm.load_setuptools_entrypoints("cmwq_exec")
@@ -220,3 +196,7 @@ def unregister(plugin: object | None = None, name: str | None = None) -> None:
     pm = get_plugin_manager()
     pm.unregister(plugin, name=name)
     _rebuild()
+
+
+# the process's pools load the entry-point plugins when they start
+hooks.on_system_start(lambda config: get_plugin_manager())

@@ -20,7 +20,7 @@ from helpers import wait_for
 
 import cmwq_exec
 from cmwq_exec import CMWQExecutor
-from cmwq_exec import system as _system
+from cmwq_exec.core import system as _system
 
 
 def _check_invariants(pools: Any = None) -> None:
@@ -58,7 +58,7 @@ def _quiesce(pools: Any = None, timeout: float = 10.0) -> None:
 @pytest.fixture(autouse=True)
 def _lock_order_kept() -> Iterator[None]:
     """In lock-order debug mode, a test during which any thread broke the lock order fails."""
-    from cmwq_exec import lockdep
+    from cmwq_exec.core import lockdep
 
     seen = len(lockdep.violations)
     yield

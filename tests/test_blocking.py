@@ -10,7 +10,7 @@ import pytest
 from helpers import wait_for
 
 from cmwq_exec import WQ, Work, WorkQueue, blocking
-from cmwq_exec.worker import SLEEPING, current_worker
+from cmwq_exec.core.worker import SLEEPING, current_worker
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from cmwq_exec import system as _system
-from cmwq_exec.config import Config, from_environment
+from cmwq_exec.core import system as _system
+from cmwq_exec.core.config import Config, from_environment
 
 FLOATS = [f.name for f in dataclasses.fields(Config) if f.type == "float"]
 INTS = [f.name for f in dataclasses.fields(Config) if f.type == "int"]

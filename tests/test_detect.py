@@ -73,7 +73,7 @@ def _sleeper_then_setter_completes(executor: CMWQExecutor, timeout: float) -> bo
 def _seen_sleeping(work_fn: object, timeout: float = 5.0) -> bool:
     """Run ``work_fn`` (which sleeps ~0.3 s) and watch the pools: True if its worker was flagged
     SLEEPING (told the pool it sleeps) while running it. The watchdog never sets that flag."""
-    from cmwq_exec.worker import SLEEPING
+    from cmwq_exec.core.worker import SLEEPING
 
     with CMWQExecutor() as ex:
         future = ex.submit(work_fn)

@@ -15,8 +15,8 @@ from helpers import wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, blocking, plugin
-from cmwq_exec import system as _system
-from cmwq_exec import worker as _worker
+from cmwq_exec.core import system as _system
+from cmwq_exec.core import worker as _worker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,7 +144,7 @@ def test_without_rescuer_chain_stalls_and_watchdog_warns(fresh_system: Any,
 
 
 class FlakyStart:
-    """Replaces ``cmwq_exec.worker.start_thread``: every second call raises like a thread limit."""
+    """Replaces ``cmwq_exec.core.worker.start_thread``: every second call raises like a thread limit."""
 
     def __init__(self) -> None:
         self.real = _worker.start_thread

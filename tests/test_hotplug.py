@@ -14,8 +14,8 @@ from helpers import registered, wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, blocking
-from cmwq_exec.pool import WorkerCreationError, WorkerPool
-from cmwq_exec.worker import ROGUE, current_worker
+from cmwq_exec.core.pool import WorkerCreationError, WorkerPool
+from cmwq_exec.core.worker import ROGUE, current_worker
 
 pytestmark = [pytest.mark.hotplug, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -157,7 +157,7 @@ def test_registering_reads_no_pool_state() -> None:
 
 def test_register_uses_get_system_and_enables_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     system = _StubSystem()
-    monkeypatch.setattr(cmwq_exec, "get_system", lambda: system)
+    monkeypatch.setattr(cmwq_exec.core.system, "get_system", lambda: system)
     registry = CollectorRegistry()
     collector = metrics.register(registry)
     assert metrics.register(registry) is collector  # idempotent per registry

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from helpers import wait_for
 
-from cmwq_exec import WQ, Work, WorkQueue, blocking, hookimpl, plugin, policy
-from cmwq_exec.worker import current_worker
+from cmwq_exec import WQ, Work, WorkQueue, blocking, hookimpl, plugin
+from cmwq_exec.core import policy
+from cmwq_exec.core.worker import current_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -293,7 +294,7 @@ def test_creation_failure_mayday_and_rescue_events(reset_system: Callable[..., A
     wq = WorkQueue("mayday", WQ.UNBOUND | WQ.RESCUER)
     pool = system.unbound_pool
     wait_for("pool.nr_idle == 1 and not pool.managing", lambda: pool.nr_idle == 1 and not pool.managing)
-    mocker.patch("cmwq_exec.worker.start_thread", side_effect=RuntimeError("can't start new thread"))
+    mocker.patch("cmwq_exec.core.worker.start_thread", side_effect=RuntimeError("can't start new thread"))
     works = [Work(int) for _ in range(3)]
     for work in works:
         wq.queue_work(work)

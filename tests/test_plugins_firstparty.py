@@ -125,10 +125,10 @@ def test_without_the_plugin_blocked_works_do_get_workers() -> None:
 def test_unregistering_the_fixed_policy_restores_concurrency_management() -> None:
     name = plugin.register(FixedConcurrency(1), name="fixed-temporary")
     try:
-        assert _unbound_pool().need_more_worker is not cmwq_exec.policy.need_more_worker
+        assert _unbound_pool().need_more_worker is not cmwq_exec.core.policy.need_more_worker
     finally:
         plugin.unregister(name=name)
-    assert _unbound_pool().need_more_worker is cmwq_exec.policy.need_more_worker
+    assert _unbound_pool().need_more_worker is cmwq_exec.core.policy.need_more_worker
 
 
 def _module_hooks(limit: str | None) -> list[str]:
@@ -180,7 +180,7 @@ def test_fixed_policy_predicates() -> None:
     assert policy.need_more_worker(_FakePool(worklist=1, nr_workers=2, nr_idle=0, busy=1))
     # Two busy, blocked or not: no more, unlike the kernel's formula.
     assert not policy.need_more_worker(_FakePool(worklist=3, nr_workers=3, nr_idle=1, busy=2))
-    assert cmwq_exec.policy.need_more_worker(_FakePool(worklist=3, nr_workers=3, nr_idle=1, busy=2))
+    assert cmwq_exec.core.policy.need_more_worker(_FakePool(worklist=3, nr_workers=3, nr_idle=1, busy=2))
     # The last idle worker leaves: create a spare only below the limit.
     assert policy.need_to_create_worker(_FakePool(worklist=2, nr_workers=1, nr_idle=0, managing=True))
     assert not policy.need_to_create_worker(_FakePool(worklist=2, nr_workers=2, nr_idle=0, busy=1,
@@ -370,7 +370,7 @@ def test_plugins_install_and_register_through_entry_points(tmp_path: Path) -> No
 
     # A fresh process that has them on its path loads both through cmwq_exec's plugin manager.
     probe = (
-        "import cmwq_exec.plugin as p, cmwq_exec.policy as d\n"
+        "import cmwq_exec.plugin as p, cmwq_exec.core.policy as d\n"
         "pm = p.get_plugin_manager()\n"
         "names = sorted(n for n, _ in pm.list_name_plugin() if not n.startswith('cmwq_exec.'))\n"
         "print(names, p.current_policy.need_more_worker is not d.need_more_worker,\n"

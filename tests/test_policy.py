@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmwq_exec import plugin, policy
-from cmwq_exec.policy import (
+from cmwq_exec import plugin
+from cmwq_exec.core import policy
+from cmwq_exec.core.policy import (
     MAX_IDLE_WORKERS_RATIO,
     keep_working,
     may_start_working,
@@ -219,12 +220,23 @@ def test_policy_relations(pool: SimpleNamespace) -> None:
 @settings(max_examples=100, deadline=None)
 @given(pool=any_pools())
 def test_default_policy_plugin_answers_with_the_formulas(pool: SimpleNamespace) -> None:
-    plugin_obj = policy.DefaultPolicy()
+    plugin_obj = plugin.DefaultPolicy()
     for fn, _ in PAIRS:
         assert getattr(plugin_obj, "cmwq_" + fn.__name__)(pool) == fn(pool)
 
 
 def test_every_policy_hook_has_a_default() -> None:
     for name in plugin.POLICY_HOOKS:
-        assert hasattr(policy.DefaultPolicy, "cmwq_" + name)
+        assert hasattr(plugin.DefaultPolicy, "cmwq_" + name)
         assert callable(getattr(policy, name))
+
+
+def test_the_core_and_the_hookspecs_name_the_same_hooks() -> None:
+    """The core's list of policy functions and events (core/hooks.py) is the hookspecs' list."""
+    from cmwq_exec import hookspecs
+    from cmwq_exec.core import hooks
+
+    specs = {name[len("cmwq_"):] for name in dir(hookspecs) if name.startswith("cmwq_")}
+    assert specs == set(hooks.POLICY_NAMES) | set(hooks.EVENT_NAMES) | {"select_pool"}
+    assert set(vars(hooks.Policy())) == set(hooks.POLICY_NAMES) | {"select_pool"}
+    assert set(vars(hooks.Events())) == set(hooks.EVENT_NAMES)

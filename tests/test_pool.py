@@ -16,8 +16,8 @@ from helpers import hold_works, wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, CMWQExecutor, Work, WorkQueue, blocking
-from cmwq_exec.system import usable_cpus
-from cmwq_exec.worker import current_worker
+from cmwq_exec.core.system import usable_cpus
+from cmwq_exec.core.worker import current_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -340,7 +340,7 @@ def test_rescuer_runs_works_when_worker_creation_fails(reset_system: Callable[..
     wq = WorkQueue("rescued", WQ.UNBOUND | WQ.RESCUER)
     pool = system.unbound_pool
     wait_for("settled(pool) and pool.nr_workers == 1", lambda: settled(pool) and pool.nr_workers == 1)
-    mocker.patch("cmwq_exec.worker.start_thread", side_effect=RuntimeError("can't start new thread"))
+    mocker.patch("cmwq_exec.core.worker.start_thread", side_effect=RuntimeError("can't start new thread"))
     ran: list[str] = []
     for _ in range(3):
         wq.queue_work(Work(lambda: ran.append(threading.current_thread().name)))
@@ -403,7 +403,7 @@ DYING_WORKER_SCRIPT = r"""
 import os, sys, threading, time
 import concurrent.futures as cf
 from cmwq_exec import CMWQExecutor
-from cmwq_exec.worker import IDLE, current_worker
+from cmwq_exec.core.worker import IDLE, current_worker
 
 ex = CMWQExecutor()
 gate = threading.Event()

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from helpers import wait_for
 
-from cmwq_exec import DelayedWork, WorkQueue, timer
+from cmwq_exec import DelayedWork, WorkQueue
+from cmwq_exec.core import timer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,8 +25,9 @@ import pytest
 from helpers import registered, wait_for
 
 import cmwq_exec
-from cmwq_exec import CMWQExecutor, DelayedWork, Work, WorkQueue, blocking, hookimpl, lockdep
-from cmwq_exec import system as _system
+from cmwq_exec import CMWQExecutor, DelayedWork, Work, WorkQueue, blocking, hookimpl
+from cmwq_exec.core import lockdep
+from cmwq_exec.core import system as _system
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -408,7 +409,7 @@ def test_cancel_and_flush_wait_without_timeouts_or_spinning(make_executor: Any, 
                                                             release: Any) -> None:
     """Every state a pending work can be in, cancelled and flushed while workers run: no wait
     with a timeout, no sleep(0)."""
-    from cmwq_exec import pending, workqueue
+    from cmwq_exec.core import pending, workqueue
 
     waits: list[Any] = []
     real_wait = threading.Condition.wait
@@ -453,7 +454,7 @@ def test_cancel_and_flush_wait_without_timeouts_or_spinning(make_executor: Any, 
 # -- 10. slow work stays out of the pool lock ------------------------------------------------------
 
 def test_a_rescue_scans_the_worklist_once_not_once_per_work() -> None:
-    from cmwq_exec.worker import Rescuer
+    from cmwq_exec.core.worker import Rescuer
 
     reads = [0]
     foreign_pwq = SimpleNamespace(wq=object())

@@ -15,8 +15,8 @@ from helpers import registered, wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue
-from cmwq_exec import system as _system
-from cmwq_exec.worker import STUCK, current_worker
+from cmwq_exec.core import system as _system
+from cmwq_exec.core.worker import STUCK, current_worker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -190,7 +190,7 @@ def test_clocks_and_proc_are_read_without_the_pool_lock(
         fresh_system: Any, pinned_cpu0: None, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     """The watchdog's slow reads (thread CPU clocks, /proc) happen with the pool lock released, so
     a worker never waits for them to queue, wake or complete."""
-    from cmwq_exec import watchdog
+    from cmwq_exec.core import watchdog
 
     fresh_system()
     calls: dict[str, list[bool]] = {"thread_cpu_ns": [], "_runnable": []}

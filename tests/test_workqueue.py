@@ -15,7 +15,7 @@ import pytest
 from helpers import hold_works, wait_for
 
 from cmwq_exec import WQ, CMWQExecutor, DelayedWork, Work, WorkQueue, blocking
-from cmwq_exec.worker import current_worker
+from cmwq_exec.core.worker import current_worker
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -34,15 +34,22 @@ import logging
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import plugin, timer
+from . import hooks, timer
 from .lockdep import make_lock
+from .pool import WorkerPool
 from .worker import CPU_INTENSIVE, HOG_SEEN, IDLE, NOT_RUNNING, STUCK, thread_cpu_ns
 
 if TYPE_CHECKING:
-    from .pool import WorkerPool
-    from .system import System
+    from .config import Config
+
+
+class System(Protocol):
+    """What the watchdog needs of the set of pools it watches."""
+
+    config: Config
+    usable: set[int]
 
 log = logging.getLogger("cmwq_exec.watchdog")
 
@@ -177,8 +184,8 @@ class Watchdog:
                     pool.worker_clr_flags(worker, STUCK)  # running again: count it again
                 elif verdict == _BLOCKED:
                     pool.worker_set_flags(worker, STUCK, wakeup=True)
-                    if plugin.events.worker_blocked is not None:
-                        events.append((plugin.events.worker_blocked,
+                    if hooks.events.worker_blocked is not None:
+                        events.append((hooks.events.worker_blocked,
                                        {"pool": pool, "worker": worker, "work": worker.current_work}))
                 else:
                     worker.flags |= HOG_SEEN
@@ -187,8 +194,8 @@ class Watchdog:
                         worker.current_pwq.nr_cpu_intensive += 1
                     if not saturated:
                         pool.worker_set_flags(worker, CPU_INTENSIVE, wakeup=True)
-                    if plugin.events.cpu_intensive is not None:
-                        events.append((plugin.events.cpu_intensive,
+                    if hooks.events.cpu_intensive is not None:
+                        events.append((hooks.events.cpu_intensive,
                                        {"pool": pool, "worker": worker, "work": worker.current_work}))
             stalled_for = now - pool.wd_progress_at
             if stalled_for >= config.stall_timeout and not pool.stall_warned:
@@ -214,6 +221,6 @@ class Watchdog:
             "(workers=%d idle=%d running=%d pending=%d); stacks of its busy workers:\n%s",
             pool.name, seconds, pool.nr_workers, pool.nr_idle, pool.nr_running, len(pool.worklist),
             "\n".join(f"--- thread {ident}\n{stack}" for ident, stack in stacks.items()) or "(none)")
-        hook = plugin.events.stall
+        hook = hooks.events.stall
         if hook is not None:
             hook(pool=pool, seconds=seconds, stacks=stacks)

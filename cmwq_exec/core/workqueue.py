@@ -32,9 +32,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from . import plugin, timer
+from . import hooks, timer
 from . import system as _system
 from .interrupts import deferred_interrupts
 from .lockdep import make_lock
@@ -398,7 +398,7 @@ class WorkQueue:
         if work._reusable and work._worker is not None:
             # non-reentrancy: where it runs now, whatever the workqueue (even an unbound one), so
             # the running worker takes it over under one pool lock
-            return work._worker.pool  # type: ignore[no-any-return]
+            return cast("WorkerPool", work._worker.pool)  # a worker's pool is a WorkerPool
         if self._unbound:
             return system.unbound_pool
         if cpu is not None:  # queue_work_on()
@@ -406,10 +406,10 @@ class WorkQueue:
             return pool if pool.online else system.fallback_pool(cpu)
         worker = current.worker
         if worker is not None and worker.pool.online and worker.pool.cpu is not None:
-            pool = worker.pool
+            pool = cast("WorkerPool", worker.pool)
         else:
             pool = system.local_pool()
-        select = plugin.current_policy.select_pool
+        select = hooks.current_policy.select_pool
         if select is not None:
             pool = select(workqueue=self, pools=system.online_pools, current_pool=pool)
         return pool

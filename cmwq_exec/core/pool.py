@@ -31,15 +31,36 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import plugin, timer
+from . import hooks, timer
 from . import worker as _worker
+from .cpus import Placed
 from .lockdep import make_lock
 from .worker import DIE, IDLE, NOT_RUNNING, ROGUE, Worker
 
 if TYPE_CHECKING:
-    from .system import System
+    from .config import Config
+
+
+class Arming(Protocol):
+    def arm(self, pool: WorkerPool) -> None: ...
+
+
+class System(Protocol):
+    """What a pool needs of the set of pools it belongs to (:class:`cmwq_exec.core.system.System`)."""
+
+    config: Config
+    threads_lock: Any  # a lock (cmwq_exec.core.lockdep.make_lock)
+    nr_threads: int
+    timing: bool
+    usable: set[int]
+
+    @property
+    def watchdog(self) -> Arming: ...
+    @property
+    def unbound_pool(self) -> WorkerPool: ...
+    def bind_thread(self, pool: Placed) -> None: ...
 
 log = logging.getLogger("cmwq_exec.pool")
 
@@ -111,7 +132,7 @@ class WorkerPool:
 
     def read_policy(self) -> None:
         """Bind the policy functions in force (called again when plugins change)."""
-        policy = plugin.current_policy
+        policy = hooks.current_policy
         self.need_more_worker = policy.need_more_worker
         self.may_start_working = policy.may_start_working
         self.keep_working = policy.keep_working
@@ -236,7 +257,7 @@ class WorkerPool:
         self.workers.add(worker)
         self.nr_workers += 1
         self.worker_enter_idle(worker)
-        created = plugin.events.worker_created
+        created = hooks.events.worker_created
         if created is not None:
             created(pool=self, worker=worker)
 
@@ -250,7 +271,7 @@ class WorkerPool:
         self.wake_worker(worker)
         with self.system.threads_lock:
             self.system.nr_threads -= 1
-        destroyed = plugin.events.worker_destroyed
+        destroyed = hooks.events.worker_destroyed
         if destroyed is not None:
             destroyed(pool=self, worker=worker, reason=reason)
 
@@ -282,7 +303,7 @@ class WorkerPool:
             if wq._rescuer is not None:
                 work._pwq.nr_mayday += 1
                 wq._rescuer.summon(self)
-                mayday = plugin.events.mayday
+                mayday = hooks.events.mayday
                 if mayday is not None:
                     mayday(pool=self, workqueue=wq)
 
@@ -332,7 +353,7 @@ class WorkerPool:
 
     def creation_failed(self, exc: WorkerCreationError) -> None:
         """A worker could not be created: tell the plugins (no lock held)."""
-        failed = plugin.events.worker_create_failed
+        failed = hooks.events.worker_create_failed
         if failed is not None:
             failed(pool=self, error=exc)
         log.debug("pool %s: %s", self.name, exc)
@@ -353,7 +374,7 @@ class WorkerPool:
             if self.trustee_state != TRUSTEE_DONE:
                 self.trustee_cond.notify_all()
         if created:
-            ran = plugin.events.manager_ran
+            ran = hooks.events.manager_ran
             if ran is not None:
                 ran(pool=self, created=1, destroyed=0)
         return created

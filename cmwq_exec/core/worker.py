@@ -19,14 +19,59 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import plugin
+from . import hooks
+from .cpus import Placed
 from .lockdep import make_lock
 from .pending import NOWHERE, RESCUE, SCHEDULED, WORKLIST, work_flush
 
 if TYPE_CHECKING:
-    from .pool import WorkerPool
+    from contextlib import AbstractContextManager
+
+    from .config import Config
+
+
+class PoolSystem(Protocol):
+    """What a worker needs of the set of pools."""
+
+    config: Config
+    timing: bool
+
+    @property
+    def unbound_pool(self) -> WorkerPool: ...
+    def bind_thread(self, pool: Placed) -> None: ...
+
+
+class WorkerPool(Protocol):
+    """What a worker needs of its pool: :class:`cmwq_exec.core.pool.WorkerPool` (the worker sits
+    below the pool, so it names the pool's side of their interface here)."""
+
+    cpu: int | None
+    name: str
+    online: bool
+    lock: Any  # a lock (cmwq_exec.core.lockdep.make_lock)
+    worklist: deque[Any]
+    manage_requested: bool
+    nr_started: int
+    need_more_worker: Callable[[Any], bool]
+    may_start_working: Callable[[Any], bool]
+    keep_working: Callable[[Any], bool]
+    need_to_create_worker: Callable[[Any], bool]
+    need_to_manage_workers: Callable[[Any], bool]
+
+    @property
+    def system(self) -> PoolSystem: ...
+    @property
+    def unlocked(self) -> AbstractContextManager[None]: ...
+    def manage_workers(self, worker: Worker | None) -> bool: ...
+    def wake_up_worker(self) -> bool: ...
+    def worker_set_flags(self, worker: Worker, flags: int, wakeup: bool) -> None: ...
+    def worker_clr_flags(self, worker: Worker, flags: int) -> None: ...
+    def worker_enter_idle(self, worker: Worker) -> None: ...
+    def worker_leave_idle(self, worker: Worker) -> None: ...
+    def worker_crashed(self, worker: Worker, exc: BaseException) -> None: ...
 
 log = logging.getLogger("cmwq_exec.worker")
 
@@ -200,7 +245,7 @@ class Worker:
                 cpu_started = time.thread_time()
             else:
                 started = cpu_started = 0.0
-            started_hook = plugin.events.work_started
+            started_hook = hooks.events.work_started
             if started_hook is not None:
                 started_hook(pool=pool, workqueue=wq, work=work)
             try:
@@ -208,7 +253,7 @@ class Worker:
             except BaseException as exc:  # past the work's own handling (a done callback's SystemExit)
                 log.exception("cmwq_exec worker %s: %r escaped the completion of %r", self, exc, work)
                 error = exc
-            finished_hook = plugin.events.work_finished
+            finished_hook = hooks.events.work_finished
             if finished_hook is not None:
                 finished_hook(pool=pool, workqueue=wq, work=work, error=error)
             error = None
@@ -398,7 +443,7 @@ class Rescuer:
                 pwq = work._pwq
                 worker.process_one_work(work)
                 pwq.nr_rescued += 1
-                rescued = plugin.events.work_rescued
+                rescued = hooks.events.work_rescued
                 if rescued is not None:
                     rescued(pool=pool, workqueue=wq, work=work)
                 if not (pool.need_to_create_worker(pool) or not pool.online):

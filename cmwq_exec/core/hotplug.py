@@ -19,9 +19,10 @@ import logging
 import select
 import socket
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import plugin, timer
+from . import hooks, timer
+from .cpus import usable_cpus
 from .pool import (
     TRUSTEE_BUTCHER,
     TRUSTEE_DONE,
@@ -34,7 +35,17 @@ from .pool import (
 from .worker import ROGUE, Worker, set_thread_affinity, start_thread
 
 if TYPE_CHECKING:
-    from .system import System
+    from .config import Config
+
+
+class System(Protocol):
+    """What hotplug needs of the set of pools (:class:`cmwq_exec.core.system.System`)."""
+
+    config: Config
+    lock: Any  # a lock (cmwq_exec.core.lockdep.make_lock)
+    usable: set[int]
+    cpu_pools: dict[int, WorkerPool]
+    online_pools: list[WorkerPool]
 
 log = logging.getLogger("cmwq_exec.hotplug")
 
@@ -65,7 +76,7 @@ def _set_online(system: System, pool: WorkerPool, online: bool) -> bool:
 
 
 def _trustee_event(pool: WorkerPool, state: str) -> None:
-    hook = plugin.events.trustee_state
+    hook = hooks.events.trustee_state
     if hook is not None:
         hook(pool=pool, state=state)
 
@@ -228,8 +239,6 @@ class HotplugMonitor:
                 pass
 
     def run(self) -> None:
-        from .system import usable_cpus
-
         interval = self.system.config.hotplug_poll_interval
         while not self.stopping:
             sock = self.sock

@@ -7,7 +7,6 @@ unbound pool. A forked child starts a fresh set on first use.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import os
@@ -15,68 +14,14 @@ import threading
 import weakref
 from typing import Any
 
-from . import plugin, timer
+from . import hooks, hotplug, timer
 from .config import Config, from_environment
+from .cpus import Placed, current_cpu, possible_cpus, usable_cpus
 from .lockdep import make_lock
 from .pool import WorkerPool
 from .watchdog import Watchdog
 
 log = logging.getLogger("cmwq_exec.system")
-
-_sched_getcpu: Any
-try:
-    # PyDLL keeps the GIL across the call: a CDLL call would release it and hand the GIL to a worker
-    # on every submit.
-    _sched_getcpu = ctypes.PyDLL(None).sched_getcpu
-    _sched_getcpu.restype = ctypes.c_int
-    _sched_getcpu.argtypes = []
-except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
-    _sched_getcpu = None
-
-
-def possible_cpus() -> list[int]:
-    """CPUs that may ever be online (``/sys/devices/system/cpu/possible``)."""
-    try:
-        with open("/sys/devices/system/cpu/possible") as f:
-            return parse_cpu_list(f.read())
-    except OSError:
-        return list(range(os.cpu_count() or 1))
-
-
-def online_cpus() -> set[int]:
-    try:
-        with open("/sys/devices/system/cpu/online") as f:
-            return set(parse_cpu_list(f.read()))
-    except OSError:
-        return set(range(os.cpu_count() or 1))
-
-
-def process_affinity() -> set[int]:
-    """The process's CPU mask: the main thread's (pinned workers have their own)."""
-    try:
-        return os.sched_getaffinity(os.getpid())
-    except OSError:
-        return set(range(os.cpu_count() or 1))
-
-
-def usable_cpus() -> set[int]:
-    """Online and allowed by the process's affinity mask."""
-    return (online_cpus() & process_affinity()) or process_affinity()
-
-
-def parse_cpu_list(text: str) -> list[int]:
-    """Parse the kernel's cpu list format, e.g. ``0-3,5``."""
-    cpus: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        if "-" in part:
-            lo, hi = part.split("-")
-            cpus.extend(range(int(lo), int(hi) + 1))
-        else:
-            cpus.append(int(part))
-    return cpus
-
 
 class System:
     """Every pool and workqueue of the process."""
@@ -101,18 +46,14 @@ class System:
         self._unbound_started = False
         self.watchdog = Watchdog(self)
         self.hotplug: Any = None
-        plugin.on_change(self._read_policy)
-        plugin.get_plugin_manager()
+        hooks.on_policy_change(self._read_policy)
         self._read_policy()
 
     def start(self) -> None:
         # The timer thread first: mayday, retries of worker creation and delayed works all need
         # it, and once running it cannot die, so no later caller can meet its creation failing.
         timer.start()
-        if self.config.detect_blocking:
-            from .detect import enable
-
-            enable()
+        hooks.system_starting(self.config)  # plugins load, blocking detection starts if asked
         for pool in self.online_pools:
             pool.start()
         if self.config.hotplug:
@@ -121,12 +62,10 @@ class System:
     def start_hotplug(self) -> None:
         """Start the hotplug monitor; if its thread cannot be created, try again later (the pools
         work meanwhile; only CPU changes go unnoticed)."""
-        from .hotplug import HotplugMonitor
-
         with self.lock:
             if self.stopped or self.hotplug is not None:
                 return
-            monitor = HotplugMonitor(self)
+            monitor = hotplug.HotplugMonitor(self)
             try:
                 monitor.start()
             except RuntimeError as exc:
@@ -196,7 +135,7 @@ class System:
 
     def local_pool(self) -> WorkerPool:
         """The pool of the CPU the calling thread runs on (another online one if that is down)."""
-        cpu = _sched_getcpu() if _sched_getcpu is not None else 0
+        cpu = current_cpu()
         pool = self.cpu_pools.get(cpu)
         if pool is not None and pool.online:
             return pool
@@ -209,7 +148,7 @@ class System:
         pools = self.online_pools
         return pools[cpu % len(pools)] if pools else self.unbound_pool
 
-    def bind_thread(self, pool: WorkerPool) -> None:
+    def bind_thread(self, pool: Placed) -> None:
         """Bind the calling thread to ``pool``'s CPU, or to every usable CPU if the pool is unbound
         or offline. Best effort: a CPU going down meanwhile is the trustee's business."""
         if pool.cpu is not None and pool.online and self.config.pin_workers:
@@ -230,15 +169,11 @@ class System:
 
     def cpu_down(self, cpu: int) -> None:
         """Take ``cpu``'s pool down: a trustee drains it with unbound workers. Returns at once."""
-        from .hotplug import cpu_down
-
-        cpu_down(self, cpu)
+        hotplug.cpu_down(self, cpu)
 
     def cpu_up(self, cpu: int) -> None:
         """Bring ``cpu``'s pool back (the trustee, if still draining, hands the pool back)."""
-        from .hotplug import cpu_up
-
-        cpu_up(self, cpu)
+        hotplug.cpu_up(self, cpu)
 
 
 _system: System | None = None

@@ -1,0 +1,58 @@
+"""The layering of the package holds, and the check of it can fail.
+
+pyproject.toml's import-linter contracts put the front-ends above the plugin and sleep-detection
+layers, those above the core, and order the core's own modules; every import counts (under
+TYPE_CHECKING and inside functions too). Here the contracts are checked on the real tree, and on a
+copy where a core module imports a front-end inside a function: that copy must be refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LINT_IMPORTS = shutil.which("lint-imports", path=os.path.dirname(sys.executable))
+
+pytestmark = pytest.mark.skipif(LINT_IMPORTS is None, reason="import-linter is not installed")
+
+
+def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
+    assert LINT_IMPORTS is not None
+    return subprocess.run([LINT_IMPORTS, "--no-cache", "--config", str(tree / "pyproject.toml")],
+                          cwd=tree, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tree)})
+
+
+def copy_tree(tmp_path: Path) -> Path:
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "cmwq_exec", tree / "cmwq_exec",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    return tree
+
+
+def test_the_layers_are_kept(tmp_path: Path) -> None:
+    proc = lint_imports(copy_tree(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout
+
+
+@pytest.mark.parametrize(("module", "upper"), [
+    ("core/pool.py", "from cmwq_exec import executor"),  # the core reaching a front-end
+    ("core/worker.py", "from cmwq_exec.core import pool"),  # a lower core module reaching a higher one
+    ("core/system.py", "import pluggy"),  # the core needing the plugin layer's package
+])
+def test_an_upward_import_is_refused_even_inside_a_function(tmp_path: Path, module: str,
+                                                            upper: str) -> None:
+    tree = copy_tree(tmp_path)
+    path = tree / "cmwq_exec" / module
+    path.write_text(path.read_text() + f"\n\ndef _upward() -> None:\n    {upper}  # noqa\n")
+    proc = lint_imports(tree)
+    assert proc.returncode != 0, proc.stdout
+    assert "BROKEN" in proc.stdout or "broken" in proc.stdout
