@@ -5,10 +5,11 @@ Plugins are pluggy plugins of the project ``cmwq_exec``: objects or modules whos
 ``cmwq_exec`` entry-point group of installed distributions.
 
 Policy hooks are ``firstresult``: the first plugin returning a value other than ``None`` decides, and the
-kernel's formula (:class:`cmwq_exec.policy.DefaultPolicy`) answers last. They are called with the pool's
-lock held, on the hot path: keep them to a few comparisons of the pool's counters, and never block or
-take another lock. A policy hook that raises is logged once with its plugin's name and the next answer
-(in the end the kernel's) is used; a plugin can never wedge a pool.
+kernel's formula (:class:`cmwq_exec.plugin.DefaultPolicy`, registered ``trylast``) answers last.
+They are called with the pool's lock held, on the hot path: keep them to a few comparisons of the
+pool's counters, and never block or take another lock. A policy hook that raises is logged once with
+its plugin's name and the next answer (in the end the kernel's) is used; a plugin can never wedge a
+pool.
 
 Event hooks tell what happened; all implementations are called, results are ignored. Like the
 kernel's tracepoints they are called from the thread that did the thing (a worker, the manager, the
@@ -95,7 +96,8 @@ def cmwq_worker_create_failed(pool: Any, error: BaseException) -> None:
 
 @hookspec
 def cmwq_manager_ran(pool: Any, created: int, destroyed: int) -> None:
-    """A worker held the manager role and created/destroyed that many workers."""
+    """``pool``'s manager acted: a worker holding the manager role created ``created`` workers, or
+    the idle timer (the kernel's maybe_destroy_workers) reaped ``destroyed`` idle ones."""
 
 
 @hookspec

@@ -29,10 +29,9 @@ from .pool import (
     TRUSTEE_IN_CHARGE,
     TRUSTEE_RELEASE,
     TRUSTEE_START,
-    WorkerCreationError,
     WorkerPool,
 )
-from .worker import ROGUE, Worker, set_thread_affinity, start_thread
+from .worker import ROGUE, set_thread_affinity, start_thread
 
 if TYPE_CHECKING:
     from .config import Config
@@ -197,17 +196,8 @@ class Trustee:
                 pool.wake_worker(idle)
                 left -= 1
         pool.send_mayday()
-        if left > 0 and not pool.idle:
-            worker: Worker | None
-            with pool.unlocked:
-                try:
-                    worker = pool.create_worker(rogue=True)
-                except WorkerCreationError as exc:
-                    pool.creation_failed(exc)
-                    worker = None
-            if worker is not None:
-                pool.start_worker(worker)
-                pool.wake_up_worker()
+        if left > 0 and not pool.idle and pool.add_worker(rogue=True):
+            pool.wake_up_worker()
 
 
 class HotplugMonitor:

@@ -224,10 +224,25 @@ class WorkerPool:
 
     # -- creating and destroying workers ----------------------------------------------------------
 
-    def create_worker(self, rogue: bool = False) -> Worker:
-        """Create and start a worker thread. Called WITHOUT the lock; raises WorkerCreationError.
+    def add_worker(self, rogue: bool = False) -> bool:
+        """Create one worker, start its thread and make it idle; False if that failed (the
+        ``cmwq_worker_create_failed`` event says why). L: held, dropped while the thread starts.
 
-        The new worker is parked (not yet idle); :meth:`start_worker` puts it on the idle list.
+        Every worker of a pool is made here: by the manager, by the timer for a pool that has
+        nobody to manage it, and by the trustee (``rogue``: unbound, for a pool whose CPU left)."""
+        with self.unlocked:
+            try:
+                worker = self.create_worker(rogue)
+            except WorkerCreationError as exc:
+                self.creation_failed(exc)
+                return False
+        self.start_worker(worker)
+        return True
+
+    def create_worker(self, rogue: bool = False) -> Worker:
+        """Create and start a worker thread (for :meth:`add_worker`, and the tests' fault injection).
+        Called WITHOUT the lock; raises WorkerCreationError. The new worker is parked (not yet
+        idle); :meth:`start_worker` puts it on the idle list.
         """
         system = self.system
         with system.threads_lock:
@@ -278,6 +293,7 @@ class WorkerPool:
     def idle_worker_timeout(self) -> None:
         """Idle timer: reap workers idle for longer than ``idle_timeout`` beyond the ratio."""
         timeout = self.system.config.idle_timeout
+        destroyed = 0
         with self.lock:
             self.idle_timer = None
             while self.too_many_workers(self) and not self.managing:
@@ -289,6 +305,10 @@ class WorkerPool:
                     self.idle_timer = timer.add_timer(expires - time.monotonic(), self.idle_worker_timeout)
                     break
                 self.destroy_worker(worker, "idle")
+                destroyed += 1
+        ran = hooks.events.manager_ran
+        if destroyed and ran is not None:  # the manager's other half (maybe_destroy_workers)
+            ran(pool=self, created=0, destroyed=destroyed)
 
     # -- the manager ------------------------------------------------------------------------------
 
@@ -335,19 +355,12 @@ class WorkerPool:
         config = self.system.config
         self.mayday_timer = timer.add_timer(config.mayday_initial_timeout, self.mayday_timeout)
         try:
-            while True:
+            while not self.add_worker(rogue=not self.online):
                 with self.unlocked:
-                    try:
-                        worker = self.create_worker(rogue=not self.online)
-                    except WorkerCreationError as exc:
-                        self.creation_failed(exc)
-                        time.sleep(config.create_cooldown)
-                        worker = None
-                if worker is not None:
-                    self.start_worker(worker)
-                    return True
+                    time.sleep(config.create_cooldown)
                 if not self.need_to_create_worker(self):
-                    return True
+                    break
+            return True
         finally:
             self._cancel_mayday_timer()
 
@@ -412,23 +425,17 @@ class WorkerPool:
             return
         self.managing = True
         try:
-            with self.unlocked:
-                try:
-                    worker: Worker | None = self.create_worker(rogue=not self.online)
-                except WorkerCreationError as exc:
-                    self.creation_failed(exc)
-                    log.warning("pool %s: cannot create a worker (will retry): %s", self.name, exc)
-                    worker = None
+            added = self.add_worker(rogue=not self.online)
         finally:
             self.managing = False
             if self.trustee_state != TRUSTEE_DONE:
                 self.trustee_cond.notify_all()
-        if worker is not None:
+        if added:
             self.create_pending = False
-            self.start_worker(worker)
             if self.need_more_worker(self):
                 self.wake_up_worker()  # works may be waiting (a pool handed back by its trustee)
             return
+        log.warning("pool %s: cannot create a worker (will retry)", self.name)
         if self.worklist:
             self.nr_mayday += 1
             self.send_mayday()
