@@ -30,10 +30,11 @@ from concurrent.futures._base import (
     RUNNING,
 )
 from concurrent.futures.thread import BrokenThreadPool
-from typing import Any
+from typing import Any, ClassVar
 
 from . import detect
 from .core import workqueue as _workqueue
+from .core.interfaces import QueueState
 from .core.lockdep import make_lock
 from .core.pending import NOWHERE
 from .core.worker import current
@@ -84,7 +85,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
     allocates its waiter and callback lists only when someone installs one.
     """
 
-    _reusable = False
+    _reusable: ClassVar[bool] = False
     __slots__ = ("_cond", "_state", "_result", "_exception", "_waiter_list", "_done_callbacks",
                  "_fn", "_args", "_kwargs", "_pwq", "_color", "_queued_at", "_counted", "_where")
 
@@ -99,7 +100,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         self._fn: Callable[..., Any] | None = fn
         self._args = args
         self._kwargs = kwargs
-        self._pwq: Any = None
+        self._pwq: QueueState | None = None
         self._color = 0
         self._queued_at = 0.0
         self._counted = False  # holds a max_active slot of its workqueue (set under its _lock)
@@ -413,7 +414,8 @@ class CMWQExecutor(ThreadPoolExecutor):
             self._shutdown = True
         if cancel_futures:
             for work in self._wq._pending_works():
-                work.cancel()
+                if isinstance(work, CMWQFuture):
+                    work.cancel()
         if wait:
             worker = current.worker
             pwq = worker.current_pwq if worker is not None else None
@@ -479,7 +481,8 @@ class _PendingCalls:
         self._wq = wq
 
     def qsize(self) -> int:
-        return sum(1 for work in self._wq._pending_works() if not work.done())
+        return sum(1 for work in self._wq._pending_works()
+                   if isinstance(work, CMWQFuture) and not work.done())
 
     def empty(self) -> bool:
         return self.qsize() == 0

@@ -44,7 +44,7 @@ EVENT_NAMES = (
     "work_finished",
 )
 
-PolicyFunction = Callable[[Any], bool]
+PolicyFunction = Callable[[policy.PoolCounters], bool]
 EventCaller = Optional[Callable[..., None]]  # noqa: UP045 (a runtime alias on 3.10)
 
 

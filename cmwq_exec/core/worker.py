@@ -20,10 +20,12 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import hooks
 from .cpus import Placed
+from .policy import PoolCounters
+from .interfaces import QueueState, ReusableWork, WorkItem, WorkQueueOps
 from .lockdep import make_lock
 from .pending import NOWHERE, RESCUE, SCHEDULED, WORKLIST, work_flush
 
@@ -44,7 +46,7 @@ class PoolSystem(Protocol):
     def bind_thread(self, pool: Placed) -> None: ...
 
 
-class WorkerPool(Protocol):
+class WorkerPool(PoolCounters, Protocol):
     """What a worker needs of its pool: :class:`cmwq_exec.core.pool.WorkerPool` (the worker sits
     below the pool, so it names the pool's side of their interface here)."""
 
@@ -52,14 +54,14 @@ class WorkerPool(Protocol):
     name: str
     online: bool
     lock: Any  # a lock (cmwq_exec.core.lockdep.make_lock)
-    worklist: deque[Any]
+    worklist: deque[WorkItem]
     manage_requested: bool
     nr_started: int
-    need_more_worker: Callable[[Any], bool]
-    may_start_working: Callable[[Any], bool]
-    keep_working: Callable[[Any], bool]
-    need_to_create_worker: Callable[[Any], bool]
-    need_to_manage_workers: Callable[[Any], bool]
+    need_more_worker: Callable[[PoolCounters], bool]
+    may_start_working: Callable[[PoolCounters], bool]
+    keep_working: Callable[[PoolCounters], bool]
+    need_to_create_worker: Callable[[PoolCounters], bool]
+    need_to_manage_workers: Callable[[PoolCounters], bool]
 
     @property
     def system(self) -> PoolSystem: ...
@@ -140,13 +142,13 @@ class Worker:
         self.park.acquire()
         self.woken = False  # L: park released and not yet consumed
         self.last_active = time.monotonic()  # L
-        self.current_work: Any = None  # L
-        self.current_pwq: Any = None  # L
+        self.current_work: WorkItem | None = None  # L
+        self.current_pwq: QueueState | None = None  # L
         self.current_counted = False  # L: the current work holds a slot of its workqueue
-        self.scheduled: deque[Any] = deque()  # L: works that collided with the one we run
+        self.scheduled: deque[WorkItem] = deque()  # L: works that collided with the one we run
         self.sleep_depth = 0  # X: nesting of blocking()
-        self.sleeping_wq: Any = None  # wq._lock: the workqueue whose running count our sleep lowered
-        self.waiting_wq: Any = None  # wq._lock: the workqueue whose active count our wait lowered
+        self.sleeping_wq: WorkQueueOps | None = None  # wq._lock: whose running count our sleep lowered
+        self.waiting_wq: WorkQueueOps | None = None  # wq._lock: whose active count our wait lowered
         self.work_seq = 0  # L: bumped per work; the watchdog tells works apart with it
         self.cpu_sample: tuple[int, int, int, float] | None = None  # L: the watchdog's last look:
         # (work_seq, CPU ns at its first look at that work, CPU ns now, when)
@@ -209,7 +211,7 @@ class Worker:
             break
         pool.worker_enter_idle(self)
 
-    def process_one_work(self, work: Any) -> None:
+    def process_one_work(self, work: WorkItem) -> None:
         """Run one work. Called and returns with the pool lock held; drops it while the work runs.
 
         A reusable work already running on another worker of this pool is handed to that worker
@@ -217,15 +219,17 @@ class Worker:
         """
         pool = self.pool
         if work._reusable:
-            running = work._worker
+            reusable = cast("ReusableWork", work)
+            running = reusable._worker
             if running is not None and running is not self:
                 work._where = SCHEDULED
                 running.scheduled.append(work)
                 return
-            work._worker = self
+            reusable._worker = self
             work._where = NOWHERE
-            work._pending.release()  # from here on it may be queued again
+            reusable._pending.release()  # from here on it may be queued again
         pwq = work._pwq
+        assert pwq is not None  # set while it is queued
         color = work._color
         queued_at = work._queued_at
         counted = work._counted  # it holds one of its workqueue's max_active slots
@@ -271,7 +275,7 @@ class Worker:
         self.current_work = None
         self.current_pwq = None
         if work._reusable:
-            work._worker = None
+            cast("ReusableWork", work)._worker = None
             if work_flush.waiters:
                 work_flush.notify()
         else:
@@ -344,7 +348,7 @@ class Rescuer:
     down without waiting) stops it once its works are done.
     """
 
-    def __init__(self, wq: Any, system: Any) -> None:
+    def __init__(self, wq: WorkQueueOps, system: PoolSystem) -> None:
         self.wq_ref = weakref.ref(wq)
         self.name = wq.name
         self.lock = make_lock("rescuer")
@@ -356,7 +360,7 @@ class Rescuer:
         # garbage collector in the middle of any critical section may signal safely.
         self.wake = threading.Lock()
         self.wake.acquire()
-        self.held: deque[Any] = deque()  # L (the rescued pool's lock): works taken to run next
+        self.held: deque[WorkItem] = deque()  # L (the rescued pool's lock): works taken to run next
         self.worker = Worker(system.unbound_pool, -1)
         self.worker.flags = RESCUER
         try:
@@ -417,7 +421,7 @@ class Rescuer:
             if self.stopping:
                 return
 
-    def rescue(self, wq: Any, pool: WorkerPool) -> None:
+    def rescue(self, wq: WorkQueueOps, pool: WorkerPool) -> None:
         """Run the workqueue's pending works on ``pool``, one at a time, while the pool still lacks
         workers; then put back what is left and kick the pool so a regular worker takes over.
 
@@ -428,9 +432,9 @@ class Rescuer:
         pool.system.bind_thread(pool)
         held = self.held
         with pool.lock:
-            mine = [w for w in pool.worklist if w._pwq.wq is wq]
+            mine = [w for w in pool.worklist if _wq_of(w) is wq]
             if mine:
-                others = [w for w in pool.worklist if w._pwq.wq is not wq]
+                others = [w for w in pool.worklist if _wq_of(w) is not wq]
                 for work in mine:
                     work._where = RESCUE
                 held.extend(mine)
@@ -441,6 +445,7 @@ class Rescuer:
             while held:
                 work = held.popleft()
                 pwq = work._pwq
+                assert pwq is not None
                 worker.process_one_work(work)
                 pwq.nr_rescued += 1
                 rescued = hooks.events.work_rescued
@@ -458,6 +463,12 @@ class Rescuer:
                     pool.worklist.extendleft(reversed(rest))
             if pool.need_more_worker(pool):
                 pool.wake_up_worker()
+
+
+def _wq_of(work: WorkItem) -> WorkQueueOps:
+    pwq = work._pwq
+    assert pwq is not None  # set while it is queued
+    return pwq.wq
 
 
 def thread_cpu_ns(worker: Worker) -> int | None:

@@ -32,10 +32,11 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from . import hooks, timer
 from . import system as _system
+from .interfaces import QueueState, ReusableWork, RunningWorker, SlotHolder, WorkItem
 from .interrupts import deferred_interrupts
 from .lockdep import make_lock
 from .pending import INACTIVE, NOWHERE, SCHEDULED, TIMER, WORKLIST, work_flush
@@ -111,7 +112,7 @@ class Work:
     described in :mod:`cmwq_exec.pending`.
     """
 
-    _reusable = True
+    _reusable: ClassVar[bool] = True
     __slots__ = ("fn", "args", "kwargs", "_pending", "_pwq", "_color", "_queued_at", "_counted", "_worker",
                  "_where", "_timer", "__weakref__")
 
@@ -122,11 +123,11 @@ class Work:
         self.args = args
         self.kwargs = kwargs
         self._pending = threading.Lock()  # locked while pending: test-and-set is acquire(False)
-        self._pwq: PoolWorkqueue | None = None  # the owning workqueue's state on the chosen pool
+        self._pwq: QueueState | None = None  # the owning workqueue's state on the chosen pool
         self._color = 0
         self._queued_at = 0.0
         self._counted = False  # holds a max_active slot of its workqueue (set under wq._lock)
-        self._worker: Any = None  # L: the worker running it
+        self._worker: RunningWorker | None = None  # L: the worker running it
         self._where = NOWHERE  # wq._lock (and L for pool lists): where it sits while pending
         self._timer: timer.Timer | None = None
 
@@ -151,10 +152,9 @@ class Work:
         """Take the work off its queue if pending. Returns True if it was pending (and now is not).
         A run already started is not interrupted."""
         while True:
-            pwq = self._pwq
-            if pwq is None:
+            if self._pwq is None:
                 return False  # never queued
-            wq = pwq.wq
+            wq = _state_of(self).wq
             with deferred_interrupts(), wq._lock:
                 if self._pwq is None or self._pwq.wq is not wq:
                     continue  # queued on another workqueue meanwhile: ask that one
@@ -206,9 +206,8 @@ class DelayedWork(Work):
         """Queue it now if its timer is still pending, then wait for it (flush_delayed_work).
 
         If its workqueue was destroyed meanwhile, the work is cancelled (with a warning) instead."""
-        pwq = self._pwq
-        if pwq is not None and self._where is TIMER:
-            pwq.wq._fire_delayed(self, now=True)
+        if self._pwq is not None and self._where is TIMER:
+            _state_of(self).wq._fire_delayed(self, now=True)
         return super().flush()
 
 
@@ -272,7 +271,7 @@ class WorkQueue:
         self._nr_active = 0  # _lock: works of a limited workqueue on a worklist or running
         self._nr_sleeping = 0  # _lock: of those, asleep in blocking() (counted if max_running is set)
         self._nr_waiting = 0  # _lock: of those, waiting for another work (no max_active slot held)
-        self._inactive: deque[Any] = deque()  # _lock: works waiting for max_active
+        self._inactive: deque[WorkItem] = deque()  # _lock: works waiting for max_active
         self._work_color = 0  # _flush_cond: the color new works get
         self._flush_cond = threading.Condition(make_lock("flush"))
         self._flush_seq = 0  # _flush_cond: bumped when a color count reaches zero
@@ -393,12 +392,13 @@ class WorkQueue:
                 raise RuntimeError(f"workqueue {self.name!r} is draining: only its own works may "
                                    "queue works on it until drain() returns")
 
-    def _select_pool(self, work: Any, cpu: int | None) -> WorkerPool:
+    def _select_pool(self, work: WorkItem, cpu: int | None) -> WorkerPool:
         system = self._system
-        if work._reusable and work._worker is not None:
+        running = cast("ReusableWork", work)._worker if work._reusable else None
+        if running is not None:
             # non-reentrancy: where it runs now, whatever the workqueue (even an unbound one), so
             # the running worker takes it over under one pool lock
-            return cast("WorkerPool", work._worker.pool)  # a worker's pool is a WorkerPool
+            return cast("WorkerPool", running.pool)  # a worker's pool is a WorkerPool
         if self._unbound:
             return system.unbound_pool
         if cpu is not None:  # queue_work_on()
@@ -414,7 +414,7 @@ class WorkQueue:
             pool = select(workqueue=self, pools=system.online_pools, current_pool=pool)
         return pool
 
-    def _queue(self, work: Any, cpu: int | None = None) -> None:
+    def _queue(self, work: WorkItem, cpu: int | None = None) -> None:
         """Queue a one-shot work (a submitted call): the hot path of every submit."""
         if self._draining or self._destroyed:
             self._check_open()
@@ -439,7 +439,7 @@ class WorkQueue:
             pool.worklist.append(work)
             pool.kick()
 
-    def _place(self, work: Any, pool: WorkerPool) -> None:
+    def _place(self, work: WorkItem, pool: WorkerPool) -> None:
         """Put a work whose pending state is ours on ``pool``'s worklist, or on the inactive list
         beyond the limits. _lock held."""
         pwq = self._pwqs[pool.index]
@@ -481,8 +481,7 @@ class WorkQueue:
         Once the work is taken off its list, the rest (its in-flight count, its slot, its pending
         bit) is done in ``finally`` blocks: an interruption cannot leave it half cancelled."""
         where = work._where
-        pwq = work._pwq
-        assert pwq is not None
+        pwq = _state_of(work)
         if where is NOWHERE:
             with pwq.pool.lock:  # a worker releases the bit under the pool lock
                 if not work._pending.locked():
@@ -516,6 +515,7 @@ class WorkQueue:
                         if where is WORKLIST:
                             pool.worklist.remove(work)
                         elif where is SCHEDULED:
+                            assert work._worker is not None  # the worker running its last run
                             work._worker.scheduled.remove(work)
                         else:
                             assert self._rescuer is not None
@@ -550,7 +550,7 @@ class WorkQueue:
         inactive = self._inactive
         while inactive and self._may_activate_locked():
             work = inactive[0]
-            pool = work._pwq.pool
+            pool = _state_of(work).pool
             with pool.lock:
                 pool.prepare_insert()
                 work._counted = True
@@ -573,7 +573,7 @@ class WorkQueue:
         with self._lock:
             self._slot_freed_locked()
 
-    def _work_sleeps(self, worker: Any) -> None:
+    def _work_sleeps(self, worker: SlotHolder) -> None:
         """``worker``'s work (holding a slot) went to sleep: its running slot is free until it wakes.
 
         Runs on the sleeping work's own thread, where a Celery time limit may inject an exception:
@@ -587,7 +587,7 @@ class WorkQueue:
                 self._nr_sleeping += 1
             self._activate_soon_locked()
 
-    def _work_wakes(self, worker: Any) -> None:
+    def _work_wakes(self, worker: SlotHolder) -> None:
         """``worker``'s work woke up: it runs again and counts against max_running (straight-line,
         as in _work_sleeps)."""
         with self._lock:
@@ -595,7 +595,7 @@ class WorkQueue:
                 worker.sleeping_wq = None
                 self._nr_sleeping -= 1
 
-    def _work_waits(self, worker: Any) -> None:
+    def _work_waits(self, worker: SlotHolder) -> None:
         """``worker``'s work (holding a slot) waits for another work: its max_active slot is free
         until the wait ends, so the awaited work can start whatever the limit (as _work_sleeps)."""
         with self._lock:
@@ -610,7 +610,7 @@ class WorkQueue:
         if self._inactive and self._may_activate_locked():
             timer.add_timer(0.0, self._activate_waiting)
 
-    def _work_stops_waiting(self, worker: Any) -> None:
+    def _work_stops_waiting(self, worker: SlotHolder) -> None:
         """The wait is over: the work holds its slot again (for a moment the workqueue may run one
         work more than max_active: the one it waited for may still be running)."""
         with self._lock:
@@ -649,7 +649,7 @@ class WorkQueue:
 
     # -- flushing ---------------------------------------------------------------------------------
 
-    def _drop_in_flight(self, pwq: PoolWorkqueue, color: int) -> None:
+    def _drop_in_flight(self, pwq: QueueState, color: int) -> None:
         """A work left (finished or cancelled). L: pwq.pool.lock held."""
         left = pwq.in_flight[color] - 1
         if left:
@@ -763,9 +763,9 @@ class WorkQueue:
         total["execution"] = {"buckets": BUCKETS, "counts": execution, "sum": execution_sum}
         return total
 
-    def _pending_works(self) -> list[Any]:
+    def _pending_works(self) -> list[WorkItem]:
         """Works of this workqueue not yet started (on a worklist, held by its rescuer, inactive)."""
-        found: list[Any] = []
+        found: list[WorkItem] = []
         rescuer = self._rescuer
         for pwq in self._pwqs:
             with pwq.pool.lock:
@@ -796,6 +796,11 @@ class WorkQueue:
     def __repr__(self) -> str:
         running = "" if self._max_running is None else f" max_running={self._max_running}"
         return f"<WorkQueue {self.name!r} flags={self.flags!r} max_active={self._max_active}{running}>"
+
+
+def _state_of(work: WorkItem) -> PoolWorkqueue:
+    """The state (on its pool) of the workqueue a queued work belongs to: always one of ours."""
+    return cast(PoolWorkqueue, work._pwq)
 
 
 def _check_limit(name: str, value: object) -> None:
