@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import hooks
 from .cpus import Placed
-from .policy import PoolCounters
 from .interfaces import QueueState, ReusableWork, WorkItem, WorkQueueOps
 from .lockdep import make_lock
 from .pending import NOWHERE, RESCUE, SCHEDULED, WORKLIST, work_flush
+from .policy import PoolCounters
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
