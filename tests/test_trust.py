@@ -234,46 +234,53 @@ def test_the_lock_checker_refuses_an_inverted_order() -> None:
 
 def test_hotplug_churn_with_napping_works_never_deadlocks(fresh_system: Any) -> None:
     """cpu_down/cpu_up in a loop while works that nap in blocking() flow, with workers reaped and
-    trustees paced as fast as the settings allow (it deadlocked within a few thousand cycles when
-    destroy_worker took System.lock under a pool lock)."""
+    trustees paced as fast as the settings allow, and the GIL handed over every microsecond so
+    that threads interleave inside short critical sections. It deadlocked within a few hundred
+    cycles when destroy_worker took System.lock under a pool lock and cpu_up the other way."""
+    import random
+
     system = fresh_system(idle_timeout=0.001, trustee_cooldown=0.001)
-    cpu = max(system.cpu_pools)
     if len(system.cpu_pools) < 2:
         pytest.skip("needs two CPUs")
+    cpu = max(system.cpu_pools)
     wq = WorkQueue("churn")
-    done = []
+    done: list[int] = []
+    queued = [0]
+    stop = threading.Event()
 
     def nap(i: int) -> None:
         with blocking():
             time.sleep(0.0005)
         done.append(i)
 
-    stop = threading.Event()
-
-    queued = [0]
-
     def feed() -> None:
         while not stop.is_set():
-            wq.queue_work_on(cpu, Work(nap, queued[0]))
-            queued[0] += 1
-            if queued[0] % 16 == 0:
-                time.sleep(0.001)
+            for _ in range(8):
+                wq.queue_work_on(cpu, Work(nap, queued[0]))
+                queued[0] += 1
+            time.sleep(0.002)
 
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
     feeder = threading.Thread(target=feed, daemon=True)
-    feeder.start()
-    deadline = time.monotonic() + 8
     cycles = 0
-    while time.monotonic() < deadline and cycles < 3000:
-        system.cpu_down(cpu)
-        system.cpu_up(cpu)
-        cycles += 1
-        if cycles % 8 == 0:
-            time.sleep(0.0005)  # let the feeder and the works have the GIL too
-    stop.set()
-    feeder.join(10)
-    done_event = threading.Event()
-    threading.Thread(target=lambda: (wq.flush(), done_event.set()), daemon=True).start()
-    assert done_event.wait(60), f"the works never finished after {cycles} cycles: deadlock"
+    try:
+        feeder.start()
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            flipped = threading.Event()
+            threading.Thread(target=lambda: (system.cpu_down(cpu), system.cpu_up(cpu), flipped.set()),
+                             daemon=True).start()
+            assert flipped.wait(20), f"cpu_down/cpu_up deadlocked after {cycles} cycles"
+            cycles += 1
+            time.sleep(random.uniform(0, 0.003))
+    finally:
+        sys.setswitchinterval(switch)
+        stop.set()
+        feeder.join(10)
+    flushed = threading.Event()
+    threading.Thread(target=lambda: (wq.flush(), flushed.set()), daemon=True).start()
+    assert flushed.wait(60), f"the works never finished after {cycles} cycles: deadlock"
     assert cycles > 100 and len(done) == queued[0] > 100, (cycles, len(done), queued[0])
 
 
