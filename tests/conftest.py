@@ -78,20 +78,27 @@ def quiesce() -> Callable[..., None]:
     return _quiesce
 
 
-@pytest.fixture
-def reset_system() -> Iterator[Callable[..., Any]]:
-    """``reset_system(**config)`` replaces the process's pools by fresh ones with that config; the
-    test ends with fresh default pools again (the old pools are shut down: their threads exit)."""
+def _fresh_pools(hotplug: bool) -> Iterator[Callable[..., Any]]:
+    """The one implementation of both system fixtures: ``make(**config)`` replaces the process's
+    pools by fresh ones with that config (the old ones are shut down: their threads exit);
+    fresh default pools again when the test ends, if it made any."""
     used = False
 
-    def reset(**options: Any) -> Any:
+    def make(**config: Any) -> Any:
         nonlocal used
         used = True
-        return _system._reset_for_tests(**options)
+        config.setdefault("hotplug", hotplug)
+        return _system._reset_for_tests(**config)
 
-    yield reset
+    yield make
     if used:
-        _system._reset_for_tests()
+        _system._reset_for_tests(hotplug=hotplug)
+
+
+@pytest.fixture
+def reset_system() -> Iterator[Callable[..., Any]]:
+    """``reset_system(**config)``: fresh pools with that config, hotplug monitor included."""
+    yield from _fresh_pools(hotplug=True)
 
 
 @pytest.fixture
@@ -154,12 +161,6 @@ def release() -> Iterator[Callable[[threading.Event], threading.Event]]:
 
 @pytest.fixture
 def fresh_system() -> Iterator[Callable[..., Any]]:
-    """``fresh_system(**config)``: fresh pools with that config (no hotplug monitor unless asked);
-    fresh default pools again afterwards."""
-
-    def make(**config: Any) -> Any:
-        config.setdefault("hotplug", False)
-        return _system._reset_for_tests(**config)
-
-    yield make
-    _system._reset_for_tests(hotplug=False)
+    """``fresh_system(**config)``: fresh pools with that config, without a hotplug monitor unless
+    asked (``hotplug=True``)."""
+    yield from _fresh_pools(hotplug=False)

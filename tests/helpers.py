@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -52,3 +58,68 @@ def registered(obj: Any, prefix: str) -> Iterator[Any]:
         yield obj
     finally:
         plugin.unregister(name=name)
+
+
+def run_python(code: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (dedented) in a fresh interpreter with ``env`` added; fail, not hang, if it does
+    not end within ``timeout`` seconds."""
+    try:
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, **env})
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the child hung for {timeout} s; its output:\n{exc.stdout}\n{exc.stderr}")
+
+
+class Concurrency:
+    """``with inside:`` around a body counts how many are inside at once (``max``) and in all
+    (``calls``)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.max = 0
+        self.calls = 0
+
+    def __enter__(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.calls += 1
+            self.max = max(self.max, self.now)
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+def napper(inside: Concurrency, seconds: float,
+           barrier: threading.Barrier | None = None) -> Callable[..., None]:
+    """A body that counts itself ``inside``, then naps ``seconds`` in blocking() (after meeting
+    the others at ``barrier``, if given: it passes only once that many run at once)."""
+
+    def nap(*_: Any) -> None:
+        with inside:
+            with blocking():
+                if barrier is not None:
+                    barrier.wait()
+                time.sleep(seconds)
+
+    return nap
+
+
+def fake_pool(pending: int = 0, nr_running: int = 0, nr_idle: int = 0, nr_workers: int | None = None,
+              managing: bool = False, manage_requested: bool = False, busy: int = 0,
+              **extra: Any) -> SimpleNamespace:
+    """The counters a policy function reads (cmwq_exec.core.policy.PoolCounters), and ``workers``
+    of which ``busy`` hold a work; ``nr_workers`` defaults to idle + running. ``extra`` adds any
+    attribute a test's plugin looks at."""
+    if nr_workers is None:
+        nr_workers = nr_idle + nr_running
+    workers = [SimpleNamespace(current_work=object() if i < busy else None) for i in range(nr_workers)]
+    return SimpleNamespace(worklist=deque(range(pending)), nr_running=nr_running, nr_idle=nr_idle,
+                           nr_workers=nr_workers, managing=managing, manage_requested=manage_requested,
+                           workers=workers, cpu=0, **extra)
+
+
+def cannot_start_thread(target: Any, name: str) -> threading.Thread:
+    """Stands in for ``cmwq_exec.core.worker.start_thread`` when the process can start no thread."""
+    raise RuntimeError("can't start new thread")

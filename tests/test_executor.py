@@ -9,16 +9,13 @@ import concurrent.futures as cf
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import Concurrency, napper, run_python, wait_for
 
 from cmwq_exec import CMWQExecutor, CMWQFuture, blocking
 
@@ -26,29 +23,6 @@ pytestmark = pytest.mark.timeout(90)
 
 Make = Callable[..., CMWQExecutor]
 Release = Callable[[threading.Event], threading.Event]
-
-
-class Concurrency:
-    """Counts how many calls are inside at once."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.now = 0
-        self.max = 0
-
-    def __enter__(self) -> None:
-        with self.lock:
-            self.now += 1
-            self.max = max(self.max, self.now)
-
-    def __exit__(self, *exc: Any) -> None:
-        with self.lock:
-            self.now -= 1
-
-
-def run_python(code: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **env})
 
 
 # -- submit, result, exception ----------------------------------------------------------------------
@@ -366,14 +340,7 @@ def test_helped_tasks_still_get_initializer_and_thread_name(make_executor: Make)
 def test_max_workers_limits_concurrency(make_executor: Make, n: int) -> None:
     executor = make_executor(max_workers=n)
     inside = Concurrency()
-    barrier = threading.Barrier(n, timeout=10)
-
-    def task() -> None:
-        with inside:
-            with blocking():
-                barrier.wait()
-                time.sleep(0.003)
-
+    task = napper(inside, 0.003, threading.Barrier(n, timeout=10))
     for future in [executor.submit(task) for _ in range(4 * n)]:
         future.result(timeout=30)
     assert inside.max == n
@@ -385,11 +352,7 @@ def test_max_workers_holds_when_waited_on_from_other_workers(make_executor: Make
     limited = make_executor(max_workers=1)
     other = make_executor()
     inside = Concurrency()
-
-    def task() -> None:
-        with inside:
-            with blocking():
-                time.sleep(0.02)
+    task = napper(inside, 0.02)
 
     def via_other() -> None:
         limited.submit(task).result(timeout=30)

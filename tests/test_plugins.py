@@ -7,11 +7,10 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import cannot_start_thread, fake_pool, wait_for
 
 from cmwq_exec import WQ, Work, WorkQueue, blocking, hookimpl, plugin
 from cmwq_exec.core import policy
@@ -35,12 +34,6 @@ def registered() -> Iterator[Register]:
     for name in names:
         if plugin.get_plugin_manager().get_plugin(name) is not None:
             plugin.unregister(name=name)
-
-
-def fake_pool(**counters: Any) -> SimpleNamespace:
-    base = {"worklist": [], "nr_running": 0, "nr_idle": 0, "nr_workers": 0, "managing": False,
-            "manage_requested": False}
-    return SimpleNamespace(**{**base, **counters})
 
 
 def snapshot() -> dict[str, Any]:
@@ -212,7 +205,7 @@ def test_raising_policy_plugin_is_logged_once_and_the_default_is_used(
 
     name = registered(Broken(), "broken-policy")
     with caplog.at_level(logging.ERROR, logger="cmwq_exec.plugin"):
-        assert plugin.current_policy.need_more_worker(fake_pool(worklist=[1])) is True  # the default's
+        assert plugin.current_policy.need_more_worker(fake_pool(pending=1)) is True  # the default's
         assert plugin.current_policy.need_more_worker(fake_pool()) is False
         wq = WorkQueue("with-broken-policy")
         done = []
@@ -292,19 +285,19 @@ def test_worker_lifecycle_events(reset_system: Callable[..., Any], registered: R
 
 
 def test_creation_failure_mayday_and_rescue_events(reset_system: Callable[..., Any], registered: Register,
-                                                   mocker: Any) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = Recorder()
     registered(recorder, "mayday")
     system = reset_system(create_cooldown=0.05)
     wq = WorkQueue("mayday", WQ.UNBOUND | WQ.RESCUER)
     pool = system.unbound_pool
     wait_for("pool.nr_idle == 1 and not pool.managing", lambda: pool.nr_idle == 1 and not pool.managing)
-    mocker.patch("cmwq_exec.core.worker.start_thread", side_effect=RuntimeError("can't start new thread"))
+    monkeypatch.setattr("cmwq_exec.core.worker.start_thread", cannot_start_thread)
     works = [Work(int) for _ in range(3)]
     for work in works:
         wq.queue_work(work)
     wait_for("works rescued", lambda: not any(w.pending for w in works))
-    mocker.stopall()
+    monkeypatch.undo()
     wq.flush()
     failed = recorder.of("worker_create_failed")
     assert failed and all(c["pool"] is pool for c in failed)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import fake_pool, wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, blocking, plugin
@@ -155,44 +155,27 @@ def test_the_installed_module_is_inert_until_a_limit_is_set() -> None:
         _module_hooks("0")
 
 
-class _FakeWorker:
-    def __init__(self, work: object | None) -> None:
-        self.current_work = work
-
-
-class _FakePool:
-    """The counters a policy reads; ``busy`` of the workers hold a work (the rest are idle or PREP)."""
-
-    def __init__(self, worklist: int, nr_workers: int, nr_idle: int, busy: int = 0, nr_running: int = 0,
-                 managing: bool = False, manage_requested: bool = False) -> None:
-        self.worklist = [object()] * worklist
-        self.workers = {_FakeWorker(object() if i < busy else None) for i in range(nr_workers)}
-        self.nr_workers, self.nr_idle, self.nr_running = nr_workers, nr_idle, nr_running
-        self.managing, self.manage_requested = managing, manage_requested
-        self.cpu = 0
-
-
 def test_fixed_policy_predicates() -> None:
     policy = FixedConcurrency(2)
     # One worker busy (blocked: nr_running 0), one idle, work pending: wake the idle one.
-    assert policy.need_more_worker(_FakePool(worklist=1, nr_workers=2, nr_idle=1, busy=1))
+    assert policy.need_more_worker(fake_pool(pending=1, nr_workers=2, nr_idle=1, busy=1))
     # The woken worker left the idle list and asks again: it holds no work yet, so it may start.
-    assert policy.need_more_worker(_FakePool(worklist=1, nr_workers=2, nr_idle=0, busy=1))
+    assert policy.need_more_worker(fake_pool(pending=1, nr_workers=2, nr_idle=0, busy=1))
     # Two busy, blocked or not: no more, unlike the kernel's formula.
-    assert not policy.need_more_worker(_FakePool(worklist=3, nr_workers=3, nr_idle=1, busy=2))
-    assert cmwq_exec.core.policy.need_more_worker(_FakePool(worklist=3, nr_workers=3, nr_idle=1, busy=2))
+    assert not policy.need_more_worker(fake_pool(pending=3, nr_workers=3, nr_idle=1, busy=2))
+    assert cmwq_exec.core.policy.need_more_worker(fake_pool(pending=3, nr_workers=3, nr_idle=1, busy=2))
     # The last idle worker leaves: create a spare only below the limit.
-    assert policy.need_to_create_worker(_FakePool(worklist=2, nr_workers=1, nr_idle=0, managing=True))
-    assert not policy.need_to_create_worker(_FakePool(worklist=2, nr_workers=2, nr_idle=0, busy=1,
+    assert policy.need_to_create_worker(fake_pool(pending=2, nr_workers=1, nr_idle=0, managing=True))
+    assert not policy.need_to_create_worker(fake_pool(pending=2, nr_workers=2, nr_idle=0, busy=1,
                                                       managing=True))
-    assert policy.may_start_working(_FakePool(worklist=1, nr_workers=2, nr_idle=0, busy=1))
+    assert policy.may_start_working(fake_pool(pending=1, nr_workers=2, nr_idle=0, busy=1))
     # Every busy worker keeps draining.
-    assert policy.keep_working(_FakePool(worklist=1, nr_workers=2, nr_idle=0, busy=2, nr_running=2))
-    assert not policy.keep_working(_FakePool(worklist=0, nr_workers=2, nr_idle=0, busy=2, nr_running=2))
+    assert policy.keep_working(fake_pool(pending=1, nr_workers=2, nr_idle=0, busy=2, nr_running=2))
+    assert not policy.keep_working(fake_pool(pending=0, nr_workers=2, nr_idle=0, busy=2, nr_running=2))
     # Idle workers within the limit are kept; beyond it, reaped.
-    assert not policy.too_many_workers(_FakePool(worklist=0, nr_workers=2, nr_idle=2))
-    assert policy.too_many_workers(_FakePool(worklist=0, nr_workers=3, nr_idle=2, busy=1))
-    assert not policy.too_many_workers(_FakePool(worklist=0, nr_workers=3, nr_idle=0, busy=3))
+    assert not policy.too_many_workers(fake_pool(pending=0, nr_workers=2, nr_idle=2))
+    assert policy.too_many_workers(fake_pool(pending=0, nr_workers=3, nr_idle=2, busy=1))
+    assert not policy.too_many_workers(fake_pool(pending=0, nr_workers=3, nr_idle=0, busy=3))
     with pytest.raises(ValueError):
         FixedConcurrency(0)
 

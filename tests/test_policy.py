@@ -3,11 +3,11 @@ functions"), on fake pools: each predicate only reads the pool's counters."""
 
 from __future__ import annotations
 
-from collections import deque
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import fake_pool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,15 +22,6 @@ from cmwq_exec.core.policy import (
     need_to_manage_workers,
     too_many_workers,
 )
-
-
-def fake_pool(pending: int = 0, nr_running: int = 0, nr_idle: int = 0, nr_workers: int | None = None,
-              managing: bool = False, manage_requested: bool = False) -> SimpleNamespace:
-    if nr_workers is None:
-        nr_workers = nr_idle + nr_running
-    return SimpleNamespace(worklist=deque(range(pending)), nr_running=nr_running, nr_idle=nr_idle,
-                           nr_workers=nr_workers, managing=managing, manage_requested=manage_requested)
-
 
 # -- a direct transcription of the C, for the property tests ----------------------------------------
 

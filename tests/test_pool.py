@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import hold_works, wait_for
+from helpers import cannot_start_thread, hold_works, wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, CMWQExecutor, Work, WorkQueue, blocking
@@ -334,19 +334,20 @@ def test_pool_stats_is_a_snapshot(executor: CMWQExecutor, quiesce: Callable[...,
 # -- when no worker can be created ----------------------------------------------------------------
 
 
-def test_rescuer_runs_works_when_worker_creation_fails(reset_system: Callable[..., Any], mocker: Any,
+def test_rescuer_runs_works_when_worker_creation_fails(reset_system: Callable[..., Any],
+                                                       monkeypatch: pytest.MonkeyPatch,
                                                        quiesce: Callable[..., None]) -> None:
     system = reset_system(create_cooldown=0.05)
     wq = WorkQueue("rescued", WQ.UNBOUND | WQ.RESCUER)
     pool = system.unbound_pool
     wait_for("settled(pool) and pool.nr_workers == 1", lambda: settled(pool) and pool.nr_workers == 1)
-    mocker.patch("cmwq_exec.core.worker.start_thread", side_effect=RuntimeError("can't start new thread"))
+    monkeypatch.setattr("cmwq_exec.core.worker.start_thread", cannot_start_thread)
     ran: list[str] = []
     for _ in range(3):
         wq.queue_work(Work(lambda: ran.append(threading.current_thread().name)))
     wait_for("works to run although no worker can be created", lambda: len(ran) == 3)
     assert any(name.startswith("cmwq/rescuer:") for name in ran), ran
-    mocker.stopall()
+    monkeypatch.undo()
     stats = wq.stats()
     assert stats["rescued"] >= 1 and stats["mayday"] >= 1
     assert pool.stats()["mayday"] >= 1

@@ -10,7 +10,6 @@ reads stay out of the pool lock, and a CMWQExecutor keeps ThreadPoolExecutor's a
 from __future__ import annotations
 
 import gc
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
+import helpers
 import pytest
 from helpers import registered, wait_for
 
@@ -33,13 +33,8 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def run_python(code: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter; fail (not hang) if it does not end within ``timeout``."""
-    try:
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                              text=True, timeout=timeout,
-                              env={**os.environ, "CMWQ_EXEC_DISABLE_PLUGIN_AUTOLOAD": "1", **env})
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the child hung for {timeout} s; its output:\n{exc.stdout}\n{exc.stderr}")
+    """A fresh interpreter without the installed plugins (their hooks are not under test here)."""
+    return helpers.run_python(code, timeout, CMWQ_EXEC_DISABLE_PLUGIN_AUTOLOAD="1", **env)
 
 
 # -- 1. nothing submitted is lost at interpreter exit ---------------------------------------------
@@ -269,8 +264,13 @@ def test_hotplug_churn_with_napping_works_never_deadlocks(fresh_system: Any) -> 
         deadline = time.monotonic() + 6
         while time.monotonic() < deadline:
             flipped = threading.Event()
-            threading.Thread(target=lambda: (system.cpu_down(cpu), system.cpu_up(cpu), flipped.set()),
-                             daemon=True).start()
+
+            def flip(flipped: threading.Event = flipped) -> None:
+                system.cpu_down(cpu)
+                system.cpu_up(cpu)
+                flipped.set()
+
+            threading.Thread(target=flip, daemon=True).start()
             assert flipped.wait(20), f"cpu_down/cpu_up deadlocked after {cycles} cycles"
             cycles += 1
             time.sleep(random.uniform(0, 0.003))

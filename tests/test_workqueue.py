@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import hold_works, wait_for
+from helpers import Concurrency, hold_works, napper, wait_for
 
 from cmwq_exec import WQ, CMWQExecutor, DelayedWork, Work, WorkQueue, blocking
 from cmwq_exec.core.worker import current_worker
@@ -36,26 +36,6 @@ class Gate:
         self.started.set()
         with blocking():
             assert self.open.wait(30), "gate never opened"
-
-
-class Concurrency:
-    """Counts how many calls are inside at once."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.now = 0
-        self.max = 0
-        self.calls = 0
-
-    def __enter__(self) -> None:
-        with self.lock:
-            self.now += 1
-            self.calls += 1
-            self.max = max(self.max, self.now)
-
-    def __exit__(self, *exc: Any) -> None:
-        with self.lock:
-            self.now -= 1
 
 
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, threading.Event, list[Any]]:
@@ -558,14 +538,7 @@ def test_max_active_limits_concurrency() -> None:
     wq = WorkQueue("limited", max_active=3)
     inside = Concurrency()
     # a barrier of 3: passes only if 3 run at once, and max shows if more ever did
-    barrier = threading.Barrier(3, timeout=10)
-
-    def body() -> None:
-        with inside:
-            with blocking():
-                barrier.wait()
-                time.sleep(0.005)
-
+    body = napper(inside, 0.005, threading.Barrier(3, timeout=10))
     for _ in range(12):
         wq.queue_work(Work(body))
     wq.flush()
@@ -576,12 +549,7 @@ def test_max_active_limits_concurrency() -> None:
 def test_max_active_limits_unbound_workqueues_too() -> None:
     wq = WorkQueue("limited-unbound", WQ.UNBOUND, max_active=2)
     inside = Concurrency()
-
-    def body() -> None:
-        with inside:
-            with blocking():
-                time.sleep(0.005)
-
+    body = napper(inside, 0.005)
     for _ in range(20):
         wq.queue_work(Work(body))
     wq.flush()
@@ -772,14 +740,7 @@ def test_set_max_active_lowers_the_limit_at_run_time(release: Release) -> None:
     wait_for("started() == 4", lambda: started() == 4)
     wq.set_max_active(2)
     inside = Concurrency()
-    barrier = threading.Barrier(2, timeout=10)
-
-    def second(_: int) -> None:
-        with inside:
-            with blocking():
-                barrier.wait()
-                time.sleep(0.005)
-
+    second = napper(inside, 0.005, threading.Barrier(2, timeout=10))
     for i in range(8):
         wq.queue_work(Work(second, i))
     time.sleep(0.05)
@@ -802,12 +763,7 @@ def test_set_max_active_none_removes_the_limit(release: Release) -> None:
     # and back to a limit, with the accounting right
     wq.set_max_active(2)
     inside = Concurrency()
-
-    def third() -> None:
-        with inside:
-            with blocking():
-                time.sleep(0.003)
-
+    third = napper(inside, 0.003)
     for _ in range(10):
         wq.queue_work(Work(third))
     wq.flush()
