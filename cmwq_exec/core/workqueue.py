@@ -423,56 +423,53 @@ class WorkQueue:
             with self._lock:
                 self._place(work, pool)
             return
-        pwq = self._pwqs[pool.index]
-        work._pwq = pwq
-        if self._system.timing:
-            work._queued_at = time.monotonic()
         with pool.lock:
-            pool.prepare_insert()
-            color = self._work_color
-            in_flight = pwq.in_flight
-            count = in_flight.get(color, 0) + 1
-            # the changes, no call between them but the last (see pool.py, "Interruptions")
-            work._color = color
-            work._where = WORKLIST
-            in_flight[color] = count
-            pool.worklist.append(work)
-            pool.kick()
+            self._insert_locked(work, pool, counted=False)
 
     def _place(self, work: WorkItem, pool: WorkerPool) -> None:
         """Put a work whose pending state is ours on ``pool``'s worklist, or on the inactive list
         beyond the limits. _lock held."""
-        pwq = self._pwqs[pool.index]
-        work._pwq = pwq
-        if self._system.timing:
-            work._queued_at = time.monotonic()
-        limited = self._limited
-        active = not limited or self._may_activate_locked()
-        with pool.lock:
-            if active:
-                pool.prepare_insert()
-            color = self._work_color
-            in_flight = pwq.in_flight
-            count = in_flight.get(color, 0) + 1
-            work._color = color
-            if not active:
+        if self._limited and not self._may_activate_locked():
+            pwq = self._pwqs[pool.index]
+            if self._system.timing:
+                work._queued_at = time.monotonic()
+            with pool.lock:
+                color = self._work_color
+                in_flight = pwq.in_flight
+                count = in_flight.get(color, 0) + 1
+                # the changes, no call between them but the last (see pool.py, "Interruptions")
+                work._pwq = pwq
+                work._color = color
                 work._counted = False
                 work._where = INACTIVE
                 in_flight[color] = count
                 self._inactive.append(work)
-                return
-            if limited:
-                work._counted = True
-                work._where = WORKLIST
-                self._nr_active += 1
-                in_flight[color] = count
-                pool.worklist.append(work)
-            else:
-                work._counted = False
-                work._where = WORKLIST
-                in_flight[color] = count
-                pool.worklist.append(work)
-            pool.kick()
+            return
+        with pool.lock:
+            self._insert_locked(work, pool, counted=self._limited)
+
+    def _insert_locked(self, work: WorkItem, pool: WorkerPool, counted: bool) -> None:
+        """The one place a work goes onto a pool's worklist, counted in flight for its flush color
+        and, if ``counted``, holding a max_active slot. ``pool.lock`` held (and _lock if counted).
+
+        Calls that may fail come first, then the changes with no call between them but the last
+        (the append); the test of ``counted`` comes before any change (see pool.py, "Interruptions")."""
+        pwq = self._pwqs[pool.index]
+        if self._system.timing:
+            work._queued_at = time.monotonic()
+        pool.prepare_insert()
+        color = self._work_color
+        in_flight = pwq.in_flight
+        count = in_flight.get(color, 0) + 1
+        if counted:
+            self._nr_active += 1
+        work._pwq = pwq
+        work._color = color
+        work._counted = counted
+        work._where = WORKLIST
+        in_flight[color] = count
+        pool.worklist.append(work)
+        pool.kick()
 
     def _cancel_locked(self, work: Work) -> bool | None:
         """Cancel a pending work of this workqueue. _lock held. True if it was pending here (and now
