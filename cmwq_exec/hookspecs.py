@@ -37,32 +37,34 @@ hookimpl = pluggy.HookimplMarker("cmwq_exec")
 
 @hookspec(firstresult=True)
 def cmwq_need_more_worker(pool: Any) -> bool | None:
-    """Must an idle worker be woken? Default: pending works exist and no worker is running."""
+    """Must an idle worker be woken? Default: :func:`cmwq_exec.core.policy.need_more_worker`."""
 
 
 @hookspec(firstresult=True)
 def cmwq_may_start_working(pool: Any) -> bool | None:
-    """May a worker leaving idle start working right away? Default: another idle worker remains."""
+    """May a worker leaving idle start working right away? Default:
+    :func:`cmwq_exec.core.policy.may_start_working`."""
 
 
 @hookspec(firstresult=True)
 def cmwq_keep_working(pool: Any) -> bool | None:
-    """Should a running worker take another work? Default: works pending and it is the only runner."""
+    """Should a running worker take another work? Default: :func:`cmwq_exec.core.policy.keep_working`."""
 
 
 @hookspec(firstresult=True)
 def cmwq_need_to_create_worker(pool: Any) -> bool | None:
-    """Must the manager create a worker? Default: need_more_worker and not may_start_working."""
+    """Must the manager create a worker? Default: :func:`cmwq_exec.core.policy.need_to_create_worker`."""
 
 
 @hookspec(firstresult=True)
 def cmwq_need_to_manage_workers(pool: Any) -> bool | None:
-    """Must a worker take the manager role? Default: need_to_create_worker or a manage request."""
+    """Must a worker take the manager role? Default:
+    :func:`cmwq_exec.core.policy.need_to_manage_workers`."""
 
 
 @hookspec(firstresult=True)
 def cmwq_too_many_workers(pool: Any) -> bool | None:
-    """Are there idle workers to reap? Default: idle beyond 2 + busy/4 (the manager counts as idle)."""
+    """Are there idle workers to reap? Default: :func:`cmwq_exec.core.policy.too_many_workers`."""
 
 
 @hookspec(firstresult=True)
