@@ -356,6 +356,7 @@ def test_fork_while_threads_submit_never_hangs_the_child() -> None:
     proc = run_python("""
         import os, sys, threading, time, warnings
         warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads, on purpose
+        sys.setswitchinterval(1e-6)  # threads are preempted inside short critical sections
         from cmwq_exec import CMWQExecutor
         ex = CMWQExecutor()
         stop = threading.Event()
@@ -371,10 +372,12 @@ def test_fork_while_threads_submit_never_hangs_the_child() -> None:
         for _ in range(100):
             pid = os.fork()
             if pid == 0:
-                try:
-                    ok = CMWQExecutor().submit(pow, 2, 3).result(timeout=10) == 8
-                finally:
-                    pass
+                # many futures: whichever of the parent's locks was held at the fork, one of
+                # them meets it (each future's state lock is one of a set, chosen by address)
+                futures = [ex.submit(pow, 2, i) for i in range(300)]
+                for f in futures:
+                    f.add_done_callback(lambda f: None)
+                ok = [f.result(timeout=10) for f in futures] == [2 ** i for i in range(300)]
                 os._exit(0 if ok else 1)
             deadline = time.monotonic() + 15
             while True:
