@@ -104,7 +104,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         self._color = 0
         self._queued_at = 0.0
         self._counted = False  # holds a max_active slot of its workqueue (set under its _lock)
-        self._where = NOWHERE  # for the rescuer and for reading (see cmwq_exec.pending)
+        self._where = NOWHERE  # for the rescuer and for reading (see cmwq_exec.core.pending)
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]

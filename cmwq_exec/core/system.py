@@ -182,7 +182,7 @@ _config = Config()
 
 
 def configure(**options: Any) -> Config:
-    """Change settings before the pools start (see :class:`cmwq_exec.config.Config`).
+    """Change settings before the pools start (see :class:`cmwq_exec.core.config.Config`).
 
     ``CMWQ_<NAME>`` environment variables are applied first; keyword arguments win. Raises
     RuntimeError once the pools run, ValueError for an unknown name or a bad value.

@@ -109,7 +109,7 @@ class Work:
     work does nothing and returns False. A work never runs concurrently with itself: queued again
     while it runs, it runs again after, on the same pool. Exceptions are logged (a work has no
     caller to return to); use :class:`cmwq_exec.CMWQExecutor` for results. Its pending state is
-    described in :mod:`cmwq_exec.pending`.
+    described in :mod:`cmwq_exec.core.pending`.
     """
 
     _reusable: ClassVar[bool] = True
