@@ -56,3 +56,12 @@ def test_an_upward_import_is_refused_even_inside_a_function(tmp_path: Path, modu
     proc = lint_imports(tree)
     assert proc.returncode != 0, proc.stdout
     assert "BROKEN" in proc.stdout or "broken" in proc.stdout
+
+
+def test_a_core_module_outside_the_layers_is_refused(tmp_path: Path) -> None:
+    """The core's contract is exhaustive: a new module must be given its layer."""
+    tree = copy_tree(tmp_path)
+    (tree / "cmwq_exec" / "core" / "newcomer.py").write_text('"""Not placed in any layer."""\n')
+    proc = lint_imports(tree)
+    assert proc.returncode != 0, proc.stdout
+    assert "newcomer" in proc.stdout + proc.stderr
