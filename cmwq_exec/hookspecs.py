@@ -88,7 +88,8 @@ def cmwq_worker_created(pool: Any, worker: Any) -> None:
 
 @hookspec
 def cmwq_worker_destroyed(pool: Any, worker: Any, reason: str) -> None:
-    """A worker left ``pool``: ``reason`` is "idle" (reaped), "trustee" (butchered) or "shutdown"."""
+    """A worker left ``pool``: ``reason`` is "idle" (reaped), "trustee" (butchered), "shutdown"
+    (``System.shutdown()``) or "crashed" (its loop raised: a bug, logged; the pool replaces it)."""
 
 
 @hookspec

@@ -324,6 +324,39 @@ def test_a_hook_raising_any_base_exception_is_skipped(make_executor: Any, hook: 
     assert [executor.submit(pow, 3, i).result(timeout=10) for i in range(5)] == [1, 3, 9, 27, 81]
 
 
+def test_a_worker_whose_loop_raises_is_replaced_and_accounted(fresh_system: Any,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: Any) -> None:
+    """The last line of defence: should a worker's own loop ever raise (a bug; hooks and works
+    cannot make it), the pool takes it out of its counts and runs its works on another worker."""
+    from cmwq_exec.core.worker import Worker
+
+    system = fresh_system()
+    pool = system.unbound_pool
+    wq = WorkQueue("crash", cmwq_exec.WQ.UNBOUND)
+    wq.queue_work(Work(int))
+    wq.flush()
+    real = Worker.work_until_idle
+    crashed = threading.Event()
+
+    def once(self: Worker) -> None:
+        if not crashed.is_set():
+            crashed.set()
+            raise RuntimeError("injected into the worker loop")
+        real(self)
+
+    monkeypatch.setattr(Worker, "work_until_idle", once)
+    done = threading.Event()
+    assert wq.queue_work(Work(done.set))
+    assert done.wait(10), "the works of a crashed worker's pool stopped"
+    assert crashed.is_set() and "injected into the worker loop" in caplog.text
+    monkeypatch.undo()
+    wq.flush()
+    with pool.lock:
+        pool.check_invariants()
+    assert system.nr_threads == sum(p.nr_workers for p in system.pools)
+
+
 # -- 7. nested waits never deadlock, at any depth --------------------------------------------------
 
 @pytest.mark.parametrize(("max_workers", "depth"), [(1, 65), (1, 200), (4, 300)])

@@ -469,6 +469,9 @@ class WorkerPool:
             worker.flags |= DIE
             if self.worklist and not self.wake_up_worker():
                 self.schedule_create_worker()
+        destroyed = hooks.events.worker_destroyed
+        if destroyed is not None:
+            destroyed(pool=self, worker=worker, reason="crashed")
 
     # -- reading ----------------------------------------------------------------------------------
 

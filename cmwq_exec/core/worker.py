@@ -205,7 +205,7 @@ class Worker:
                     break
             pool.worker_set_flags(self, PREP, wakeup=False)
             if self.flags & STUCK:
-                self.flags &= ~STUCK  # a worker found blocked is counted again once it idles
+                pool.worker_clr_flags(self, STUCK)  # found blocked: counted again once it idles
             if pool.need_to_manage_workers(pool) and pool.manage_workers(self):
                 continue
             break
