@@ -295,6 +295,17 @@ def test_every_block_is_run_or_says_why_not() -> None:
     assert runnable and all(b.skip is None or b.skip for b in runnable)
 
 
+LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
+
+
+def test_relative_links_lead_to_files_that_exist() -> None:
+    for path in DOCS:
+        for target, _anchor in LINK.findall(path.read_text()):
+            if "://" in target:
+                continue
+            assert (path.parent / target).exists(), f"{path.relative_to(ROOT)}: link to missing {target}"
+
+
 def test_the_landing_commands_are_run() -> None:
     run = " ".join(command for b in ALL if b.lang in SHELLS and not b.skip for command, _ in commands(b))
     assert "cmwq-exec --version" in run
