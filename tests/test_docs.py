@@ -298,12 +298,21 @@ def test_every_block_is_run_or_says_why_not() -> None:
 LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
 
 
-def test_relative_links_lead_to_files_that_exist() -> None:
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of ``path``."""
+    headings = [line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_relative_links_lead_to_files_and_headings_that_exist() -> None:
     for path in DOCS:
-        for target, _anchor in LINK.findall(path.read_text()):
+        for target, anchor in LINK.findall(path.read_text()):
             if "://" in target:
                 continue
-            assert (path.parent / target).exists(), f"{path.relative_to(ROOT)}: link to missing {target}"
+            where = path.parent / target
+            assert where.exists(), f"{path.relative_to(ROOT)}: link to missing {target}"
+            if anchor:
+                assert anchor[1:] in _anchors(where), f"{path.relative_to(ROOT)}: no heading {target}{anchor}"
 
 
 def test_the_landing_commands_are_run() -> None:
