@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -142,7 +143,7 @@ class _Run:
             else:
                 f = submit(_fib, self.executor, work.fib_n)
             self.futures[kind].append(f)
-            f.add_done_callback(lambda f, kind=kind: self._record(kind, f))
+            f.add_done_callback(functools.partial(self._record, kind))
 
     def _record(self, kind: str, f: Future[Any]) -> None:
         if not f.cancelled() and f.exception() is None:
@@ -175,7 +176,7 @@ def _abandon(run: _Run, grace: float = 1.0) -> int:
 
 def _result(run: _Run, work: Workload, stuck_threads: int) -> dict[str, Any]:
     wall = (run.ended or time.perf_counter()) - run.started
-    categories = {}
+    categories: dict[str, dict[str, Any]] = {}
     completed = 0
     for kind, _ in CATEGORIES:
         futures = run.futures[kind]
