@@ -15,7 +15,7 @@ or, in a process that already runs an exporter::
 
     from prometheus_client import REGISTRY
     from cmwq_exec.metrics import CMWQCollector
-    REGISTRY.register(CMWQCollector())
+    REGISTRY.register(CMWQCollector())     # or metrics.register(REGISTRY): either way, once
 
 Per pool (label ``pool``: ``cpu0``, ``cpu1``, ..., ``unbound``) and per
 workqueue (label ``workqueue``: its name) the names below are exported; the
@@ -249,24 +249,66 @@ def _get_system() -> Any:
     return get_system()
 
 
-# Registries that already hold our collector, so register() is idempotent.
-_registered: weakref.WeakKeyDictionary[CollectorRegistry, CMWQCollector] = weakref.WeakKeyDictionary()
+def _cmwq_collectors(registry: CollectorRegistry) -> list[CMWQCollector]:
+    # prometheus_client keeps no public list of a registry's collectors.
+    return [c for c in list(getattr(registry, "_collector_to_names", {})) if isinstance(c, CMWQCollector)]
+
+
+class _RegisteredCollector(CMWQCollector):
+    """The collector :func:`register` adds: it steps aside for one registered by hand.
+
+    It describes no names, so a later ``registry.register(CMWQCollector())``
+    does not collide with it, and it exports nothing while the registry holds
+    such a collector, so the cmwq metrics appear once in a scrape whichever
+    way, and in whichever order, they were registered.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = weakref.ref(registry)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def _by_hand(self) -> CMWQCollector | None:
+        registry = self._registry()
+        if registry is None:
+            return None
+        return next((c for c in _cmwq_collectors(registry) if not isinstance(c, _RegisteredCollector)), None)
+
+    def collect(self) -> Iterator[Metric]:
+        if self._by_hand() is not None:
+            return iter(())
+        return super().collect()
+
+
+# The collector register() added to each registry.
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, _RegisteredCollector] = weakref.WeakKeyDictionary()
 _registered_lock = threading.Lock()
 
 
 def register(registry: CollectorRegistry = REGISTRY) -> CMWQCollector:
-    """Register a :class:`CMWQCollector` with ``registry`` (once) and return it.
+    """Make sure ``registry`` exports the cmwq metrics once; return the collector that does.
 
-    Calling it again with the same registry returns the collector registered
-    the first time.
+    Idempotent per registry, together with registering a collector by hand:
+    if ``registry`` already holds a :class:`CMWQCollector` (say from
+    ``registry.register(CMWQCollector())``), that one is returned and nothing
+    is added; otherwise a collector is added the first time and returned
+    every time after.  A collector registered by hand *after* this call is
+    accepted too, and then exports the metrics alone.  (Registering two
+    collectors by hand is refused by prometheus_client, as for any collector.)
     """
     with _registered_lock:
-        collector = _registered.get(registry)
-        if collector is None:
-            collector = CMWQCollector()
-            registry.register(collector)
-            _registered[registry] = collector
-        return collector
+        ours = _registered.get(registry)
+        if ours is not None:
+            return ours._by_hand() or ours
+        by_hand = _cmwq_collectors(registry)
+        if by_hand:
+            return by_hand[0]
+        ours = _RegisteredCollector(registry)
+        registry.register(ours)
+        _registered[registry] = ours
+        return ours
 
 
 def _check_port(port: object) -> int:

@@ -230,33 +230,60 @@ def _run_live(args: argparse.Namespace) -> None:
     snap = snapshot(args.url, args.timeout)  # the first read must work: fail clearly otherwise
     add_rates(snap, None)
     refreshes = 1
-    with Live(render(snap), console=console, auto_refresh=False) as live:
+    if not console.is_terminal:  # piped: one complete frame after another, each ending in a newline
+        console.print(render(snap, width=console.width))
+        while args.count is None or refreshes < args.count:
+            time.sleep(args.interval)
+            new = snapshot(args.url, args.timeout)
+            add_rates(new, snap)
+            snap = new
+            console.print(render(snap, width=console.width))
+            refreshes += 1
+        return
+    with Live(render(snap, width=console.width), console=console, auto_refresh=False) as live:
         live.refresh()
         while args.count is None or refreshes < args.count:
             time.sleep(args.interval)
             try:
                 new = snapshot(args.url, args.timeout)
             except TopError as exc:  # the process may come back: keep showing the last numbers
-                live.update(render(snap, error=str(exc)), refresh=True)
+                live.update(render(snap, error=str(exc), width=console.width), refresh=True)
             else:
                 add_rates(new, snap)
                 snap = new
-                live.update(render(snap), refresh=True)
+                live.update(render(snap, width=console.width), refresh=True)
             refreshes += 1
 
 
-def render(snap: dict[str, Any], error: str | None = None) -> Any:
-    """Build the rich renderable for one snapshot (two tables, and ``error`` if the last read failed)."""
+# Column headers: wq_monitor.py's, and shorter ones for terminals narrower than WIDE.
+WIDE = 100
+_WQ_COLUMNS = ("total", "infl", "done/s", "CPUtime", "CPUitsv", "CMW", "mayday", "rescued")
+_WQ_COLUMNS_NARROW = ("total", "infl", "done/s", "CPUsec", "itsv", "CMW", "mday", "resc")
+_POOL_COLUMNS = ("online", "running", "idle", "workers", "pending", "CMW", "CPUitsv", "mayday")
+_POOL_COLUMNS_NARROW = ("on", "run", "idle", "wrk", "pend", "CMW", "itsv", "mday")
+_NARROW_LEGEND = ("CPUsec: CPU seconds, itsv: CPU-intensive works, CMW: concurrency-management wakeups, "
+                  "mday: mayday, resc: rescued, run: running, wrk: workers, pend: pending")
+
+
+def render(snap: dict[str, Any], error: str | None = None, width: int | None = None) -> Any:
+    """Build the rich renderable for one snapshot (two tables, and ``error`` if the last read failed).
+
+    ``width`` is the terminal's: below :data:`WIDE` columns the tables use short headers and tight
+    padding, with a legend, so that an 80-column terminal shows every column and whole headers.
+    """
     from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
+    narrow = width is not None and width < WIDE
+    tight: dict[str, Any] = {"padding": (0, 1), "pad_edge": False} if narrow else {}
     stamp = time.strftime("%H:%M:%S", time.localtime(snap["time"]))
     wqs = Table(title=f"cmwq workqueues — {snap['url']} at {stamp}", title_justify="left",
-                box=box.SIMPLE_HEAD)
-    wqs.add_column("workqueue", overflow="fold")  # long names wrap, never lose characters
-    for column in ("total", "infl", "done/s", "CPUtime", "CPUitsv", "CMW", "mayday", "rescued"):
+                box=box.SIMPLE_HEAD, **tight)
+    # Long names wrap and never lose characters; the header itself never breaks.
+    wqs.add_column("workqueue", overflow="fold", min_width=len("workqueue"))
+    for column in _WQ_COLUMNS_NARROW if narrow else _WQ_COLUMNS:
         wqs.add_column(column, justify="right", no_wrap=True, min_width=len(column))
     for row in snap["workqueues"]:
         rate = row.get("completed_per_second")
@@ -271,9 +298,9 @@ def render(snap: dict[str, Any], error: str | None = None) -> Any:
             str(row["mayday"]),
             str(row["rescued"]),
         )
-    pools = Table(title="cmwq worker pools", title_justify="left", box=box.SIMPLE_HEAD)
-    pools.add_column("pool", overflow="fold")
-    for column in ("online", "running", "idle", "workers", "pending", "CMW", "CPUitsv", "mayday"):
+    pools = Table(title="cmwq worker pools", title_justify="left", box=box.SIMPLE_HEAD, **tight)
+    pools.add_column("pool", overflow="fold", min_width=len("unbound"))
+    for column in _POOL_COLUMNS_NARROW if narrow else _POOL_COLUMNS:
         pools.add_column(column, justify="right", no_wrap=True, min_width=len(column))
     for row in snap["pools"]:
         pools.add_row(
@@ -288,6 +315,8 @@ def render(snap: dict[str, Any], error: str | None = None) -> Any:
             str(row["mayday"]),
         )
     parts: list[Any] = [wqs, pools]
+    if narrow:
+        parts.append(Text(_NARROW_LEGEND, style="dim"))
     if not snap["workqueues"] and not snap["pools"]:
         parts.append(Text(f"no cmwq_* metrics at {snap['url']}", style="yellow"))
     if error is not None:

@@ -49,6 +49,11 @@ def test_demo_quick_json_cmwq_finishes_and_tpe_deadlocks_without_hanging():
     nested = tpe["categories"]["nested"]
     assert nested["done"] < nested["total"]
     assert tpe["wall_s"] >= work["timeout"]
+    # Its throughput counts the calls that do not wait on others, over the time they took, so the
+    # deadlock timeout does not show up as a low rate.
+    flat_s = max(tpe["categories"][kind]["seconds"] or 0 for kind in ("waits", "cpu"))
+    assert 0 < flat_s <= tpe["wall_s"]
+    assert tpe["calls_per_s"] and cmwq["calls_per_s"]
 
 
 @pytest.mark.slow
@@ -57,7 +62,16 @@ def test_demo_live_output_has_the_table():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "CMWQExecutor()" in out and "ThreadPoolExecutor()" in out
-    assert "deadlocked" in out
+    assert "deadlocked after 1 s" in out
+    assert "calls/s (waits + CPU)" in out and "peak worker threads" in out
+
+
+def test_dash_dash_version_prints_the_package_version():
+    import cmwq_exec
+
+    proc = run("--version", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"cmwq-exec {cmwq_exec.__version__}\n"
 
 
 def test_version():

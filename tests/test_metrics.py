@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 from typing import Any
 
+import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -275,3 +276,40 @@ def test_start_http_server_reports_a_port_in_use() -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def _samples(registry: CollectorRegistry, name: str) -> int:
+    text = prometheus_client.generate_latest(registry).decode()
+    return sum(1 for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name)
+
+
+@pytest.mark.parametrize("order", ["by hand first", "register() first"])
+def test_registering_by_hand_and_through_register_exports_the_metrics_once(
+    order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = _StubSystem()
+    monkeypatch.setattr(cmwq_exec, "get_system", lambda: system)
+    registry = CollectorRegistry()
+    by_hand = CMWQCollector()
+    if order == "by hand first":
+        registry.register(by_hand)
+        assert metrics.register(registry) is by_hand
+    else:
+        metrics.register(registry)
+        registry.register(by_hand)  # no DuplicateTimeseries
+        assert metrics.register(registry) is by_hand
+    assert metrics.register(registry) is by_hand
+    assert _samples(registry, "cmwq_pool_workers") == len(system.pools)
+
+
+def test_start_http_server_after_registering_by_hand_serves_the_metrics_once() -> None:
+    registry = CollectorRegistry()
+    registry.register(CMWQCollector())
+    server, _thread = metrics.start_http_server(0, registry=registry)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    finally:
+        server.shutdown()
+    assert text.count("# TYPE cmwq_pool_workers gauge") == 1

@@ -144,3 +144,47 @@ def test_parse_ignores_other_metrics_and_rejects_garbage() -> None:
     assert snapshot["workqueues"] == []
     with pytest.raises(top.TopError):
         top.parse("this is { not prometheus\n")
+
+
+def _render_text(snap: dict[str, Any], width: int) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(top.render(snap, width=width))
+    console.file.close()
+    return console.export_text()
+
+
+def _snap() -> dict[str, Any]:
+    return {"url": "http://127.0.0.1:9464/metrics", "time": 0.0,
+            "workqueues": [{"workqueue": "a_rather_long_workqueue_name", "started": 123456, "inflight": 12,
+                            "completed_per_second": 1234.5, "cpu_seconds": 12.3, "cpu_intensive": 3,
+                            "cm_wakeups": 4567, "mayday": 0, "rescued": 0}],
+            "pools": [{"pool": name, "online": True, "nr_running": 1, "idle": 2, "workers": 40, "pending": 3,
+                       "cm_wakeups": 100, "cpu_intensive": 1, "mayday": 0} for name in ("cpu0", "unbound")]}
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_table_fits_the_terminal_with_whole_headers(width: int) -> None:
+    text = _render_text(_snap(), width)
+    lines = text.splitlines()
+    assert all(len(line.rstrip()) <= width for line in lines)
+    headers = [line.split() for line in lines if line.split()[:1] in (["workqueue"], ["pool"])]
+    assert len(headers) == 2
+    wanted = (top._WQ_COLUMNS_NARROW, top._POOL_COLUMNS_NARROW) if width < top.WIDE else (
+        top._WQ_COLUMNS, top._POOL_COLUMNS)
+    assert headers[0][1:] == list(wanted[0]) and headers[1][1:] == list(wanted[1])
+    assert "unbound" in text and "123456" in text and "4567" in text
+    rule = next(i for i, line in enumerate(lines) if "───" in line)
+    block = lines[rule + 1:lines.index(next(line for line in lines[rule:] if not line.strip()), rule)]
+    assert "".join(line.split()[0] for line in block) == "a_rather_long_workqueue_name"  # folded, never cut
+
+
+def test_piped_output_is_complete_frames_ending_in_a_newline(url: str, held_works, capsys,
+                                                             monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    assert top.main(["--url", url, "--count", "2", "--interval", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+    assert out.count("cmwq worker pools") == 2
+    assert all(len(line.rstrip()) <= 80 for line in out.splitlines())
