@@ -12,8 +12,8 @@ workers' ``result()`` raise ``CancelledError``, so its threads normally unwind. 
 the interpreter would wait for them at exit (``ThreadPoolExecutor`` joins its threads then), so the
 command flushes its output and leaves with ``os._exit``.
 
-``bench`` runs ``benchmarks/bench_core.py`` of a source checkout; ``top`` is
-:mod:`cmwq_exec.top`, imported only when asked for.
+``bench`` runs ``benchmarks/bench_core.py`` of a source checkout; ``top`` is :mod:`cmwq_exec.top`
+(imported with this module: it needs nothing that starts the pools).
 """
 
 from __future__ import annotations

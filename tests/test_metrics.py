@@ -289,7 +289,7 @@ def test_registering_by_hand_and_through_register_exports_the_metrics_once(
     order: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     system = _StubSystem()
-    monkeypatch.setattr(cmwq_exec, "get_system", lambda: system)
+    monkeypatch.setattr(cmwq_exec.core.system, "get_system", lambda: system)
     registry = CollectorRegistry()
     by_hand = CMWQCollector()
     if order == "by hand first":
