@@ -184,8 +184,9 @@ _config = Config()
 def configure(**options: Any) -> Config:
     """Change settings before the pools start (see :class:`cmwq_exec.core.config.Config`).
 
-    ``CMWQ_<NAME>`` environment variables are applied first; keyword arguments win. Raises
-    RuntimeError once the pools run, ValueError for an unknown name or a bad value.
+    When the pools start, ``CMWQ_<NAME>`` environment variables are applied over these values:
+    the environment wins, so an operator can change a setting without changing code. Raises
+    ValueError for an unknown name or a bad value, RuntimeError once the pools run.
     """
     global _config
     names = {f.name for f in dataclasses.fields(Config)}
