@@ -65,12 +65,14 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from signal import SIGUSR1
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
+from celery import _state as _celery_state
 from celery.concurrency.base import BasePool
 from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
 from celery.worker import state as _worker_state
@@ -156,6 +158,27 @@ class _Job:
 
     def __repr__(self) -> str:
         return f"<cmwq celery job {self.pid} {self.state}>"
+
+
+@contextmanager
+def _current_app(app: Any) -> Iterator[None]:
+    """Make ``app`` the current app of this thread for the block, as prefork makes the worker's app
+    current in its children.
+
+    Celery resolves ``current_app`` per thread (``celery._state._tls``), falling back to the
+    process's *default* app, which need not be the worker's: a second app, an embedded test
+    worker. Its tracer (``trace_task_ret``) looks the task up through ``current_app``, and task
+    code uses it too. Restored afterwards: cmwq's worker threads run every workqueue's works.
+    """
+    if app is None:
+        yield
+        return
+    previous = getattr(_celery_state._tls, "current_app", None)
+    app.set_current()
+    try:
+        yield
+    finally:
+        _celery_state._set_current_app(previous)
 
 
 def _terminating() -> bool:
@@ -398,7 +421,12 @@ class TaskPool(BasePool):
         self._wq.queue_work_on(self._cpu, work)
 
     def _run(self, job: _Job) -> None:
-        """Run one task on a cmwq worker thread.
+        """Run one task on a cmwq worker thread, with the worker's app as the current app."""
+        with _current_app(self.app):
+            self._run_job(job)
+
+    def _run_job(self, job: _Job) -> None:
+        """Start, run and report one job.
 
         The only code into which another thread may inject an exception is between setting
         ``in_target`` and the end of the guarded ``_leave`` calls below; _leave clears whatever
@@ -634,7 +662,7 @@ class TaskPool(BasePool):
         self._drain_outbox()
 
     def _drain_outbox(self) -> None:
-        with self._drain_lock:
+        with self._drain_lock, _current_app(self.app):
             while True:
                 with self._outbox_lock:
                     if not self._outbox:

@@ -218,6 +218,13 @@ def _register_tasks(app: Celery) -> None:
             total += i * i
         _redis(app).incr(key)
 
+    @app.task(name="t.current_app", shared=False)
+    def current_app_main() -> str:
+        """The name of the app the task body sees as ``celery.current_app``."""
+        from celery import current_app
+
+        return current_app.main
+
     @app.task(name="t.thread_count", shared=False)
     def thread_count() -> int:
         import threading

@@ -82,6 +82,30 @@ def test_results_errors_and_a_distinct_id_per_task(make_pool):
         assert calls.kinds(i) == ["accept", "success"]
 
 
+def test_tasks_run_with_the_pools_app_as_current_app_and_only_they_do(make_pool):
+    """Every target sees the worker's app as ``current_app`` (not the process's default app); the
+    shared cmwq thread gets its own current app back afterwards."""
+    from celery import Celery, _state, current_app
+
+    app = Celery("the-workers-app", set_as_current=False)
+    pool, calls = make_pool(limit=1, app=app), Calls()
+    try:
+        pool.apply_async(lambda: (current_app._get_current_object(), threading.get_ident()),
+                         **calls.callbacks("task"))
+        wait_for(lambda: calls.of("task", "success"), 10, "the task to report")
+        seen, thread = calls.of("task", "success")[0][0]
+        assert seen is app
+        # a later work on the same thread, of a pool without an app, finds no app left behind
+        bare, after = make_pool(limit=1), Calls()
+        bare.apply_async(lambda: (getattr(_state._tls, "current_app", None), threading.get_ident()),
+                         **after.callbacks("next"))
+        wait_for(lambda: after.of("next", "success"), 10, "the next task to report")
+        left, next_thread = after.of("next", "success")[0][0]
+        assert left is None or next_thread != thread, "the task's app stayed on its thread"
+    finally:
+        app.close()
+
+
 def test_concurrency_counts_running_tasks_and_follows_grow_and_shrink(make_pool):
     """-c bounds the tasks running at once (a plain sleep counts as running); a task asleep inside
     blocking() hands its slot on, and in flight stay within the window (4 x the limit)."""
