@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import task_revoked
 
 import cmwq_exec
 
@@ -230,6 +231,23 @@ def _register_tasks(app: Celery) -> None:
         import threading
 
         return threading.active_count()
+
+
+def revoked_key(task_id: str) -> str:
+    """The Redis list of the ``task_revoked`` signals a worker sent for ``task_id``."""
+    return f"cmwq-test:revoked:{task_id}"
+
+
+@task_revoked.connect
+def _record_revoked(sender: Any = None, request: Any = None, terminated: Any = None, signum: Any = None,
+                    expired: Any = None, **_: Any) -> None:
+    """Record every ``task_revoked`` signal (worker side), so a test sees that it was sent, how
+    often, and with what."""
+    client = _redis(sender.app)
+    signal = {"terminated": bool(terminated), "expired": bool(expired),
+              "signum": int(signum) if signum else None}
+    client.rpush(revoked_key(request.id), json.dumps(signal))
+    client.expire(revoked_key(request.id), 600)
 
 
 #: The app ``celery -A tests.celery.app worker`` runs.

@@ -6,9 +6,17 @@ here that runs it on this pool and checks the outcome prefork gives.
 
 from __future__ import annotations
 
+import json
+import signal
+import time
+from typing import Any
+
 import pytest
-from app import POOL, make_app
+from app import POOL, make_app, revoked_key
 from celery import Celery, _state
+from celery.exceptions import TaskRevokedError
+from celery_harness import wait_for
+from kombu.exceptions import ChannelError
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -35,3 +43,82 @@ def test_tasks_run_with_the_workers_app_not_the_default_one(broker, queue, resul
         _state.default_app = previous_default
         other.close()
         worker_app.close()
+
+
+# -- expiry and revocation of a task the pool holds ----------------------------------------------
+#
+# -c 1 and tasks that sleep without saying so (t.sleep_raw): one runs at a time and the others wait
+# inside the pool (its workqueue admits the prefetch window, 4 x 1). prefork would hand the waiting
+# one over only when a process is free and Celery would refuse it then: REVOKED in the backend, the
+# task_revoked signal, the message acked. t.record is acks_late, t.record_early is not.
+
+ACKS = pytest.mark.parametrize("task", ["t.record", "t.record_early"], ids=["acks_late", "acks_early"])
+
+
+def revoked_signals(results_redis: Any, task_id: str) -> list[dict[str, Any]]:
+    return [json.loads(item) for item in results_redis.lrange(revoked_key(task_id), 0, -1)]
+
+
+def reserved_ids(app: Celery, worker: Any) -> set[str]:
+    """Tasks the worker received and handed to its pool but did not start."""
+    reply = app.control.inspect([worker.name], timeout=1.0).reserved() or {}
+    return {request["id"] for request in reply.get(worker.name, [])}
+
+
+def assert_acked(app: Celery, worker: Any, queue: str) -> None:
+    """After a warm shutdown every unacked message is back in the queue (RabbitMQ requeues on
+    close, kombu's Redis transport restores them): none there means all were acked."""
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit(30) == 0, worker.tail()
+    with app.connection_for_write() as conn:
+        try:
+            ready = conn.default_channel.queue_declare(queue, passive=True).message_count
+        except ChannelError:  # kombu's Redis transport: a queue exists while it holds messages
+            ready = 0
+    assert ready == 0, f"{ready} messages went back to the queue: the refused task was not acked"
+
+
+def ran(results_redis: Any, key: str, token: str) -> bool:
+    return bool(results_redis.sismember(key, token) or results_redis.sismember(key + ":started", token))
+
+
+@ACKS
+def test_a_task_that_expires_while_the_pool_holds_it_is_revoked(celery_app, start_worker, results_redis,
+                                                                 key, queue, task):
+    worker = start_worker(concurrency=1, via="setting")
+    t = celery_app.tasks
+    blockers = [t["t.sleep_raw"].delay(1.5, i) for i in range(3)]
+    sent = time.monotonic()
+    r = t[task].apply_async((key, "late"), expires=2)
+    wait_for(lambda: r.id in reserved_ids(celery_app, worker), 10, "the worker to hold the task")
+    assert time.monotonic() - sent < 2, "it arrived expired: Celery refused it, not the pool"
+
+    with pytest.raises(TaskRevokedError, match="expired"):
+        r.get(timeout=20)
+    assert r.state == "REVOKED"
+    assert [b.get(timeout=20) for b in blockers] == [0, 1, 2]
+    assert not ran(results_redis, key, "late")
+    # the signal comes after the state is stored
+    wait_for(lambda: revoked_signals(results_redis, r.id), 10, f"the task_revoked signal\n{worker.tail()}")
+    assert revoked_signals(results_redis, r.id) == [{"terminated": False, "expired": True, "signum": None}]
+    assert_acked(celery_app, worker, queue)
+
+
+@ACKS
+def test_a_task_revoked_while_the_pool_holds_it_is_revoked(celery_app, start_worker, results_redis, key,
+                                                           queue, task):
+    worker = start_worker(concurrency=1, via="custom")
+    t = celery_app.tasks
+    blocker = t["t.sleep_raw"].delay(2.0, "blocker")
+    r = t[task].delay(key, "revoked")
+    wait_for(lambda: r.id in reserved_ids(celery_app, worker), 10, "the worker to hold the task")
+    celery_app.control.revoke(r.id)  # no terminate: it is not running
+
+    assert blocker.get(timeout=20) == "blocker"
+    # The revoke command itself marks a task it does not see running REVOKED in the backend; only
+    # the refusal at start sends the signal (and keeps it from running and overwriting that).
+    wait_for(lambda: revoked_signals(results_redis, r.id), 10, f"the task_revoked signal\n{worker.tail()}")
+    assert t["t.add"].delay(1, 1).get(timeout=10) == 2  # the pool goes on
+    assert revoked_signals(results_redis, r.id) == [{"terminated": False, "expired": False, "signum": None}]
+    assert r.state == "REVOKED" and not ran(results_redis, key, "revoked")
+    assert_acked(celery_app, worker, queue)
