@@ -122,3 +122,50 @@ def test_a_task_revoked_while_the_pool_holds_it_is_revoked(celery_app, start_wor
     assert revoked_signals(results_redis, r.id) == [{"terminated": False, "expired": False, "signum": None}]
     assert r.state == "REVOKED" and not ran(results_redis, key, "revoked")
     assert_acked(celery_app, worker, queue)
+
+
+def test_revoke_by_stamped_header_refuses_only_the_matching_held_task(celery_app, start_worker,
+                                                                       results_redis, key, queue):
+    """Two held tasks stamped ``batch``: revoking ``batch=b1`` refuses that one; the other, whose
+    stamp has another value, still runs."""
+    worker = start_worker(concurrency=1, via="setting")
+    t = celery_app.tasks
+    blocker = t["t.sleep_raw"].delay(2.0, "blocker")
+    signatures = {batch: t["t.record"].s(key, batch) for batch in ("b1", "b2")}
+    results = {}
+    for batch, sig in signatures.items():
+        sig.stamp(batch=batch)
+        results[batch] = sig.apply_async()
+    wait_for(lambda: {r.id for r in results.values()} <= reserved_ids(celery_app, worker), 10,
+             "the worker to hold both tasks")
+    celery_app.control.revoke_by_stamped_headers({"batch": "b1"}, destination=[worker.name], reply=True)
+
+    assert blocker.get(timeout=20) == "blocker"
+    assert results["b2"].get(timeout=20) == "b2"
+    with pytest.raises(TaskRevokedError):
+        results["b1"].get(timeout=20)
+    assert not ran(results_redis, key, "b1")
+    wait_for(lambda: revoked_signals(results_redis, results["b1"].id), 10, "the task_revoked signal")
+    assert revoked_signals(results_redis, results["b1"].id) == [
+        {"terminated": False, "expired": False, "signum": None}]
+    assert revoked_signals(results_redis, results["b2"].id) == []
+    assert_acked(celery_app, worker, queue)
+
+
+def test_revoke_terminate_of_a_held_task_refuses_it_as_prefork_does(celery_app, start_worker,
+                                                                     results_redis, key, queue):
+    """revoke(terminate=True) of a task that has not started: nothing to terminate; prefork (its
+    semaphore) refuses it when a process frees up, as revoked, not terminated."""
+    worker = start_worker(concurrency=1, via="custom")
+    t = celery_app.tasks
+    blocker = t["t.sleep_raw"].delay(2.0, "blocker")
+    r = t["t.record"].delay(key, "terminated")
+    wait_for(lambda: r.id in reserved_ids(celery_app, worker), 10, "the worker to hold the task")
+    celery_app.control.revoke(r.id, terminate=True, signal="SIGKILL")
+
+    assert blocker.get(timeout=20) == "blocker"
+    wait_for(lambda: revoked_signals(results_redis, r.id), 10, f"the task_revoked signal\n{worker.tail()}")
+    assert t["t.add"].delay(1, 1).get(timeout=10) == 2
+    assert revoked_signals(results_redis, r.id) == [{"terminated": False, "expired": False, "signum": None}]
+    assert r.state == "REVOKED" and not ran(results_redis, key, "terminated")
+    assert_acked(celery_app, worker, queue)
