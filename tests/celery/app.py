@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import task_revoked
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.signals import task_failure, task_postrun, task_prerun, task_retry, task_revoked, task_success
 
 import cmwq_exec
 
@@ -226,6 +226,54 @@ def _register_tasks(app: Celery) -> None:
 
         return current_app.main
 
+    @app.task(name="t.retry_then", shared=False, bind=True)
+    def retry_then(self: Any, key: str, failures: int) -> int:
+        """Retries itself ``failures`` times (``self.retry``), then returns the number of runs."""
+        runs = _redis(app).incr(key + ":tries")
+        if runs <= failures:
+            raise self.retry(countdown=0.1, max_retries=5)
+        return runs
+
+    @app.task(name="t.autoretry", shared=False, autoretry_for=(ValueError,),
+              retry_kwargs={"max_retries": 2, "countdown": 0.1})
+    def autoretry(key: str, failures: int) -> int:
+        """Raises ValueError ``failures`` times (retried at most twice), then returns the runs."""
+        runs = _redis(app).incr(key + ":tries")
+        if runs <= failures:
+            raise ValueError(f"run {runs}")
+        return runs
+
+    @app.task(name="t.reject_once", shared=False, acks_late=True)
+    def reject_once(key: str) -> int:
+        """Rejects its first delivery with requeue; returns the number of deliveries."""
+        deliveries = _redis(app).incr(key + ":deliveries")
+        if deliveries == 1:
+            raise Reject("first delivery", requeue=True)
+        return deliveries
+
+    @app.task(name="t.timeout_once", shared=False, acks_late=True, acks_on_failure_or_timeout=False)
+    def timeout_once(key: str) -> int:
+        """Spins past its hard limit on the first run; returns the number of runs."""
+        runs = _redis(app).incr(key + ":runs")
+        if runs == 1:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.02)
+        return runs
+
+    @app.task(name="t.fail", shared=False)
+    def fail(message: str) -> None:
+        raise ValueError(message)
+
+    @app.task(name="t.no_result", shared=False, ignore_result=True)
+    def no_result(key: str, token: str) -> str:
+        _redis(app).sadd(key, token)
+        return token
+
+    @app.task(name="t.rate_limited", shared=False, rate_limit="4/s")
+    def rate_limited(key: str) -> None:
+        _redis(app).rpush(key, time.time())
+
     @app.task(name="t.thread_count", shared=False)
     def thread_count() -> int:
         import threading
@@ -248,6 +296,28 @@ def _record_revoked(sender: Any = None, request: Any = None, terminated: Any = N
               "signum": int(signum) if signum else None}
     client.rpush(revoked_key(request.id), json.dumps(signal))
     client.expire(revoked_key(request.id), 600)
+
+
+def signals_key(task_id: str) -> str:
+    """The Redis list of the task signals a worker sent for ``task_id``, in order."""
+    return f"cmwq-test:signals:{task_id}"
+
+
+def _recorder(name: str) -> Any:
+    def record(sender: Any = None, task_id: str | None = None, request: Any = None, **_: Any) -> None:
+        task_id = task_id or getattr(request, "id", None)
+        if task_id is None:  # task_success sends only the result; the task knows its request
+            task_id = sender.request.id
+        client = _redis(sender.app)
+        client.rpush(signals_key(task_id), json.dumps({"signal": name, "time": time.time()}))
+        client.expire(signals_key(task_id), 600)
+    return record
+
+
+_SIGNAL_RECORDERS = {name: _recorder(name) for name in ("prerun", "postrun", "success", "failure", "retry")}
+for _signal, _name in ((task_prerun, "prerun"), (task_postrun, "postrun"), (task_success, "success"),
+                       (task_failure, "failure"), (task_retry, "retry")):
+    _signal.connect(_SIGNAL_RECORDERS[_name])
 
 
 #: The app ``celery -A tests.celery.app worker`` runs.

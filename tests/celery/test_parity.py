@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import signal
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from app import POOL, make_app, revoked_key
+from app import POOL, make_app, revoked_key, signals_key
 from celery import Celery, _state
 from celery.exceptions import TaskRevokedError
 from celery_harness import wait_for
@@ -169,3 +170,102 @@ def test_revoke_terminate_of_a_held_task_refuses_it_as_prefork_does(celery_app, 
     assert revoked_signals(results_redis, r.id) == [{"terminated": False, "expired": False, "signum": None}]
     assert r.state == "REVOKED" and not ran(results_redis, key, "terminated")
     assert_acked(celery_app, worker, queue)
+
+
+# -- the rest of a task's treatment ----------------------------------------------------------------
+
+
+def signals_of(results_redis: Any, task_id: str) -> list[str]:
+    return [json.loads(item)["signal"] for item in results_redis.lrange(signals_key(task_id), 0, -1)]
+
+
+def wait_signals(results_redis: Any, task_id: str, last: str, count: int = 1) -> list[str]:
+    """The task's signals once ``last`` was sent ``count`` times (postrun comes after the state)."""
+    return wait_for(lambda: signals_of(results_redis, task_id).count(last) >= count
+                    and signals_of(results_redis, task_id), 10, f"{last} x{count} for {task_id}")
+
+
+def test_task_signals_retry_and_autoretry(celery_app, start_worker, results_redis, key):
+    """The tracer runs as in prefork: the same signals in the same order for a success, a failure,
+    retries by ``self.retry`` and by ``autoretry_for``, and retries running out."""
+    start_worker(concurrency=2, via="setting")
+    t = celery_app.tasks
+    ok = t["t.add"].delay(1, 2)
+    assert ok.get(timeout=20) == 3
+    assert wait_signals(results_redis, ok.id, "postrun") == ["prerun", "success", "postrun"]
+
+    failed = t["t.fail"].delay("boom")
+    with pytest.raises(ValueError, match="boom"):
+        failed.get(timeout=20)
+    assert wait_signals(results_redis, failed.id, "postrun") == ["prerun", "failure", "postrun"]
+
+    retried = t["t.retry_then"].delay(key + "r", 2)
+    assert retried.get(timeout=20) == 3
+    assert wait_signals(results_redis, retried.id, "postrun", 3) == [
+        "prerun", "retry", "postrun"] * 2 + ["prerun", "success", "postrun"]
+
+    auto = t["t.autoretry"].delay(key + "a", 2)
+    assert auto.get(timeout=20) == 3
+    assert wait_signals(results_redis, auto.id, "postrun", 3) == [
+        "prerun", "retry", "postrun"] * 2 + ["prerun", "success", "postrun"]
+
+    exhausted = t["t.autoretry"].delay(key + "x", 5)  # max_retries 2: the third failure is final
+    with pytest.raises(ValueError, match="run 3"):
+        exhausted.get(timeout=20)
+    assert exhausted.state == "FAILURE"
+    assert wait_signals(results_redis, exhausted.id, "postrun", 3) == [
+        "prerun", "retry", "postrun"] * 2 + ["prerun", "failure", "postrun"]
+
+
+def test_countdown_eta_chain_and_ignore_result(celery_app, start_worker, results_redis, key):
+    start_worker(concurrency=2, via="custom")
+    t = celery_app.tasks
+    sent = time.time()
+    later = t["t.add"].apply_async((1, 1), countdown=1.5)
+    at = t["t.add"].apply_async((2, 2), eta=datetime.now(timezone.utc) + timedelta(seconds=1.5))
+    assert (later.get(timeout=20), at.get(timeout=20)) == (2, 4)
+    for r in (later, at):
+        started = json.loads(results_redis.lrange(signals_key(r.id), 0, 0)[0])["time"]
+        assert started >= sent + 1.5 - 0.05, f"{r.id} started {started - sent:.2f}s after it was sent"
+
+    assert (t["t.add"].s(1, 1) | t["t.add"].s(2) | t["t.add"].s(3))().get(timeout=20) == 7
+
+    ignored = t["t.no_result"].delay(key, "ignored")
+    wait_for(lambda: results_redis.sismember(key, "ignored"), 20, "the task to run")
+    wait_signals(results_redis, ignored.id, "postrun")
+    assert results_redis.get(f"celery-task-meta-{ignored.id}") is None
+    assert ignored.state == "PENDING"  # nothing stored, as with every pool
+
+
+def test_rate_limit_spaces_task_starts(celery_app, start_worker, results_redis, key):
+    """rate_limit='4/s': the consumer's token bucket releases one task per 0.25 s; the pool runs
+    each when released (it does not batch them)."""
+    start_worker(concurrency=4, via="setting")
+    results = [celery_app.tasks["t.rate_limited"].delay(key) for _ in range(6)]
+    for r in results:
+        r.get(timeout=20)
+    times = sorted(float(x) for x in results_redis.lrange(key, 0, -1))
+    assert len(times) == 6
+    assert times[-1] - times[0] >= 5 * 0.25 - 0.1, [round(x - times[0], 2) for x in times]
+
+
+def test_reject_requeue_and_acks_on_failure_or_timeout(celery_app, start_worker, results_redis, key):
+    """``Reject(requeue=True)`` puts the message back and the task runs again; a hard time limit
+    on an acks_late task with ``acks_on_failure_or_timeout=False`` requeues it too (prefork: the
+    child is killed, the message rejected with requeue), and the second run succeeds."""
+    start_worker(concurrency=2, via="setting")
+    t = celery_app.tasks
+    rejected = t["t.reject_once"].delay(key + "j")
+    assert rejected.get(timeout=30) == 2
+    assert int(results_redis.get(key + "j:deliveries")) == 2
+
+    timed = t["t.timeout_once"].apply_async((key + "t",), time_limit=1)
+    # FAILURE (TimeLimitExceeded) is stored first, then the second run's SUCCESS
+    wait_for(lambda: timed.state == "SUCCESS", 30, "the requeued second run to succeed")
+    assert timed.result == 2
+    # The first run: prerun; then the timeout's task_failure (consumer thread) and the unwound
+    # tracer's task_postrun (task thread) in either order, as prefork's parent and child race.
+    signals = wait_signals(results_redis, timed.id, "postrun", 2)
+    assert signals[0] == "prerun" and sorted(signals[1:3]) == ["failure", "postrun"], signals
+    assert signals[3:] == ["prerun", "success", "postrun"], signals
+    assert int(results_redis.get(key + "t:runs")) == 2
