@@ -260,9 +260,11 @@ def test_reject_requeue_and_acks_on_failure_or_timeout(celery_app, start_worker,
     assert int(results_redis.get(key + "j:deliveries")) == 2
 
     timed = t["t.timeout_once"].apply_async((key + "t",), time_limit=1)
-    # FAILURE (TimeLimitExceeded) is stored first, then the second run's SUCCESS
-    wait_for(lambda: timed.state == "SUCCESS", 30, "the requeued second run to succeed")
-    assert timed.result == 2
+    # FAILURE (TimeLimitExceeded) is stored first, then the second run's SUCCESS; read the backend
+    # afresh each time (a result caches the first ready state it sees)
+    wait_for(lambda: celery_app.backend.get_task_meta(timed.id, cache=False)["status"] == "SUCCESS", 30,
+             "the requeued second run to succeed")
+    assert celery_app.backend.get_task_meta(timed.id, cache=False)["result"] == 2
     # The first run: prerun; then the timeout's task_failure (consumer thread) and the unwound
     # tracer's task_postrun (task thread) in either order, as prefork's parent and child race.
     signals = wait_signals(results_redis, timed.id, "postrun", 2)
