@@ -81,6 +81,7 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 from celery import _state as _celery_state
+from celery import signals
 from celery.concurrency.base import BasePool
 from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
 from celery.worker import state as _worker_state
@@ -131,7 +132,10 @@ class _Job:
         terminate with SIGUSR1 as prefork delivers it) and one ``_Unwind`` (hard limit or
         terminate, whichever comes first); ``soft_sent``/``unwind`` record them;
       * a job with ``unwind`` set while it ran is *abandoned*: it holds no concurrency slot
-        (the pool raised max_active by one for it until its thread returns).
+        (the pool raised max_active by one for it until its thread returns);
+      * a job goes from ``_QUEUED`` to ``_RUNNING`` only if its request may not be revoked or
+        ``cleared`` is set; otherwise it stays ``_QUEUED``, holding no workqueue slot, until
+        ``_refuse`` on the callbacks' thread ends it (``_DONE``) or queues it again.
     """
 
     __slots__ = ("pool", "pid", "target", "args", "kwargs", "callback", "accept_callback",
@@ -316,6 +320,10 @@ class TaskPool(BasePool):
         self._wq = WorkQueue("celery", WQ.RESCUER, max_active=max_active, max_running=max_running)
         self._wq._flush_at_exit = False  # Celery's warm or cold shutdown decides what to wait for
         self._start_metrics()
+        # This process runs every task, as with solo: like solo, tell per-process setup code
+        # (worker_process_init handlers: database connections, tracing) once, before any task.
+        hostname = (self.options.get("initargs") or (None, None))[1]
+        signals.worker_process_init.send(sender=hostname)
 
     def _start_metrics(self) -> None:
         conf = self.app.conf if self.app is not None else {}

@@ -19,7 +19,15 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from celery.signals import task_failure, task_postrun, task_prerun, task_retry, task_revoked, task_success
+from celery.signals import (
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    task_revoked,
+    task_success,
+    worker_process_init,
+)
 
 import cmwq_exec
 
@@ -318,6 +326,20 @@ _SIGNAL_RECORDERS = {name: _recorder(name) for name in ("prerun", "postrun", "su
 for _signal, _name in ((task_prerun, "prerun"), (task_postrun, "postrun"), (task_success, "success"),
                        (task_failure, "failure"), (task_retry, "retry")):
     _signal.connect(_SIGNAL_RECORDERS[_name])
+
+
+def process_init_key(hostname: str) -> str:
+    """The Redis list of the pids that sent ``worker_process_init`` for worker ``hostname``."""
+    return f"cmwq-test:process-init:{hostname}"
+
+
+@worker_process_init.connect
+def _record_process_init(sender: Any = None, **_: Any) -> None:
+    if sender is None:  # a pool made by a test, not by a worker
+        return
+    client = redis.Redis.from_url(os.environ.get("CMWQ_TEST_BACKEND", DEFAULT_BACKEND))
+    client.rpush(process_init_key(sender), os.getpid())
+    client.expire(process_init_key(sender), 600)
 
 
 #: The app ``celery -A tests.celery.app worker`` runs.

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from app import POOL, make_app, revoked_key, signals_key
+from app import POOL, make_app, process_init_key, revoked_key, signals_key
 from celery import Celery, _state
 from celery.exceptions import TaskRevokedError
 from celery_harness import wait_for
@@ -271,3 +271,13 @@ def test_reject_requeue_and_acks_on_failure_or_timeout(celery_app, start_worker,
     assert signals[0] == "prerun" and sorted(signals[1:3]) == ["failure", "postrun"], signals
     assert signals[3:] == ["prerun", "success", "postrun"], signals
     assert int(results_redis.get(key + "t:runs")) == 2
+
+
+def test_worker_process_init_is_sent_once_by_the_process_that_runs_the_tasks(celery_app, start_worker,
+                                                                              results_redis):
+    """Per-process setup (``worker_process_init`` handlers) runs before tasks: prefork sends it in
+    every child, solo once in its only process; this pool's process runs every task: once."""
+    worker = start_worker(concurrency=2, via="setting")
+    assert celery_app.tasks["t.add"].delay(1, 1).get(timeout=20) == 2
+    pids = [int(pid) for pid in results_redis.lrange(process_init_key(worker.name), 0, -1)]
+    assert pids == [worker.pid]
