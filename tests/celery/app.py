@@ -251,6 +251,20 @@ def _register_tasks(app: Celery) -> None:
             raise ValueError(f"run {runs}")
         return runs
 
+    class ClassBasedAutoRetry(app.Task):
+        """A class-based task that autoretries once (Celery's own suite has one like it)."""
+
+        name = "t.class_autoretry"
+        autoretry_for = (ValueError,)
+        retry_kwargs = {"max_retries": 1, "countdown": 0.1}
+
+        def run(self) -> int:
+            if self.request.retries:
+                return self.request.retries
+            raise ValueError("first run")
+
+    app.register_task(ClassBasedAutoRetry())
+
     @app.task(name="t.reject_once", shared=False, acks_late=True)
     def reject_once(key: str) -> int:
         """Rejects its first delivery with requeue; returns the number of deliveries."""

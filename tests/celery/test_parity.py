@@ -40,6 +40,8 @@ def test_tasks_run_with_the_workers_app_not_the_default_one(broker, queue, resul
             assert "t.add" not in other.tasks
             assert t["t.add"].delay(2, 3).get(timeout=20) == 5
             assert t["t.current_app"].delay().get(timeout=20) == worker_app.main
+            # a retry is sent and run through the worker's app too
+            assert t["t.class_autoretry"].delay().get(timeout=20) == 1
     finally:
         _state.default_app = previous_default
         other.close()
