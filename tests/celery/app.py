@@ -283,6 +283,20 @@ def _register_tasks(app: Celery) -> None:
                 time.sleep(0.02)
         return runs
 
+    @app.task(name="t.timeout_acked", shared=False, acks_late=True)
+    def timeout_acked(key: str) -> int:
+        """Counts its runs and spins past any hard limit (acks_on_failure_or_timeout: the default)."""
+        runs = _redis(app).incr(key + ":runs")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+        return runs
+
+    @app.task(name="t.fail_late", shared=False, acks_late=True)
+    def fail_late(key: str) -> None:
+        _redis(app).incr(key + ":runs")
+        raise ValueError("late failure")
+
     @app.task(name="t.fail", shared=False)
     def fail(message: str) -> None:
         raise ValueError(message)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from app import POOL, make_app, process_init_key, revoked_key, signals_key
 from celery import Celery, _state
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 from celery_harness import wait_for
 from kombu.exceptions import ChannelError
 
@@ -283,3 +283,20 @@ def test_worker_process_init_is_sent_once_by_the_process_that_runs_the_tasks(cel
     assert celery_app.tasks["t.add"].delay(1, 1).get(timeout=20) == 2
     pids = [int(pid) for pid in results_redis.lrange(process_init_key(worker.name), 0, -1)]
     assert pids == [worker.pid]
+
+
+def test_acks_late_failure_and_timeout_are_acked_by_default(celery_app, start_worker, results_redis, key,
+                                                            queue):
+    """``acks_on_failure_or_timeout`` (default True): an acks_late task that fails, or passes its
+    hard limit, is acked, not delivered again."""
+    worker = start_worker(concurrency=2, via="custom")
+    t = celery_app.tasks
+    failed = t["t.fail_late"].delay(key + "f")
+    timed = t["t.timeout_acked"].apply_async((key + "t",), time_limit=1)
+    with pytest.raises(ValueError, match="late failure"):
+        failed.get(timeout=20)
+    with pytest.raises(TimeLimitExceeded):
+        timed.get(timeout=20)
+    assert t["t.add"].delay(1, 1).get(timeout=10) == 2
+    assert_acked(celery_app, worker, queue)
+    assert (int(results_redis.get(key + "f:runs")), int(results_redis.get(key + "t:runs"))) == (1, 1)
