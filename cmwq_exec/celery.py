@@ -42,6 +42,8 @@ Everything the ``threads`` pool lacks
       that expired or was revoked meanwhile is refused as Celery refuses it (REVOKED, the
       ``task_revoked`` signal, the ack), as prefork does by handing tasks over only when a process
       is free;
+    * ``worker_process_init`` is sent once, before the first task, as ``-P solo`` sends it (this
+      process runs every task);
     * ``grow``/``shrink`` (``--autoscale``, ``pool_grow``, ``pool_shrink``), ``inspect stats`` with
       the pool state, warm shutdown that finishes started tasks and leaves unstarted ones unacked
       (the broker delivers them again), cold shutdown that unwinds the running ones.
