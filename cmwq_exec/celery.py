@@ -35,6 +35,15 @@ Everything the ``threads`` pool lacks
     * ``revoke(terminate=True)``: every task gets its own job id (passed as the ``pid`` of
       ``accept_callback``, so ``inspect active`` shows it as ``worker_pid``); ``terminate_job``
       unwinds that task's thread the same way and gives its slot back;
+    * every task runs with the worker's app as ``current_app`` (as in prefork's children), even
+      when the process's default app is another one;
+    * ``expires`` and revocation (by id or by stamped header) are checked again when a task
+      *starts*, not only when it arrives: a task may wait in the pool's prefetch window. One
+      that expired or was revoked meanwhile is refused as Celery refuses it (REVOKED, the
+      ``task_revoked`` signal, the ack), as prefork does by handing tasks over only when a process
+      is free;
+    * ``worker_process_init`` is sent once, before the first task, as ``-P solo`` sends it (this
+      process runs every task);
     * ``grow``/``shrink`` (``--autoscale``, ``pool_grow``, ``pool_shrink``), ``inspect stats`` with
       the pool state, warm shutdown that finishes started tasks and leaves unstarted ones unacked
       (the broker delivers them again), cold shutdown that unwinds the running ones.
@@ -65,12 +74,16 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from signal import SIGUSR1
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
+from celery import _state as _celery_state
+from celery import signals
 from celery.concurrency.base import BasePool
 from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
 from celery.worker import state as _worker_state
@@ -121,12 +134,16 @@ class _Job:
         terminate with SIGUSR1 as prefork delivers it) and one ``_Unwind`` (hard limit or
         terminate, whichever comes first); ``soft_sent``/``unwind`` record them;
       * a job with ``unwind`` set while it ran is *abandoned*: it holds no concurrency slot
-        (the pool raised max_active by one for it until its thread returns).
+        (the pool raised max_active by one for it until its thread returns);
+      * a job goes from ``_QUEUED`` to ``_RUNNING`` only if its request may not be revoked or
+        ``cleared`` is set; otherwise it stays ``_QUEUED``, holding no workqueue slot, until
+        ``_refuse`` on the callbacks' thread ends it (``_DONE``) or queues it again.
     """
 
     __slots__ = ("pool", "pid", "target", "args", "kwargs", "callback", "accept_callback",
                  "error_callback", "timeout_callback", "soft", "hard", "state", "in_target",
-                 "thread_id", "soft_sent", "unwind", "revoked_early", "timers", "__weakref__")
+                 "thread_id", "soft_sent", "unwind", "revoked_early", "timers", "request",
+                 "cleared", "__weakref__")
 
     def __init__(self, pool: TaskPool, pid: int, target: Callable[..., Any], args: Any, kwargs: Any,
                  callback: Any, accept_callback: Any, error_callback: Any, timeout_callback: Any,
@@ -149,6 +166,8 @@ class _Job:
         self.unwind: str | None = None  # P: "hard" or "terminated" once decided
         self.revoked_early = False  # P: terminate() before it started: do not run the target
         self.timers: tuple[_timer.Timer, ...] = ()  # X: the limits' timers
+        self.request = _request_of(accept_callback)  # I: Celery's Request, or None
+        self.cleared = False  # P: Request.revoked() said no once: start it without asking again
 
     def terminate(self, signal: int | None = None) -> None:
         """Celery's ApplyResult.terminate: revoke(terminate=True) of this task."""
@@ -156,6 +175,65 @@ class _Job:
 
     def __repr__(self) -> str:
         return f"<cmwq celery job {self.pid} {self.state}>"
+
+
+# -- expiry and revocation at start ----------------------------------------------------------------
+
+# Celery checks ``expires`` and the revoked set (Request.revoked()) when a message arrives and when
+# the consumer hands the request to the pool; prefork (a semaphore, ``uses_semaphore``) hands it
+# over only when a process is free, so that is when the task starts. This pool takes a whole
+# prefetch window at once, so a task can wait in it: it must be checked again when it starts.
+#
+# The hook: Celery binds the callbacks it passes to ``apply_async`` to the Request, so the
+# accept callback's ``__self__`` is the Request itself (``correlation_id`` only names it, and
+# ``worker_state.reserved_requests`` would need a scan). Request.revoked() is the one place that
+# decides *and* reports (log, REVOKED in the backend, the task-revoked event, the ack, the
+# ``task_revoked`` signal), and the report uses the broker connection and the consumer's state,
+# so it must run where the other callbacks run. A worker thread therefore only asks
+# :func:`_may_be_revoked`, a pure test that is true whenever revoked() would be (a set lookup,
+# a clock read: cheap enough for every start), and hands the job to the consumer, which calls
+# revoked(); if that says no after all (a revoked stamp name with another value), the job is
+# queued again and starts without asking twice.
+
+
+def _request_of(accept_callback: Any) -> Any:
+    """The Celery Request that ``accept_callback`` is bound to, or None (a plain callable)."""
+    request = getattr(accept_callback, "__self__", None)
+    return request if callable(getattr(request, "revoked", None)) else None
+
+
+def _may_be_revoked(request: Any) -> bool:
+    """True whenever ``request.revoked()`` would be: revoked by id, expired, or carrying a stamp
+    whose header has revoked values. No side effects; safe on any thread (a reader of sets and
+    dicts that the consumer thread updates one operation at a time)."""
+    if request.id in _worker_state.revoked:
+        return True
+    expires = request.expires
+    if expires is not None and datetime.now(timezone.utc if expires.tzinfo else None) > expires:
+        return True  # the same comparison as Request.maybe_expire
+    revoked_stamps = _worker_state.revoked_stamps
+    return bool(revoked_stamps) and any(header in revoked_stamps for header in request.stamped_headers)
+
+
+@contextmanager
+def _current_app(app: Any) -> Iterator[None]:
+    """Make ``app`` the current app of this thread for the block, as prefork makes the worker's app
+    current in its children.
+
+    Celery resolves ``current_app`` per thread (``celery._state._tls``), falling back to the
+    process's *default* app, which need not be the worker's: a second app, an embedded test
+    worker. Its tracer (``trace_task_ret``) looks the task up through ``current_app``, and task
+    code uses it too. Restored afterwards: cmwq's worker threads run every workqueue's works.
+    """
+    if app is None:
+        yield
+        return
+    previous = getattr(_celery_state._tls, "current_app", None)
+    app.set_current()
+    try:
+        yield
+    finally:
+        _celery_state._set_current_app(previous)
 
 
 def _terminating() -> bool:
@@ -244,6 +322,10 @@ class TaskPool(BasePool):
         self._wq = WorkQueue("celery", WQ.RESCUER, max_active=max_active, max_running=max_running)
         self._wq._flush_at_exit = False  # Celery's warm or cold shutdown decides what to wait for
         self._start_metrics()
+        # This process runs every task, as with solo: like solo, tell per-process setup code
+        # (worker_process_init handlers: database connections, tracing) once, before any task.
+        hostname = (self.options.get("initargs") or (None, None))[1]
+        signals.worker_process_init.send(sender=hostname)
 
     def _start_metrics(self) -> None:
         conf = self.app.conf if self.app is not None else {}
@@ -398,7 +480,12 @@ class TaskPool(BasePool):
         self._wq.queue_work_on(self._cpu, work)
 
     def _run(self, job: _Job) -> None:
-        """Run one task on a cmwq worker thread.
+        """Run one task on a cmwq worker thread, with the worker's app as the current app."""
+        with _current_app(self.app):
+            self._run_job(job)
+
+    def _run_job(self, job: _Job) -> None:
+        """Start, run and report one job.
 
         The only code into which another thread may inject an exception is between setting
         ``in_target`` and the end of the guarded ``_leave`` calls below; _leave clears whatever
@@ -407,8 +494,13 @@ class TaskPool(BasePool):
         with self._lock:
             if job.state is not _QUEUED:
                 return  # cancelled by shutdown or a lost connection
-            job.state = _RUNNING
-            job.thread_id = threading.get_ident()
+            refuse = job.request is not None and not job.cleared and _may_be_revoked(job.request)
+            if not refuse:
+                job.state = _RUNNING
+                job.thread_id = threading.get_ident()
+        if refuse:
+            self._deliver(self._refuse, job)  # it stays queued until the consumer decides
+            return
         self._deliver(job.accept_callback, job.pid, time.monotonic())
         self._arm_limits(job)
         outcome: tuple[Any, Any] | None = None
@@ -453,6 +545,30 @@ class TaskPool(BasePool):
             return  # already reported (timeout_callback, or revoked by Celery)
         if outcome is not None and outcome[0] is not None:
             self._deliver(outcome[0], outcome[1])
+
+    def _refuse(self, job: _Job) -> None:
+        """On the consumer's thread: let Celery refuse a revoked or expired job, as it refuses one
+        when handing it to the pool (see "expiry and revocation at start"); start it if Celery
+        does not."""
+        with self._lock:
+            if job.state is not _QUEUED:
+                return  # cancelled meanwhile (shutdown, lost connection): the broker redelivers it
+        if job.request.revoked():  # logs, marks REVOKED, sends task-revoked, acks, signals
+            with self._lock:
+                if job.state is _QUEUED:
+                    job.state = _DONE
+                    self._jobs.pop(job.pid, None)
+                    self._idle.notify_all()
+            return
+        work = Work(self._run, job)
+        with self._lock:
+            if job.state is not _QUEUED or self._closing:
+                return  # closing: never started, never acked, as in on_apply
+            job.cleared = True
+            if self.limit == 0:
+                self._held.append(work)
+                return
+        self._queue(work)
 
     def _leave(self, job: _Job) -> None:
         """Close the injection window (idempotent; see _run)."""
@@ -634,7 +750,7 @@ class TaskPool(BasePool):
         self._drain_outbox()
 
     def _drain_outbox(self) -> None:
-        with self._drain_lock:
+        with self._drain_lock, _current_app(self.app):
             while True:
                 with self._outbox_lock:
                     if not self._outbox:

@@ -18,7 +18,16 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.signals import (
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_retry,
+    task_revoked,
+    task_success,
+    worker_process_init,
+)
 
 import cmwq_exec
 
@@ -218,11 +227,147 @@ def _register_tasks(app: Celery) -> None:
             total += i * i
         _redis(app).incr(key)
 
+    @app.task(name="t.current_app", shared=False)
+    def current_app_main() -> str:
+        """The name of the app the task body sees as ``celery.current_app``."""
+        from celery import current_app
+
+        return current_app.main
+
+    @app.task(name="t.retry_then", shared=False, bind=True)
+    def retry_then(self: Any, key: str, failures: int) -> int:
+        """Retries itself ``failures`` times (``self.retry``), then returns the number of runs."""
+        runs = _redis(app).incr(key + ":tries")
+        if runs <= failures:
+            raise self.retry(countdown=0.1, max_retries=5)
+        return runs
+
+    @app.task(name="t.autoretry", shared=False, autoretry_for=(ValueError,),
+              retry_kwargs={"max_retries": 2, "countdown": 0.1})
+    def autoretry(key: str, failures: int) -> int:
+        """Raises ValueError ``failures`` times (retried at most twice), then returns the runs."""
+        runs = _redis(app).incr(key + ":tries")
+        if runs <= failures:
+            raise ValueError(f"run {runs}")
+        return runs
+
+    class ClassBasedAutoRetry(app.Task):
+        """A class-based task that autoretries once (Celery's own suite has one like it)."""
+
+        name = "t.class_autoretry"
+        autoretry_for = (ValueError,)
+        retry_kwargs = {"max_retries": 1, "countdown": 0.1}
+
+        def run(self) -> int:
+            if self.request.retries:
+                return self.request.retries
+            raise ValueError("first run")
+
+    app.register_task(ClassBasedAutoRetry())
+
+    @app.task(name="t.reject_once", shared=False, acks_late=True)
+    def reject_once(key: str) -> int:
+        """Rejects its first delivery with requeue; returns the number of deliveries."""
+        deliveries = _redis(app).incr(key + ":deliveries")
+        if deliveries == 1:
+            raise Reject("first delivery", requeue=True)
+        return deliveries
+
+    @app.task(name="t.timeout_once", shared=False, acks_late=True, acks_on_failure_or_timeout=False)
+    def timeout_once(key: str) -> int:
+        """Spins past its hard limit on the first run; returns the number of runs."""
+        runs = _redis(app).incr(key + ":runs")
+        if runs == 1:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.02)
+        return runs
+
+    @app.task(name="t.timeout_acked", shared=False, acks_late=True)
+    def timeout_acked(key: str) -> int:
+        """Counts its runs and spins past any hard limit (acks_on_failure_or_timeout: the default)."""
+        runs = _redis(app).incr(key + ":runs")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+        return runs
+
+    @app.task(name="t.fail_late", shared=False, acks_late=True)
+    def fail_late(key: str) -> None:
+        _redis(app).incr(key + ":runs")
+        raise ValueError("late failure")
+
+    @app.task(name="t.fail", shared=False)
+    def fail(message: str) -> None:
+        raise ValueError(message)
+
+    @app.task(name="t.no_result", shared=False, ignore_result=True)
+    def no_result(key: str, token: str) -> str:
+        _redis(app).sadd(key, token)
+        return token
+
+    @app.task(name="t.rate_limited", shared=False, rate_limit="4/s")
+    def rate_limited(key: str) -> None:
+        _redis(app).rpush(key, time.time())
+
     @app.task(name="t.thread_count", shared=False)
     def thread_count() -> int:
         import threading
 
         return threading.active_count()
+
+
+def revoked_key(task_id: str) -> str:
+    """The Redis list of the ``task_revoked`` signals a worker sent for ``task_id``."""
+    return f"cmwq-test:revoked:{task_id}"
+
+
+@task_revoked.connect
+def _record_revoked(sender: Any = None, request: Any = None, terminated: Any = None, signum: Any = None,
+                    expired: Any = None, **_: Any) -> None:
+    """Record every ``task_revoked`` signal (worker side), so a test sees that it was sent, how
+    often, and with what."""
+    client = _redis(sender.app)
+    signal = {"terminated": bool(terminated), "expired": bool(expired),
+              "signum": int(signum) if signum else None}
+    client.rpush(revoked_key(request.id), json.dumps(signal))
+    client.expire(revoked_key(request.id), 600)
+
+
+def signals_key(task_id: str) -> str:
+    """The Redis list of the task signals a worker sent for ``task_id``, in order."""
+    return f"cmwq-test:signals:{task_id}"
+
+
+def _recorder(name: str) -> Any:
+    def record(sender: Any = None, task_id: str | None = None, request: Any = None, **_: Any) -> None:
+        task_id = task_id or getattr(request, "id", None)
+        if task_id is None:  # task_success sends only the result; the task knows its request
+            task_id = sender.request.id
+        client = _redis(sender.app)
+        client.rpush(signals_key(task_id), json.dumps({"signal": name, "time": time.time()}))
+        client.expire(signals_key(task_id), 600)
+    return record
+
+
+_SIGNAL_RECORDERS = {name: _recorder(name) for name in ("prerun", "postrun", "success", "failure", "retry")}
+for _signal, _name in ((task_prerun, "prerun"), (task_postrun, "postrun"), (task_success, "success"),
+                       (task_failure, "failure"), (task_retry, "retry")):
+    _signal.connect(_SIGNAL_RECORDERS[_name])
+
+
+def process_init_key(hostname: str) -> str:
+    """The Redis list of the pids that sent ``worker_process_init`` for worker ``hostname``."""
+    return f"cmwq-test:process-init:{hostname}"
+
+
+@worker_process_init.connect
+def _record_process_init(sender: Any = None, **_: Any) -> None:
+    if sender is None:  # a pool made by a test, not by a worker
+        return
+    client = redis.Redis.from_url(os.environ.get("CMWQ_TEST_BACKEND", DEFAULT_BACKEND))
+    client.rpush(process_init_key(sender), os.getpid())
+    client.expire(process_init_key(sender), 600)
 
 
 #: The app ``celery -A tests.celery.app worker`` runs.

@@ -82,6 +82,103 @@ def test_results_errors_and_a_distinct_id_per_task(make_pool):
         assert calls.kinds(i) == ["accept", "success"]
 
 
+def test_tasks_run_with_the_pools_app_as_current_app_and_only_they_do(make_pool):
+    """Every target sees the worker's app as ``current_app`` (not the process's default app); the
+    shared cmwq thread gets its own current app back afterwards."""
+    from celery import Celery, _state, current_app
+
+    app = Celery("the-workers-app", set_as_current=False)
+    pool, calls = make_pool(limit=1, app=app), Calls()
+    try:
+        pool.apply_async(lambda: (current_app._get_current_object(), threading.get_ident()),
+                         **calls.callbacks("task"))
+        wait_for(lambda: calls.of("task", "success"), 10, "the task to report")
+        seen, thread = calls.of("task", "success")[0][0]
+        assert seen is app
+        # a later work on the same thread, of a pool without an app, finds no app left behind
+        bare, after = make_pool(limit=1), Calls()
+        bare.apply_async(lambda: (getattr(_state._tls, "current_app", None), threading.get_ident()),
+                         **after.callbacks("next"))
+        wait_for(lambda: after.of("next", "success"), 10, "the next task to report")
+        left, next_thread = after.of("next", "success")[0][0]
+        assert left is None or next_thread != thread, "the task's app stayed on its thread"
+    finally:
+        app.close()
+
+
+class FakeRequest:
+    """Stands for Celery's Request, which the pool finds as ``accept_callback.__self__``.
+    ``revoked()`` answers ``answer`` and records that it was asked."""
+
+    def __init__(self, calls: Calls, task_id: str, answer: bool, expires: Any = None,
+                 stamped_headers: tuple[str, ...] = ()) -> None:
+        self.id, self.answer, self.expires = task_id, answer, expires
+        self.stamped_headers = list(stamped_headers)
+        self.asked = 0
+        self._accepted = calls.callbacks(task_id)["accept_callback"]
+
+    def revoked(self) -> bool:
+        self.asked += 1
+        return self.answer
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        self._accepted(pid, time_accepted)
+
+
+@pytest.fixture
+def revoked_state():
+    """Celery's worker state (revoked ids, revoked stamps), put back afterwards."""
+    from celery.worker import state
+
+    ids, stamps = set(state.revoked), dict(state.revoked_stamps)
+    yield state
+    state.revoked.clear()
+    state.revoked.update(ids)
+    state.revoked_stamps.clear()
+    state.revoked_stamps.update(stamps)
+
+
+@pytest.mark.parametrize("why", ["revoked", "expired", "revoked-stamp"])
+def test_a_revoked_or_expired_task_is_refused_when_it_would_start(make_pool, revoked_state, why):
+    """The worker thread finds it may be revoked; Celery's Request.revoked() decides and reports
+    it (on the callbacks' thread); the target never runs and the job leaves the pool."""
+    from datetime import datetime, timedelta, timezone
+
+    pool, calls = make_pool(limit=1), Calls()
+    a_second_ago = datetime.now(timezone.utc) - timedelta(seconds=1)
+    request = FakeRequest(calls, f"task-{why}", answer=True,
+                          expires=a_second_ago if why == "expired" else None,
+                          stamped_headers=("mystamp",) if why == "revoked-stamp" else ())
+    if why == "revoked":
+        revoked_state.revoked.add(request.id)
+    elif why == "revoked-stamp":
+        revoked_state.revoked_stamps["mystamp"] = ["v1"]
+    ran = threading.Event()
+    callbacks = calls.callbacks(request.id)
+    callbacks["accept_callback"] = request.on_accepted
+    pool.apply_async(ran.set, **callbacks)
+    wait_for(lambda: request.asked and not pool._jobs, 10, "the job to be refused")
+    pool.apply_async(lambda: "next", **calls.callbacks("next"))  # the pool goes on
+    wait_for(lambda: calls.of("next", "success"), 10, "the next job")
+    assert not ran.is_set() and request.asked == 1 and calls.kinds(request.id) == []
+
+
+def test_a_task_celery_does_not_refuse_after_all_runs_once(make_pool, revoked_state):
+    """A revoked stamp name with other values: the pool asks, Celery says no, the job runs (once,
+    without asking again); a task that cannot be revoked is never asked about."""
+    pool, calls = make_pool(limit=1), Calls()
+    revoked_state.revoked_stamps["mystamp"] = ["other-value"]
+    asked = FakeRequest(calls, "stamped", answer=False, stamped_headers=("mystamp",))
+    plain = FakeRequest(calls, "plain", answer=False)
+    for request in (asked, plain):
+        callbacks = calls.callbacks(request.id)
+        callbacks["accept_callback"] = request.on_accepted
+        pool.apply_async(lambda tag=request.id: tag, **callbacks)
+    wait_for(lambda: calls.of("stamped", "success") and calls.of("plain", "success"), 10, "both jobs")
+    assert calls.kinds("stamped") == ["accept", "success"] and asked.asked == 1
+    assert calls.kinds("plain") == ["accept", "success"] and plain.asked == 0
+
+
 def test_concurrency_counts_running_tasks_and_follows_grow_and_shrink(make_pool):
     """-c bounds the tasks running at once (a plain sleep counts as running); a task asleep inside
     blocking() hands its slot on, and in flight stay within the window (4 x the limit)."""
