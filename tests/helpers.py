@@ -123,3 +123,25 @@ def fake_pool(pending: int = 0, nr_running: int = 0, nr_idle: int = 0, nr_worker
 def cannot_start_thread(target: Any, name: str) -> threading.Thread:
     """Stands in for ``cmwq_exec.core.worker.start_thread`` when the process can start no thread."""
     raise RuntimeError("can't start new thread")
+
+
+@contextlib.contextmanager
+def log_messages(logger_name: str, level: int = 30) -> Iterator[list[str]]:
+    """The messages ``logger_name`` logs at ``level`` or above during the block, from a handler on
+    the logger itself (pytest's caplog listens at the root, which an embedded Celery worker may cut
+    a logger off from)."""
+    import logging
+
+    messages: list[str] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Handler(level)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

@@ -22,7 +22,7 @@ from typing import Any
 
 import helpers
 import pytest
-from helpers import registered, wait_for
+from helpers import log_messages, registered, wait_for
 
 import cmwq_exec
 from cmwq_exec import CMWQExecutor, DelayedWork, Work, WorkQueue, blocking, hookimpl
@@ -325,8 +325,7 @@ def test_a_hook_raising_any_base_exception_is_skipped(make_executor: Any, hook: 
 
 
 def test_a_worker_whose_loop_raises_is_replaced_and_accounted(fresh_system: Any,
-                                                              monkeypatch: pytest.MonkeyPatch,
-                                                              caplog: Any) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The last line of defence: should a worker's own loop ever raise (a bug; hooks and works
     cannot make it), the pool takes it out of its counts and runs its works on another worker."""
     from cmwq_exec.core.worker import Worker
@@ -347,9 +346,10 @@ def test_a_worker_whose_loop_raises_is_replaced_and_accounted(fresh_system: Any,
 
     monkeypatch.setattr(Worker, "work_until_idle", once)
     done = threading.Event()
-    assert wq.queue_work(Work(done.set))
-    assert done.wait(10), "the works of a crashed worker's pool stopped"
-    assert crashed.is_set() and "injected into the worker loop" in caplog.text
+    with log_messages("cmwq_exec.pool") as messages:
+        assert wq.queue_work(Work(done.set))
+        assert done.wait(10), "the works of a crashed worker's pool stopped"
+    assert crashed.is_set() and any("injected into the worker loop" in m for m in messages), messages
     monkeypatch.undo()
     wq.flush()
     with pool.lock:
@@ -433,15 +433,16 @@ def test_fork_while_threads_submit_never_hangs_the_child() -> None:
 
 # -- 9. cancel and flush never spin or poll --------------------------------------------------------
 
-def test_flush_of_a_delayed_work_whose_workqueue_was_destroyed(fresh_system: Any,
-                                                               caplog: Any) -> None:
+def test_flush_of_a_delayed_work_whose_workqueue_was_destroyed(fresh_system: Any) -> None:
     fresh_system()
     wq = WorkQueue("gone")
     work = DelayedWork(int)
     assert wq.queue_delayed_work(work, 60)
     wq.destroy()
-    work.flush()  # returns: the work is cancelled visibly, not left pending
-    assert not work.pending and "destroyed" in caplog.text
+    with log_messages("cmwq_exec.workqueue") as messages:
+        work.flush()  # returns: the work is cancelled visibly, not left pending
+    assert not work.pending
+    assert any("destroyed" in message for message in messages), messages
     assert not work.cancel()
     other = WorkQueue("other")
     assert other.queue_work(work)
