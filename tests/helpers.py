@@ -128,8 +128,8 @@ def cannot_start_thread(target: Any, name: str) -> threading.Thread:
 @contextlib.contextmanager
 def log_messages(logger_name: str, level: int = 30) -> Iterator[list[str]]:
     """The messages ``logger_name`` logs at ``level`` or above during the block, from a handler on
-    the logger itself (pytest's caplog listens at the root, which an embedded Celery worker may cut
-    a logger off from)."""
+    the logger itself, with the logger's level set for the block (an embedded Celery worker sets
+    the root logger's level, which pytest's caplog depends on)."""
     import logging
 
     messages: list[str] = []
@@ -140,8 +140,11 @@ def log_messages(logger_name: str, level: int = 30) -> Iterator[list[str]]:
 
     handler = Handler(level)
     logger = logging.getLogger(logger_name)
+    old_level = logger.level
+    logger.setLevel(level)  # whatever the root's level is (an embedded Celery worker sets it)
     logger.addHandler(handler)
     try:
         yield messages
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(old_level)

@@ -7,6 +7,7 @@ here that runs it on this pool and checks the outcome prefork gives.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
 from datetime import datetime, timedelta, timezone
@@ -32,6 +33,7 @@ def test_tasks_run_with_the_workers_app_not_the_default_one(broker, queue, resul
     worker_app = make_app(broker, queue=queue)
     other = Celery("other", set_as_current=False)
     previous_default = _state.default_app
+    root_level = logging.getLogger().level  # the embedded worker sets the root logger's level
     try:
         with start_worker(worker_app, pool=POOL, concurrency=2, perform_ping_check=False,
                           shutdown_timeout=30):
@@ -43,6 +45,7 @@ def test_tasks_run_with_the_workers_app_not_the_default_one(broker, queue, resul
             # a retry is sent and run through the worker's app too
             assert t["t.class_autoretry"].delay().get(timeout=20) == 1
     finally:
+        logging.getLogger().setLevel(root_level)
         _state.default_app = previous_default
         other.close()
         worker_app.close()
