@@ -71,6 +71,16 @@ TRUSTEE_RELEASE = "RELEASE"
 TRUSTEE_DONE = "DONE"
 
 
+#: Set at interpreter exit (see :func:`interpreter_exiting`): no new thread can be started then.
+_interpreter_exiting = False
+
+
+def interpreter_exiting() -> None:
+    """The interpreter is exiting: managers stop waiting for workers that cannot be created."""
+    global _interpreter_exiting
+    _interpreter_exiting = True
+
+
 class WorkerCreationError(RuntimeError):
     """A worker thread could not be created (thread limit, the configured cap, an injected fault)."""
 
@@ -348,7 +358,9 @@ class WorkerPool:
         """Create workers until one is idle. Called by the manager with the lock held; drops it.
 
         On return need_to_create_worker() is False. While creation fails the mayday timer summons
-        rescuers and the manager retries after ``create_cooldown``.
+        rescuers and the manager retries after ``create_cooldown``. At interpreter exit no thread
+        can be started (Python 3.12+ refuses): the manager gives up at once and runs the works
+        itself (False: nothing was created), so the exit's flush finishes on the workers there are.
         """
         if not self.need_to_create_worker(self):
             return False
@@ -356,6 +368,8 @@ class WorkerPool:
         self.mayday_timer = timer.add_timer(config.mayday_initial_timeout, self.mayday_timeout)
         try:
             while not self.add_worker(rogue=not self.online):
+                if _interpreter_exiting:
+                    return False
                 with self.unlocked:
                     time.sleep(config.create_cooldown)
                 if not self.need_to_create_worker(self):

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from . import hooks, timer
+from . import pool as _pool
 from . import system as _system
 from .interfaces import QueueState, ReusableWork, RunningWorker, SlotHolder, WorkItem
 from .interrupts import deferred_interrupts
@@ -812,7 +813,9 @@ all_workqueues: weakref.WeakSet[WorkQueue] = weakref.WeakSet()
 
 
 def flush_all() -> None:
-    """Wait for every work queued on any workqueue so far (interpreter exit, System.shutdown)."""
+    """Interpreter exit: wait for every work queued on any workqueue so far, on the workers there
+    are (no new thread can be started now)."""
+    _pool.interpreter_exiting()
     for wq in list(all_workqueues):
         if not wq._destroyed and wq._flush_at_exit:
             wq.flush()
