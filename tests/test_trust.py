@@ -486,7 +486,7 @@ def test_cancel_and_flush_wait_without_timeouts_or_spinning(make_executor: Any, 
     assert not inactive.pending and not delayed.pending
     flusher = threading.Thread(target=blocker.flush)
     flusher.start()
-    time.sleep(0.05)
+    wait_for("the flusher to wait for the running work", lambda: pending.work_flush.waiters >= 1)
     gate.set()
     flusher.join(10)
     assert not flusher.is_alive()
