@@ -172,20 +172,43 @@ def test_a_failed_thread_start_never_wedges_and_never_runs_a_refused_call(nth: i
 
 def test_ctrl_c_in_a_submit_loop_never_wedges_the_pools() -> None:
     """KeyboardInterrupt lands anywhere in tight submit and queue loops, 40 times over: each time the
-    process can still submit, cancel, flush and shut down."""
+    process can still submit, cancel, flush and shut down.
+
+    The handler raises once per run. Python swallows an exception raised inside a weakref callback
+    ("Exception ignored in"), so the loop also ends when the interrupt has been raised but did not
+    reach it; it never waits for a second signal."""
     proc = run_python("""
-        import faulthandler, os, random, signal, sys, threading, time
+        import faulthandler, random, signal, threading, time
         import cmwq_exec
         from cmwq_exec import CMWQExecutor, Work, WorkQueue
         faulthandler.dump_traceback_later(100, exit=True)
+        armed = interrupted = False
+
+        def interrupt(signum, frame):
+            global armed, interrupted
+            if armed:
+                armed, interrupted = False, True
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupt)
+        main = threading.main_thread().ident
+
+        def ctrl_c(delay):
+            global armed
+            time.sleep(delay)
+            armed = True
+            while armed:
+                signal.pthread_kill(main, signal.SIGINT)
+                time.sleep(0.005)
+
         wq = WorkQueue("ki", max_active=2)
         for run in range(40):
             ex = CMWQExecutor(max_workers=(None, 2)[run % 2])
-            delay = random.uniform(0.001, 0.02)
-            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
             works = [Work(int) for _ in range(8)]
+            interrupted = False
             try:
-                while True:
+                threading.Thread(target=ctrl_c, args=(random.uniform(0.001, 0.02),)).start()
+                while not interrupted:
                     ex.submit(int)
                     for w in works:
                         wq.queue_work(w)
