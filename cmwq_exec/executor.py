@@ -224,15 +224,41 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         return False
 
     def _run(self) -> BaseException | None:
+        """Run the claimed call and finish the future with its outcome."""
         fn, args, kwargs = self._fn, self._args, self._kwargs
         self._fn = self._args = self._kwargs = None  # type: ignore[assignment]
         try:
             result = fn(*args, **kwargs)  # type: ignore[misc]
         except BaseException as exc:
-            self.set_exception(exc)
+            self._finish_claimed(None, exc)
             return exc
-        self.set_result(result)
+        self._finish_claimed(result, None)
         return None
+
+    def _finish_claimed(self, result: Any, exception: BaseException | None) -> None:
+        """RUNNING -> FINISHED by whoever claimed the future: nobody else may change a running
+        future's state, so no lock is taken while nobody waits.
+
+        The outcome is stored before the state, and the state before ``_cond`` is read. A waiter
+        makes ``_cond`` before it reads the state under it (``_condition``, ``_get``), so either
+        this reads the waiter's Condition and notifies under it, or the waiter reads FINISHED
+        (the interpreter runs one thread's bytecodes at a time, so one of the two orders holds).
+        Done callbacks are read after the Condition is released: ``add_done_callback`` appends
+        under it only while the state is not FINISHED."""
+        self._result = result
+        self._exception = exception
+        self._state = FINISHED
+        cond = self._cond
+        if cond is not None:
+            with cond:
+                for waiter in self._waiter_list or ():
+                    if exception is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
+                cond.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def _execute(self) -> BaseException | None:
         if not self._claim():
