@@ -10,6 +10,7 @@ Invariants (``L:`` fields, under ``lock``; checked by :meth:`check_invariants` i
 
 * ``nr_workers == len(workers)``, every worker is idle, busy, or the manager;
 * ``nr_idle == len(idle)`` and ``0 <= nr_running <= nr_workers - nr_idle``;
+* ``nr_woken`` is the number of idle workers already woken;
 * ``nr_running`` equals the busy workers that are running (no ``NOT_RUNNING`` flag, not in PREP);
 * while the pool is online and not managing, at least one idle worker exists once it has started.
 
@@ -34,6 +35,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import hooks, timer
+from . import policy as _policy
 from . import worker as _worker
 from .cpus import Placed
 from .lockdep import make_lock
@@ -116,6 +118,7 @@ class WorkerPool:
         self.workers: set[Worker] = set()  # L: every worker of the pool
         self.nr_workers = 0  # L
         self.nr_idle = 0  # L
+        self.nr_woken = 0  # L: idle workers already woken (on their way out of the idle list)
         self.nr_running = 0  # L
         self.managing = False  # L: a worker (or the trustee) holds the manager role
         self.manage_requested = False  # L: GCWQ_MANAGE_WORKERS
@@ -149,6 +152,10 @@ class WorkerPool:
         self.need_to_create_worker = policy.need_to_create_worker
         self.need_to_manage_workers = policy.need_to_manage_workers
         self.too_many_workers = policy.too_many_workers
+        # the kernel's formulas are inlined on the per-work paths (queueing, running) while they are
+        # in force; a plugin's are called there
+        self.kernel_policy = all(getattr(policy, name) is getattr(_policy, name)
+                                 for name in hooks.POLICY_NAMES)
 
     # -- waking -----------------------------------------------------------------------------------
 
@@ -167,6 +174,8 @@ class WorkerPool:
         worker parks is kept by the lock and none is lost or doubled (see Worker.thread_main)."""
         if not worker.woken:
             worker.woken = True
+            if worker.flags & IDLE:
+                self.nr_woken += 1
             worker.park.release()
 
     def prepare_insert(self) -> None:
@@ -231,6 +240,8 @@ class WorkerPool:
         worker.flags &= ~IDLE
         del self.idle[worker]
         self.nr_idle -= 1
+        if worker.woken:
+            self.nr_woken -= 1
 
     # -- creating and destroying workers ----------------------------------------------------------
 
@@ -514,6 +525,7 @@ class WorkerPool:
         assert self.nr_workers == len(self.workers), (self.nr_workers, len(self.workers))
         assert self.nr_idle == len(self.idle), (self.nr_idle, len(self.idle))
         assert all(w.flags & IDLE for w in self.idle)
+        assert self.nr_woken == sum(1 for w in self.idle if w.woken), self.nr_woken
         assert 0 <= self.nr_running <= len(busy), (self.nr_running, len(busy))
         if self.trustee_state == TRUSTEE_DONE:
             assert self.nr_running == len(running), (self.nr_running, len(running))

@@ -196,12 +196,15 @@ class Worker:
                 continue
             pool.worker_clr_flags(self, PREP)
             worklist = pool.worklist
+            scheduled = self.scheduled
             while worklist:
                 self.process_one_work(worklist.popleft())
-                scheduled = self.scheduled
                 while scheduled:
                     self.process_one_work(scheduled.popleft())
-                if not pool.keep_working(pool):
+                if pool.kernel_policy:  # keep_working, inlined
+                    if not worklist or pool.nr_running > 1:
+                        break
+                elif not pool.keep_working(pool):
                     break
             pool.worker_set_flags(self, PREP, wakeup=False)
             if self.flags & STUCK:
@@ -240,26 +243,29 @@ class Worker:
         pool.nr_started += 1
         pwq.nr_started += 1
         timing = pool.system.timing
-        if pool.worklist and pool.need_more_worker(pool):
+        if pool.worklist and (not pool.nr_running if pool.kernel_policy else pool.need_more_worker(pool)):
             pool.wake_up_worker()  # kick: a policy that allows more runners gets them chained
         wq = pwq.wq
-        with pool.unlocked:
+        events = hooks.events
+        # pool.unlocked, spelled out on this path: the lock is taken back however the block ends
+        # (a worker thread gets no KeyboardInterrupt between the release and the try)
+        lock = pool.lock
+        lock.release()
+        try:
             if timing:
                 started = time.monotonic()
                 cpu_started = time.thread_time()
             else:
                 started = cpu_started = 0.0
-            started_hook = hooks.events.work_started
-            if started_hook is not None:
-                started_hook(pool=pool, workqueue=wq, work=work)
+            if events.work_started is not None:
+                events.work_started(pool=pool, workqueue=wq, work=work)
             try:
                 error = work._execute()
             except BaseException as exc:  # past the work's own handling (a done callback's SystemExit)
                 log.exception("cmwq_exec worker %s: %r escaped the completion of %r", self, exc, work)
                 error = exc
-            finished_hook = hooks.events.work_finished
-            if finished_hook is not None:
-                finished_hook(pool=pool, workqueue=wq, work=work, error=error)
+            if events.work_finished is not None:
+                events.work_finished(pool=pool, workqueue=wq, work=work, error=error)
             error = None
             if self.sleeping_wq is not None:
                 self.sleeping_wq._work_wakes(self)  # a blocking() left unbalanced by an injected exception
@@ -267,6 +273,8 @@ class Worker:
                 self.waiting_wq._work_stops_waiting(self)  # likewise for a wait on another work
             if counted:
                 wq._work_done()
+        finally:
+            lock.acquire()
         if timing:
             ended = time.monotonic()
             pwq.observe(started - queued_at, ended - started, time.thread_time() - cpu_started)

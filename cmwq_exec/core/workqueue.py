@@ -40,6 +40,7 @@ from . import system as _system
 from .interfaces import QueueState, ReusableWork, RunningWorker, SlotHolder, WorkItem
 from .interrupts import deferred_interrupts
 from .lockdep import make_lock
+from .cpus import current_cpu
 from .pending import INACTIVE, NOWHERE, SCHEDULED, TIMER, WORKLIST, work_flush
 from .worker import Rescuer, current, current_worker
 
@@ -408,8 +409,11 @@ class WorkQueue:
         worker = current.worker
         if worker is not None and worker.pool.online and worker.pool.cpu is not None:
             pool = cast("WorkerPool", worker.pool)
-        else:
-            pool = system.local_pool()
+        else:  # system.local_pool(), inlined (the submit path is hot)
+            cpu = current_cpu()
+            pool = system.cpu_pools.get(cpu)  # type: ignore[assignment]
+            if pool is None or not pool.online:
+                pool = system.fallback_pool(cpu)
         select = hooks.current_policy.select_pool
         if select is not None:
             pool = select(workqueue=self, pools=system.online_pools, current_pool=pool)
@@ -458,7 +462,8 @@ class WorkQueue:
         pwq = self._pwqs[pool.index]
         if self._system.timing:
             work._queued_at = time.monotonic()
-        pool.prepare_insert()
+        if not pool.watchdog_armed:
+            pool.prepare_insert()
         color = self._work_color
         in_flight = pwq.in_flight
         count = in_flight.get(color, 0) + 1
@@ -470,7 +475,11 @@ class WorkQueue:
         work._where = WORKLIST
         in_flight[color] = count
         pool.worklist.append(work)
-        pool.kick()
+        if not pool.kernel_policy:
+            pool.kick()
+        elif not pool.nr_running and not pool.nr_woken:
+            pool.kick()  # the kernel's need_more_worker holds after an append only if nobody runs,
+            # and its wake_up_worker finds nothing to do while a woken worker is on its way
 
     def _cancel_locked(self, work: Work) -> bool | None:
         """Cancel a pending work of this workqueue. _lock held. True if it was pending here (and now
