@@ -44,6 +44,7 @@ from .core.workqueue import WQ, WorkQueue, waiting
 MAX_HELP_DEPTH = 64
 
 _shutting_down = False
+_AFTER_SHUTDOWN = "cannot schedule new futures after shutdown"
 _executors: weakref.WeakSet[CMWQExecutor] = weakref.WeakSet()
 _help = threading.local()
 _LOGGER = logging.getLogger("concurrent.futures")
@@ -411,15 +412,16 @@ class CMWQExecutor(ThreadPoolExecutor):
         return self._wq
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CMWQFuture:
-        with self._shutdown_lock:
-            if self._broken:
-                raise BrokenThreadPool(self._broken)
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if _shutting_down:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            future = self._future_class(fn, args, kwargs)
-            self._wq._queue(future)
+        # No lock here: shutdown() closes the workqueue to calls (refuse_calls) before it waits, so
+        # a submit racing with it either is queued before the wait or raises.
+        if self._broken:
+            raise BrokenThreadPool(self._broken)
+        if self._shutdown:
+            raise RuntimeError(_AFTER_SHUTDOWN)
+        if _shutting_down:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        future = self._future_class(fn, args, kwargs)
+        self._wq._queue(future)
         return future
 
     submit.__doc__ = Executor.submit.__doc__
@@ -438,6 +440,7 @@ class CMWQExecutor(ThreadPoolExecutor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
             self._shutdown = True
+        self._wq.refuse_calls(_AFTER_SHUTDOWN)
         if cancel_futures:
             for work in self._wq._pending_works():
                 if isinstance(work, CMWQFuture):

@@ -187,6 +187,41 @@ def test_shutdown_wait_waits_for_everything(make_executor: Make) -> None:
     assert sorted(done) == list(range(10))
 
 
+@pytest.mark.parametrize("max_workers", [None, 2])
+def test_a_submit_racing_shutdown_either_is_waited_for_or_raises(make_executor: Make,
+                                                                 max_workers: int | None) -> None:
+    """submit takes no lock: shutdown closes the workqueue to calls before it waits. Every call a
+    submit accepted has run when shutdown(wait=True) returns; the others raised."""
+    for _ in range(20):
+        executor = make_executor(max_workers=max_workers)
+        ran: set[int] = set()
+        accepted: list[int] = []
+        refused = []
+        go = threading.Barrier(4)
+
+        def submitter(base: int) -> None:
+            go.wait()
+            for i in range(base, base + 100_000):
+                try:
+                    executor.submit(ran.add, i)
+                except RuntimeError as exc:
+                    refused.append(exc)
+                    return
+                accepted.append(i)
+
+        threads = [threading.Thread(target=submitter, args=(n * 1_000_000,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        go.wait()
+        time.sleep(0.002)
+        executor.shutdown(wait=True)
+        ran_by_then = set(ran)
+        for t in threads:
+            t.join(timeout=30)
+        assert len(refused) == 3 and all("after shutdown" in str(e) for e in refused)
+        assert accepted and set(accepted) <= ran_by_then, len(set(accepted) - ran_by_then)
+
+
 def test_submit_after_shutdown_raises(make_executor: Make) -> None:
     executor = make_executor()
     executor.shutdown()

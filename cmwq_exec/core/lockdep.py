@@ -8,7 +8,7 @@ rank    class                 the lock
 ======  ====================  ===========================================================
 10      ``system-registry``   ``system._system_lock``: creating or replacing the process's System
 20      ``system``            ``System.lock``: online pools, the workqueue registry
-25      ``executor``          ``CMWQExecutor._shutdown_lock``: a submit against a shutdown
+25      ``executor``          ``CMWQExecutor._shutdown_lock``: shutdown against a broken pool
 30      ``workqueue``         ``WorkQueue._lock``: limits, inactive list, pending state of its works
 40      ``pool``              ``WorkerPool.lock`` and its conditions
 50      leaves                ``rescuer``, ``flush``, ``timer``, ``threads``, ``watchdog``,

@@ -280,6 +280,7 @@ class WorkQueue:
         self._nr_flushers = 0  # _flush_cond
         self._draining = 0
         self._destroyed = False
+        self._refusing: str | None = None  # one-shot works are refused with this (refuse_calls)
         self._flush_at_exit = True  # interpreter exit waits for its works (the Celery pool's: no)
         self._pwqs = [PoolWorkqueue(self, pool) for pool in system.pools]
         self._rescuer = Rescuer(self, system) if flags & WQ.RESCUER else None
@@ -426,10 +427,29 @@ class WorkQueue:
         pool = self._select_pool(work, cpu)
         if self._limited:
             with self._lock:
+                if self._refusing is not None:
+                    raise RuntimeError(self._refusing)
                 self._place(work, pool)
             return
         with pool.lock:
+            if self._refusing is not None:
+                raise RuntimeError(self._refusing)
             self._insert_locked(work, pool, counted=False)
+
+    def refuse_calls(self, message: str) -> None:
+        """From now on one-shot works (submitted calls) are refused with ``RuntimeError(message)``.
+        When this returns, every call queued before it is on a list, so a flush after it waits
+        for them all.
+
+        ``_queue`` reads ``_refusing`` under the lock it queues under (``_lock``, or the pool's
+        lock); taking each of those locks once after the store waits out any queueing that read
+        the old value."""
+        self._refusing = message
+        with self._lock:
+            pass
+        for pwq in self._pwqs:
+            with pwq.pool.lock:
+                pass
 
     def _place(self, work: WorkItem, pool: WorkerPool) -> None:
         """Put a work whose pending state is ours on ``pool``'s worklist, or on the inactive list
