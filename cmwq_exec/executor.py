@@ -212,9 +212,13 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
     def _claim(self) -> bool:
         """PENDING -> RUNNING for whoever runs it (a worker, or a helper). False if cancelled or
         already claimed."""
-        claimed = self._set_if_no_condition((PENDING,), RUNNING)
-        if claimed is not None:
-            return claimed  # nobody waited, so a cancelled one needs no notification either
+        if self._cond is None:  # _set_if_no_condition((PENDING,), RUNNING), inlined: once per call
+            with _STRIPES[id(self) >> 4 & 63]:
+                if self._cond is None:
+                    if self._state != PENDING:
+                        return False  # nobody waited, so a cancelled one needs no notification
+                    self._state = RUNNING
+                    return True
         with self._condition:
             state = self._state
             if state == PENDING:
