@@ -187,6 +187,36 @@ def test_shutdown_wait_waits_for_everything(make_executor: Make) -> None:
     assert sorted(done) == list(range(10))
 
 
+def _race_submitters_with_shutdown(executor: CMWQExecutor) -> tuple[list[int], set[int], list[Exception]]:
+    """Three threads submit until refused while shutdown(wait=True) runs: the calls accepted, the
+    calls that had run when shutdown returned, and the refusals."""
+    ran: set[int] = set()
+    accepted: list[int] = []
+    refused: list[Exception] = []
+    go = threading.Barrier(4)
+
+    def submitter(base: int) -> None:
+        go.wait()
+        for i in range(base, base + 100_000):
+            try:
+                executor.submit(ran.add, i)
+            except RuntimeError as exc:
+                refused.append(exc)
+                return
+            accepted.append(i)
+
+    threads = [threading.Thread(target=submitter, args=(n * 1_000_000,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    go.wait()
+    time.sleep(0.002)
+    executor.shutdown(wait=True)
+    ran_by_then = set(ran)
+    for t in threads:
+        t.join(timeout=30)
+    return accepted, ran_by_then, refused
+
+
 @pytest.mark.parametrize("max_workers", [None, 2])
 def test_a_submit_racing_shutdown_either_is_waited_for_or_raises(make_executor: Make,
                                                                  max_workers: int | None) -> None:
@@ -194,30 +224,7 @@ def test_a_submit_racing_shutdown_either_is_waited_for_or_raises(make_executor: 
     submit accepted has run when shutdown(wait=True) returns; the others raised."""
     for _ in range(20):
         executor = make_executor(max_workers=max_workers)
-        ran: set[int] = set()
-        accepted: list[int] = []
-        refused = []
-        go = threading.Barrier(4)
-
-        def submitter(base: int) -> None:
-            go.wait()
-            for i in range(base, base + 100_000):
-                try:
-                    executor.submit(ran.add, i)
-                except RuntimeError as exc:
-                    refused.append(exc)
-                    return
-                accepted.append(i)
-
-        threads = [threading.Thread(target=submitter, args=(n * 1_000_000,)) for n in range(3)]
-        for t in threads:
-            t.start()
-        go.wait()
-        time.sleep(0.002)
-        executor.shutdown(wait=True)
-        ran_by_then = set(ran)
-        for t in threads:
-            t.join(timeout=30)
+        accepted, ran_by_then, refused = _race_submitters_with_shutdown(executor)
         assert len(refused) == 3 and all("after shutdown" in str(e) for e in refused)
         assert accepted and set(accepted) <= ran_by_then, len(set(accepted) - ran_by_then)
 

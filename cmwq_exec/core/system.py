@@ -54,8 +54,8 @@ class System:
         # it, and once running it cannot die, so no later caller can meet its creation failing.
         timer.start()
         hooks.system_starting(self.config)  # plugins load, blocking detection starts if asked
-        for pool in self.online_pools:
-            pool.start()
+        # A CPU pool makes its first worker when its first work comes (kick: the timer thread
+        # creates it), so a pool nobody queues on holds no thread.
         if self.config.hotplug:
             self.start_hotplug()
 

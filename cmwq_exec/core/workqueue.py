@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from . import hooks, timer
 from . import pool as _pool
 from . import system as _system
+from .cpus import current_cpu
 from .interfaces import QueueState, ReusableWork, RunningWorker, SlotHolder, WorkItem
 from .interrupts import deferred_interrupts
 from .lockdep import make_lock
-from .cpus import current_cpu
 from .pending import INACTIVE, NOWHERE, SCHEDULED, TIMER, WORKLIST, work_flush
 from .worker import Rescuer, current, current_worker
 
