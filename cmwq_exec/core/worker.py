@@ -62,6 +62,7 @@ class WorkerPool(PoolCounters, Protocol):
     keep_working: Callable[[PoolCounters], bool]
     need_to_create_worker: Callable[[PoolCounters], bool]
     need_to_manage_workers: Callable[[PoolCounters], bool]
+    kernel_policy: bool  # the policy functions above are the kernel's (inlined on per-work paths)
 
     @property
     def system(self) -> PoolSystem: ...
