@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import log_messages, wait_for
 
 from cmwq_exec import DelayedWork, WorkQueue
 from cmwq_exec.core import timer
@@ -274,3 +274,75 @@ def test_timers_work_in_a_child_forked_while_the_wheel_lock_was_held() -> None:
                 os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# -- the watched socket (the hotplug monitor's, served by this thread) ------------------------------
+
+
+def test_a_watched_socket_is_served_on_the_timer_thread_and_timers_still_fire(wheel: Any) -> None:
+    import socket
+
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    served: list[str] = []
+
+    def on_ready() -> None:
+        served.append(threading.current_thread().name)
+        reader.recv(4096)
+
+    try:
+        wheel.watch(reader, on_ready)
+        assert fired(wheel)  # the thread sleeps in select now: a new earliest timer pokes it
+        writer.send(b"x")
+        wait_for("the socket served", lambda: served == ["cmwq-timer"])
+        event = threading.Event()
+        wheel.add(3600, lambda: None)
+        wheel.add(0.05, event.set)  # earlier than the head: the poke must wake the select
+        started = time.monotonic()
+        assert event.wait(5) and time.monotonic() - started < 2
+        wheel.unwatch(reader)
+        writer.send(b"y")
+        assert fired(wheel) and served == ["cmwq-timer"]  # no longer served
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_socket_closed_while_watched_is_dropped_and_the_thread_goes_on(wheel: Any) -> None:
+    import socket
+
+    reader, writer = socket.socketpair()
+    wheel.watch(reader, lambda: None)
+    assert fired(wheel)
+    with log_messages("cmwq_exec.timer", logging.WARNING) as messages:
+        reader.close()  # without unwatch(): select fails on it
+        wheel.add(0, lambda: None)  # poke: the next select sees the closed socket
+        wait_for("the socket dropped", lambda: wheel.watched is None)
+    writer.close()
+    assert fired(wheel)
+    assert any("no longer watched" in m for m in messages), messages
+
+
+def test_a_raising_socket_callback_is_logged_and_the_thread_goes_on(wheel: Any) -> None:
+    import socket
+
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    calls = []
+
+    def on_ready() -> None:
+        calls.append(1)
+        reader.recv(4096)
+        raise RuntimeError("boom")
+
+    try:
+        with log_messages("cmwq_exec.timer", logging.ERROR) as messages:
+            wheel.watch(reader, on_ready)
+            writer.send(b"x")
+            wait_for("the callback ran", lambda: calls == [1])
+            assert fired(wheel)
+        assert any("socket callback" in m for m in messages), messages
+    finally:
+        wheel.unwatch(reader)
+        reader.close()
+        writer.close()

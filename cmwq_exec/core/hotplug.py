@@ -16,9 +16,7 @@ CPU down never waits for any of it: like today's kernel, the pool just runs unbo
 from __future__ import annotations
 
 import logging
-import select
 import socket
-import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import hooks, timer
@@ -201,54 +199,83 @@ class Trustee:
 
 
 class HotplugMonitor:
-    """Watches for CPUs becoming usable or unusable and takes pools down and up accordingly."""
+    """Watches for CPUs becoming usable or unusable and takes pools down and up accordingly.
+
+    It has no thread: the timer thread serves its uevent socket (:func:`timer.watch`) and its
+    polling timer, so :meth:`sync` always runs there, one call at a time."""
 
     def __init__(self, system: System) -> None:
         self.system = system
         self.stopping = False
         self.sock: socket.socket | None = None
-        self.thread: threading.Thread | None = None
+        self.poll_timer: timer.Timer | None = None
         self.seen = set(system.usable)  # the usable CPUs at the last look
 
     def start(self) -> None:
+        """Open the uevent socket and start polling; RuntimeError if the timer thread cannot be
+        started (the caller tries again later)."""
         try:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
             sock.bind((0, 1))  # port id chosen by the kernel; group 1: kernel uevents
-            self.sock = sock
+            sock.setblocking(False)
         except (OSError, AttributeError) as exc:
             log.debug("no uevent socket (%s): polling only", exc)
+            sock = None
+        try:
+            if sock is not None:
+                timer.watch(sock, self.on_uevent)
+            self.sock = sock
+            self.poll_timer = timer.add_timer(self.system.config.hotplug_poll_interval, self.poll)
+        except BaseException:
+            if sock is not None:
+                timer.unwatch(sock)
+                sock.close()
             self.sock = None
-        self.thread = start_thread(self.run, "cmwq-hotplug")
+            raise
 
     def stop(self) -> None:
         self.stopping = True
-        if self.sock is not None:
+        poll_timer, sock = self.poll_timer, self.sock
+        if poll_timer is not None:
+            poll_timer.cancel()
+        if sock is not None:
+            timer.unwatch(sock)
             try:
-                self.sock.close()
+                sock.close()
             except OSError:
                 pass
 
-    def run(self) -> None:
-        interval = self.system.config.hotplug_poll_interval
-        while not self.stopping:
-            sock = self.sock
-            try:
-                if sock is not None:
-                    ready, _, _ = select.select([sock], [], [], interval)
-                    if ready:
-                        sock.recv(65536)  # any cpu uevent: re-read the masks below
-                else:
-                    threading.Event().wait(interval)
-            except (OSError, ValueError):
-                if self.stopping:
-                    return
-                self.sock = None
-            if self.stopping:
-                return
-            try:
-                self.sync(usable_cpus())
-            except Exception:
-                log.exception("cpu hotplug: re-reading the usable CPUs failed")
+    def on_uevent(self) -> None:
+        """The uevent socket is readable (on the timer thread): any uevent, re-read the masks."""
+        sock = self.sock
+        if sock is None or self.stopping:
+            return
+        try:
+            while sock.recv(65536):  # drain what came at once: one re-read covers it all
+                pass
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            log.debug("uevent socket failed (%s): polling only", exc)
+            timer.unwatch(sock)
+            self.sock = None
+        self.resync()
+
+    def poll(self) -> None:
+        """The polling timer (affinity changes send no uevent; a lost uevent is caught here)."""
+        if self.stopping:
+            return
+        try:
+            self.resync()
+        finally:
+            if not self.stopping:
+                self.poll_timer = timer.add_timer(self.system.config.hotplug_poll_interval, self.poll)
+
+    def resync(self) -> None:
+        try:
+            self.sync(usable_cpus())
+        except Exception:
+            log.exception("cpu hotplug: re-reading the usable CPUs failed")
 
     def sync(self, usable: set[int]) -> None:
         """Follow what changed since the last look: a CPU that became unusable goes down, one that

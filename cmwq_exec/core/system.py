@@ -99,8 +99,6 @@ class System:
         if wait:
             threads = [w.thread for pool in self.pools for w in list(pool.workers)]
             threads += [wq._rescuer.thread for wq in workqueues if wq._rescuer is not None]
-            if hotplug is not None and hotplug.thread is not None:
-                threads.append(hotplug.thread)
             for thread in threads:
                 if thread is not None and thread is not threading.current_thread():
                     thread.join(5.0)

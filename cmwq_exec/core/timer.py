@@ -4,6 +4,11 @@ The kernel's ``timer_list`` in a userspace shape: a heap of deadlines served by 
 thread that sleeps until the next one. Callbacks run on that thread, must be short and must not
 block (they take a pool lock, queue a work, wake a worker).
 
+The same thread serves one watched socket (:func:`watch`: the hotplug monitor's uevent socket), so
+that needs no thread of its own: while a socket is watched the thread sleeps in ``select`` on it
+and on a wake-up pipe, with the next deadline as timeout, and a timer that becomes the earliest
+writes a byte to the pipe.
+
 Every pool depends on that one thread, so nothing may end it but :func:`shutdown`:
 
 * delays are clamped to ``[0, MAX_DELAY]`` when a timer is added (a deadline beyond what
@@ -21,9 +26,11 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .lockdep import make_lock
 
@@ -87,6 +94,10 @@ class _Wheel:
         self.heap: list[tuple[float, int, Timer]] = []  # L: cond
         self.seq = itertools.count()  # L: cond
         self.thread: threading.Thread | None = None  # L: cond; the thread serving the heap
+        self.watched: tuple[Any, Callable[[], None]] | None = None  # L: cond; (socket, on_ready)
+        self.selecting = False  # L: cond; the thread is (about to be) in select: poke to wake it
+        self.wake_r: int | None = None  # L: cond; the wake-up pipe, made by the first watch()
+        self.wake_w: int | None = None
 
     def add(self, delay: float, callback: Callable[[], None]) -> Timer:
         if delay != delay:
@@ -99,7 +110,39 @@ class _Wheel:
             heapq.heappush(self.heap, (timer.deadline, next(self.seq), timer))
             if head is None or timer.deadline < head:
                 self.cond.notify()
+                if self.selecting:
+                    self.poke_locked()
         return timer
+
+    def poke_locked(self) -> None:
+        """Wake the thread out of select. L: cond."""
+        if self.wake_w is not None:
+            try:
+                os.write(self.wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full: the thread will wake anyway
+
+    def watch(self, sock: Any, on_ready: Callable[[], None]) -> None:
+        """Call ``on_ready()`` on the timer thread whenever ``sock`` is readable (one socket at a
+        time: a second call replaces the first). RuntimeError if no timer thread can be started."""
+        with self.cond:
+            self.start_locked()
+            if self.wake_r is None:
+                self.wake_r, self.wake_w = os.pipe()
+                os.set_blocking(self.wake_r, False)
+                os.set_blocking(self.wake_w, False)
+            self.watched = (sock, on_ready)
+            self.cond.notify()
+            if self.selecting:
+                self.poke_locked()
+
+    def unwatch(self, sock: Any) -> None:
+        """Stop watching ``sock`` (before closing it)."""
+        with self.cond:
+            if self.watched is not None and self.watched[0] is sock:
+                self.watched = None
+                if self.selecting:
+                    self.poke_locked()
 
     def start_locked(self) -> None:
         """Make sure a thread serves the heap; RuntimeError if none can be started. L: cond."""
@@ -127,7 +170,9 @@ class _Wheel:
                     pass
 
     def run_next(self, me: threading.Thread) -> bool:
-        """Wait for the next due timer and call it. Returns False once ``me`` has been replaced."""
+        """Wait for the next due timer and call it, or for the watched socket and serve it.
+        Returns False once ``me`` has been replaced."""
+        timer: Timer | None
         with self.cond:
             while True:
                 if self.thread is not me:
@@ -140,12 +185,54 @@ class _Wheel:
                     timer = heapq.heappop(heap)[2]
                     timer.state = 1
                     break
-                self.cond.wait(min(heap[0][0] - now, MAX_DELAY) if heap else None)
+                timeout = min(heap[0][0] - now, MAX_DELAY) if heap else None
+                watched = self.watched
+                if watched is None:
+                    self.cond.wait(timeout)
+                    continue
+                self.selecting = True  # from here on, add() pokes the pipe
+                wake_r = self.wake_r
+                timer = None
+                break
+        if timer is None:
+            assert watched is not None
+            self.select_once(watched, wake_r, timeout)
+            return True
         try:
             timer.callback()
         except BaseException:
             log.exception("cmwq_exec timer callback %r raised", timer.callback)
         return True
+
+    def select_once(self, watched: tuple[Any, Callable[[], None]], wake_r: int | None,
+                    timeout: float | None) -> None:
+        """Sleep until the watched socket is readable, a poke, or ``timeout``; serve the socket."""
+        sock, on_ready = watched
+        ready: list[Any] = []
+        try:
+            ready, _, _ = select.select([sock, wake_r], [], [], timeout)
+        except (OSError, ValueError) as exc:  # the socket was closed without unwatch()
+            log.warning("cmwq_exec timer thread: watched socket %r failed (%s); no longer watched",
+                        sock, exc)
+            with self.cond:
+                if self.watched is watched:
+                    self.watched = None
+        finally:
+            with self.cond:
+                self.selecting = False
+        if wake_r in ready:
+            try:
+                os.read(wake_r, 4096)  # type: ignore[arg-type]
+            except OSError:
+                pass
+        if sock in ready:
+            with self.cond:
+                current = self.watched is watched
+            if current:
+                try:
+                    on_ready()
+                except BaseException:
+                    log.exception("cmwq_exec timer thread: socket callback %r raised", on_ready)
 
     def shutdown(self, timeout: float | None = 5.0) -> bool:
         """Stop the thread and drop the pending timers; True if the thread ended within ``timeout``.
@@ -157,7 +244,10 @@ class _Wheel:
         with self.cond:
             thread, self.thread = self.thread, None
             self.heap.clear()
+            self.watched = None
             self.cond.notify_all()
+            if self.selecting:
+                self.poke_locked()
         if thread is None:
             return True
         if thread is threading.current_thread():
@@ -170,6 +260,15 @@ class _Wheel:
         self.cond = threading.Condition(make_lock("timer"))
         self.heap = []
         self.thread = None
+        self.watched = None
+        self.selecting = False
+        for fd in (self.wake_r, self.wake_w):  # shared with the parent: a child's poke would wake it
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.wake_r = self.wake_w = None
 
 
 _wheel = _Wheel()
@@ -182,6 +281,17 @@ def add_timer(delay: float, callback: Callable[[], None]) -> Timer:
     ``delay`` is clamped to ``[0, MAX_DELAY]``; NaN raises ValueError here, in the caller.
     """
     return _wheel.add(delay, callback)
+
+
+def watch(sock: Any, on_ready: Callable[[], None]) -> None:
+    """Call ``on_ready()`` on the timer thread whenever ``sock`` is readable (one socket per
+    process; RuntimeError if the timer thread cannot be started)."""
+    _wheel.watch(sock, on_ready)
+
+
+def unwatch(sock: Any) -> None:
+    """Stop watching ``sock``; call it before closing the socket."""
+    _wheel.unwatch(sock)
 
 
 def start() -> None:
