@@ -60,7 +60,7 @@ class System:
             self.start_hotplug()
 
     def start_hotplug(self) -> None:
-        """Start the hotplug monitor; if its thread cannot be created, try again later (the pools
+        """Start the hotplug monitor; if the timer thread cannot be created, try again later (the pools
         work meanwhile; only CPU changes go unnoticed)."""
         with self.lock:
             if self.stopped or self.hotplug is not None:
