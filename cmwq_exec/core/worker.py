@@ -290,7 +290,12 @@ class Worker:
         else:
             work._pwq = None  # a finished call keeps no workqueue (nor its executor's rescuer) alive
         pwq.nr_completed += 1
-        wq._drop_in_flight(pwq, color)
+        in_flight = pwq.in_flight  # wq._drop_in_flight(pwq, color), its common case inlined
+        left = in_flight[color] - 1
+        if left:
+            in_flight[color] = left
+        else:
+            wq._drop_in_flight(pwq, color)
 
     # -- sleep notifications (the scheduler hook of this design) ---------------------------------
 

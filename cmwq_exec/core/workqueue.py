@@ -283,9 +283,7 @@ class WorkQueue:
         self._refusing: str | None = None  # one-shot works are refused with this (refuse_calls)
         self._flush_at_exit = True  # interpreter exit waits for its works (the Celery pool's: no)
         self._pwqs = [PoolWorkqueue(self, pool) for pool in system.pools]
-        self._rescuer = Rescuer(self, system) if flags & WQ.RESCUER else None
-        if self._rescuer is not None:
-            weakref.finalize(self, self._rescuer.stop)  # nobody can queue on it any more
+        self._make_rescuer()
         system.add_workqueue(self)
         all_workqueues.add(self)
         if self._unbound:
@@ -384,6 +382,13 @@ class WorkQueue:
             except BaseException:
                 work._pending.release()
                 raise
+
+    def _make_rescuer(self) -> None:
+        """The rescuer, if the flags ask for one: reserved up front, as in the kernel (a workqueue
+        whose rescuer cannot start is not made, RuntimeError)."""
+        self._rescuer = Rescuer(self, self._system) if self.flags & WQ.RESCUER else None
+        if self._rescuer is not None:
+            weakref.finalize(self, self._rescuer.stop)  # nobody can queue on it any more
 
     def _check_open(self) -> None:
         if self._destroyed:
@@ -815,9 +820,7 @@ class WorkQueue:
         self._draining = 0
         self._system = system = _system.get_system()
         self._pwqs = [PoolWorkqueue(self, pool) for pool in system.pools]
-        self._rescuer = Rescuer(self, system) if self.flags & WQ.RESCUER else None
-        if self._rescuer is not None:
-            weakref.finalize(self, self._rescuer.stop)
+        self._make_rescuer()
         system.add_workqueue(self)
 
     def __repr__(self) -> str:
