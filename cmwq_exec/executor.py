@@ -293,6 +293,8 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         return self._run()
 
     def result(self, timeout: float | None = None) -> Any:
+        if self._state == FINISHED and self._exception is None:
+            return self._result  # FINISHED is final and its fields were written before it
         worker = current.worker
         if self._state != FINISHED and worker is not None:
             if self._state == PENDING:

@@ -401,12 +401,16 @@ class WorkQueue:
                                    "queue works on it until drain() returns")
 
     def _select_pool(self, work: WorkItem, cpu: int | None) -> WorkerPool:
-        system = self._system
         running = cast("ReusableWork", work)._worker if work._reusable else None
         if running is not None:
             # non-reentrancy: where it runs now, whatever the workqueue (even an unbound one), so
             # the running worker takes it over under one pool lock
             return cast("WorkerPool", running.pool)  # a worker's pool is a WorkerPool
+        return self._pool_for(cpu)
+
+    def _pool_for(self, cpu: int | None) -> WorkerPool:
+        """The pool a work that is not running anywhere goes to (a one-shot work: always)."""
+        system = self._system
         if self._unbound:
             return system.unbound_pool
         if cpu is not None:  # queue_work_on()
@@ -429,7 +433,7 @@ class WorkQueue:
         """Queue a one-shot work (a submitted call): the hot path of every submit."""
         if self._draining or self._destroyed:
             self._check_open()
-        pool = self._select_pool(work, cpu)
+        pool = self._pool_for(cpu)  # a one-shot work runs nowhere yet
         if self._limited:
             with self._lock:
                 if self._refusing is not None:
