@@ -254,7 +254,7 @@ def run_many(executor: Executor, fn: Callable[..., Any], args: tuple[Any, ...], 
     out = {"wall_s": wall, "peak_process_threads": sampler.peak_process,
            "peak_executor_threads": sampler.peak_executor, "results": results,
            # every thread beyond the process's start but the sampler: for cmwq its workers and its
-           # service threads (timer, hotplug monitor, rescuer); a ThreadPoolExecutor starts only
+           # service threads (the timer thread, rescuers); a ThreadPoolExecutor starts only
            # its own threads, so for it this is peak_executor_threads
            "peak_threads_beyond_start": sampler.peak_process - START_THREADS - 1}
     if is_cmwq:
@@ -427,7 +427,7 @@ class Bench:
         cb = max(x["peak_threads_beyond_start"] for x in r["cmwq"])
         self.rows.append(Row("  … threads beyond the process's start (peak)", str(cb), str(tw), "",
                              "≤ TPE's, at ≥ TPE's speed", cb <= tw and t / c >= 1.0,
-                             "cmwq: every thread it started (workers, timer, hotplug monitor, rescuer)"))
+                             "cmwq: every thread it started (workers, the timer thread, the rescuer)"))
 
     def plugin_overhead(self) -> None:
         n = self.p.noop_tasks
