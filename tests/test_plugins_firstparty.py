@@ -358,8 +358,11 @@ def test_plugins_install_and_register_through_entry_points(tmp_path: Path) -> No
         "names = sorted(n for n, _ in pm.list_name_plugin() if not n.startswith('cmwq_exec.'))\n"
         "print(names, p.current_policy.need_more_worker is not d.need_more_worker,\n"
         "      p.events.worker_created is not None)\n"
-        "import cmwq_exec\n"
-        "cmwq_exec.get_system()  # starts the pools: their first workers are logged\n"
+        "import os, cmwq_exec\n"
+        "wq = cmwq_exec.WorkQueue('probe')  # a work on each CPU: its pool's first workers are logged\n"
+        "for cpu in sorted(os.sched_getaffinity(0)):\n"
+        "    wq.queue_work_on(cpu, cmwq_exec.Work(int))\n"
+        "wq.flush()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "CMWQ_EXEC_DISABLE_PLUGIN_AUTOLOAD"}
     env["PYTHONPATH"] = os.pathsep.join([str(target), str(ROOT)])
@@ -370,7 +373,7 @@ def test_plugins_install_and_register_through_entry_points(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "['event_log', 'fixed_concurrency'] True True", result.stdout
 
-    # CMWQ_EVENT_LOG made the event log write JSON lines: the first worker of each per-CPU pool.
+    # CMWQ_EVENT_LOG made the event log write JSON lines: the first worker of each per-CPU pool used.
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     created = {event["pool"] for event in events if event["event"] == "worker_created"}
     assert created == {f"cpu{cpu}" for cpu in os.sched_getaffinity(0)}, events
