@@ -261,7 +261,7 @@ def test_module_shutdown_then_add_timer(fresh_system: Any) -> None:
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_timers_work_in_a_child_forked_while_the_wheel_lock_was_held() -> None:
     timer.add_timer(0, lambda: None)  # the parent has a timer thread
-    with timer._wheel.cond:
+    with timer._wheel.lock:
         pid = os.fork()
         if pid == 0:  # child: the lock it inherited is held by the parent's thread
             code = 1
@@ -346,3 +346,27 @@ def test_a_raising_socket_callback_is_logged_and_the_thread_goes_on(wheel: Any) 
         wheel.unwatch(reader)
         reader.close()
         writer.close()
+
+
+def test_an_exception_raised_as_a_lock_is_taken_never_leaves_the_timer_lock_held(wheel: Any) -> None:
+    """add() and cancel() also run on task threads (blocking() hands a running slot on through
+    add_timer), where a Celery time limit may raise at any call's return. Condition.__enter__ is a
+    Python function: an exception raised as it returns keeps the lock. So they take the plain lock,
+    whose __enter__ is C; here the Condition's __enter__ raises with the lock taken, as such an
+    exception would, and nothing may go through it."""
+
+    class Injected(Exception):
+        pass
+
+    class RaisingOnEnter(threading.Condition):
+        def __enter__(self) -> bool:
+            super().__enter__()
+            raise Injected
+
+    wheel.cond = RaisingOnEnter(wheel.lock)
+    tm = wheel.add(3600, lambda: None)
+    assert tm.cancel()
+    assert not wheel.lock.locked()
+    assert fired(wheel)
+    wheel.unwatch(object())
+    assert not wheel.lock.locked()

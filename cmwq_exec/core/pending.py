@@ -46,14 +46,17 @@ class WorkFlush:
     works are rare, and a work may move between pools and workqueues while one waits for it."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition(make_lock("flush"))
-        self.waiters = 0  # cond; read without it by notifiers (see notify)
+        # ``with self.lock``, never ``with self.cond``: Condition.__enter__ is a Python function,
+        # and an exception raised as it returns (a Ctrl-C, a Celery time limit) would keep the lock
+        self.lock = make_lock("flush")
+        self.cond = threading.Condition(self.lock)
+        self.waiters = 0  # lock; read without it by notifiers (see notify)
 
     def notify(self) -> None:
         """A work's run ended or its pending state was released. Callers test ``waiters`` first,
         after making the change: a waiter counts itself before it looks at the work, so either it
         sees the change or its count is seen here."""
-        with self.cond:
+        with self.lock:
             self.cond.notify_all()
 
     def after_fork(self) -> None:

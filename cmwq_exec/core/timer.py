@@ -70,7 +70,7 @@ class Timer:
         self.wheel = wheel  # I
 
     def cancel(self) -> bool:
-        with self.wheel.cond:
+        with self.wheel.lock:
             if self.state != 0:
                 return False
             self.state = 2
@@ -90,13 +90,19 @@ class _Wheel:
     """
 
     def __init__(self) -> None:
-        self.cond = threading.Condition(make_lock("timer"))
-        self.heap: list[tuple[float, int, Timer]] = []  # L: cond
-        self.seq = itertools.count()  # L: cond
-        self.thread: threading.Thread | None = None  # L: cond; the thread serving the heap
-        self.watched: tuple[Any, Callable[[], None]] | None = None  # L: cond; (socket, on_ready)
-        self.selecting = False  # L: cond; the thread is (about to be) in select: poke to wake it
-        self.wake_r: int | None = None  # L: cond; the wake-up pipe, made by the first watch()
+        # ``with self.lock``, never ``with self.cond``: add() and cancel() run on task threads too
+        # (blocking() hands a running slot on through add_timer), where a Celery time limit may
+        # inject an exception at any call's return, and Condition.__enter__ is a Python function:
+        # an exception raised as it returns would leave the lock held. A plain lock's __enter__
+        # is C, so the with block owns the lock from the instruction it is taken in.
+        self.lock = make_lock("timer")
+        self.cond = threading.Condition(self.lock)  # the timer thread waits on it, under lock
+        self.heap: list[tuple[float, int, Timer]] = []  # L: lock
+        self.seq = itertools.count()  # L: lock
+        self.thread: threading.Thread | None = None  # L: lock; the thread serving the heap
+        self.watched: tuple[Any, Callable[[], None]] | None = None  # L: lock; (socket, on_ready)
+        self.selecting = False  # L: lock; the thread is (about to be) in select: poke to wake it
+        self.wake_r: int | None = None  # L: lock; the wake-up pipe, made by the first watch()
         self.wake_w: int | None = None
 
     def add(self, delay: float, callback: Callable[[], None]) -> Timer:
@@ -104,7 +110,7 @@ class _Wheel:
             raise ValueError(f"add_timer(delay, callback): delay is NaN (callback {callback!r})")
         delay = min(max(delay, 0.0), MAX_DELAY)
         timer = Timer(time.monotonic() + delay, callback, self)
-        with self.cond:
+        with self.lock:
             self.start_locked()  # first: a timer is queued only if a thread will serve it
             head = self.heap[0][0] if self.heap else None
             heapq.heappush(self.heap, (timer.deadline, next(self.seq), timer))
@@ -115,7 +121,7 @@ class _Wheel:
         return timer
 
     def poke_locked(self) -> None:
-        """Wake the thread out of select. L: cond."""
+        """Wake the thread out of select. L: lock."""
         if self.wake_w is not None:
             try:
                 os.write(self.wake_w, b"\0")
@@ -125,7 +131,7 @@ class _Wheel:
     def watch(self, sock: Any, on_ready: Callable[[], None]) -> None:
         """Call ``on_ready()`` on the timer thread whenever ``sock`` is readable (one socket at a
         time: a second call replaces the first). RuntimeError if no timer thread can be started."""
-        with self.cond:
+        with self.lock:
             self.start_locked()
             if self.wake_r is None:
                 self.wake_r, self.wake_w = os.pipe()
@@ -138,14 +144,14 @@ class _Wheel:
 
     def unwatch(self, sock: Any) -> None:
         """Stop watching ``sock`` (before closing it)."""
-        with self.cond:
+        with self.lock:
             if self.watched is not None and self.watched[0] is sock:
                 self.watched = None
                 if self.selecting:
                     self.poke_locked()
 
     def start_locked(self) -> None:
-        """Make sure a thread serves the heap; RuntimeError if none can be started. L: cond."""
+        """Make sure a thread serves the heap; RuntimeError if none can be started. L: lock."""
         thread = self.thread
         if thread is not None and thread.is_alive():
             return
@@ -173,7 +179,7 @@ class _Wheel:
         """Wait for the next due timer and call it, or for the watched socket and serve it.
         Returns False once ``me`` has been replaced."""
         timer: Timer | None
-        with self.cond:
+        with self.lock:
             while True:
                 if self.thread is not me:
                     return False
@@ -214,11 +220,11 @@ class _Wheel:
         except (OSError, ValueError) as exc:  # the socket was closed without unwatch()
             log.warning("cmwq_exec timer thread: watched socket %r failed (%s); no longer watched",
                         sock, exc)
-            with self.cond:
+            with self.lock:
                 if self.watched is watched:
                     self.watched = None
         finally:
-            with self.cond:
+            with self.lock:
                 self.selecting = False
         if wake_r in ready:
             try:
@@ -226,7 +232,7 @@ class _Wheel:
             except OSError:
                 pass
         if sock in ready:
-            with self.cond:
+            with self.lock:
                 current = self.watched is watched
             if current:
                 try:
@@ -241,7 +247,7 @@ class _Wheel:
         get True. The next :meth:`add` starts a fresh thread. From a callback (the thread itself)
         this cannot wait: the thread ends when the callback returns, and False is returned.
         """
-        with self.cond:
+        with self.lock:
             thread, self.thread = self.thread, None
             self.heap.clear()
             self.watched = None
@@ -257,7 +263,8 @@ class _Wheel:
 
     def after_fork(self) -> None:
         """In a child: the parent's thread is gone and its lock may have been held at fork."""
-        self.cond = threading.Condition(make_lock("timer"))
+        self.lock = make_lock("timer")
+        self.cond = threading.Condition(self.lock)
         self.heap = []
         self.thread = None
         self.watched = None
@@ -296,7 +303,7 @@ def unwatch(sock: Any) -> None:
 
 def start() -> None:
     """Start the process's timer thread now if it is not running (RuntimeError if it cannot be)."""
-    with _wheel.cond:
+    with _wheel.lock:
         _wheel.start_locked()
 
 

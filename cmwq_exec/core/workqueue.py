@@ -178,7 +178,7 @@ class Work:
         waited = False
         cond = work_flush.cond
         with waiting(worker):
-            with cond:
+            with work_flush.lock:  # not the Condition (see WorkFlush)
                 work_flush.waiters += 1
                 try:
                     while self._pending.locked() or self._worker is not None:
@@ -274,10 +274,14 @@ class WorkQueue:
         self._nr_sleeping = 0  # _lock: of those, asleep in blocking() (counted if max_running is set)
         self._nr_waiting = 0  # _lock: of those, waiting for another work (no max_active slot held)
         self._inactive: deque[WorkItem] = deque()  # _lock: works waiting for max_active
-        self._work_color = 0  # _flush_cond: the color new works get
-        self._flush_cond = threading.Condition(make_lock("flush"))
-        self._flush_seq = 0  # _flush_cond: bumped when a color count reaches zero
-        self._nr_flushers = 0  # _flush_cond
+        self._work_color = 0  # _flush_lock: the color new works get
+        # ``with self._flush_lock`` (a plain lock, whose __enter__ is C), never ``with`` the
+        # Condition: its __enter__ is a Python function, and a Ctrl-C raised as it returns would
+        # keep the lock, which workers take (under a pool lock) when a color drains
+        self._flush_lock = make_lock("flush")
+        self._flush_cond = threading.Condition(self._flush_lock)
+        self._flush_seq = 0  # _flush_lock: bumped when a color count reaches zero
+        self._nr_flushers = 0  # _flush_lock
         self._draining = 0
         self._destroyed = False
         self._refusing: str | None = None  # one-shot works are refused with this (refuse_calls)
@@ -699,8 +703,8 @@ class WorkQueue:
                 rescuer.kick()  # it stops once nothing is in flight
 
     def _notify_flushers(self) -> None:
-        """Called with a pool lock held (lock order: pool, then _flush_cond)."""
-        with self._flush_cond:
+        """Called with a pool lock held (lock order: pool, then _flush_lock)."""
+        with self._flush_lock:
             self._flush_seq += 1
             self._flush_cond.notify_all()
 
@@ -724,28 +728,28 @@ class WorkQueue:
             raise RuntimeError(f"a work of workqueue {self.name!r} cannot flush or drain it: it would "
                                "wait for its own end")
 
-        with self._flush_cond:
+        with self._flush_lock:
             color = self._work_color
             self._work_color += 1
             self._nr_flushers += 1
         try:
             with waiting(worker):
                 while True:
-                    with self._flush_cond:
+                    with self._flush_lock:
                         seq = self._flush_seq
                     if self._colors_done(color):
                         return
-                    with self._flush_cond:
+                    with self._flush_lock:
                         while self._flush_seq == seq:
                             self._flush_cond.wait()
         finally:
-            with self._flush_cond:
+            with self._flush_lock:
                 self._nr_flushers -= 1
 
     def drain(self) -> None:
         """Flush until the workqueue is empty. Meanwhile only its own works may queue on it (chains
         finish); anyone else gets RuntimeError."""
-        with self._flush_cond:
+        with self._flush_lock:
             self._draining += 1
         try:
             while True:
@@ -753,7 +757,7 @@ class WorkQueue:
                 if not any(self._in_flight_counts()):
                     return
         finally:
-            with self._flush_cond:
+            with self._flush_lock:
                 self._draining -= 1
 
     def destroy(self) -> None:
@@ -815,7 +819,8 @@ class WorkQueue:
     def _reset_after_fork(self) -> None:
         """In a forked child: the parent's threads are gone; start afresh on the child's pools."""
         self._lock = make_lock("workqueue")
-        self._flush_cond = threading.Condition(make_lock("flush"))
+        self._flush_lock = make_lock("flush")
+        self._flush_cond = threading.Condition(self._flush_lock)
         self._nr_active = 0
         self._nr_sleeping = 0
         self._nr_waiting = 0
