@@ -209,7 +209,7 @@ def _race_submitters_with_shutdown(executor: CMWQExecutor) -> tuple[list[int], s
     for t in threads:
         t.start()
     go.wait()
-    time.sleep(0.002)
+    wait_for("the submitters to get going", lambda: len(accepted) >= 50)
     executor.shutdown(wait=True)
     ran_by_then = set(ran)
     for t in threads:
