@@ -16,6 +16,7 @@ from helpers import cannot_start_thread, hold_works, wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, CMWQExecutor, Work, WorkQueue, blocking
+from cmwq_exec.core.system import usable_cpus
 from cmwq_exec.core.worker import current_worker
 
 pytestmark = pytest.mark.timeout(60)
@@ -362,7 +363,7 @@ def test_rescuer_runs_works_when_worker_creation_fails(reset_system: Callable[..
 def test_worker_cap_is_respected_and_works_still_progress(
         reset_system: Callable[..., Any],
         release: Callable[[threading.Event], threading.Event], quiesce: Callable[..., None]) -> None:
-    cap = 2  # the unbound pool's first worker and its spare (a CPU pool makes none before its first work)
+    cap = len(usable_cpus()) + 2  # one worker per CPU pool, the unbound pool's first and its spare
     system = reset_system(max_total_workers=cap, create_cooldown=0.05)
     wq = WorkQueue("capped", WQ.UNBOUND | WQ.RESCUER)
     pool = system.unbound_pool
@@ -380,30 +381,6 @@ def test_worker_cap_is_respected_and_works_still_progress(
     wq.flush()
     quiesce([pool])
     assert system.nr_threads <= cap
-
-
-def test_a_cpu_pool_makes_its_first_workers_on_its_first_work(fresh_system: Callable[..., Any]) -> None:
-    """No thread for a pool nobody queues on: a CPU pool starts with no worker, its first work has
-    the timer thread create one, and from then on an idle worker stays ready (the invariant)."""
-    system = fresh_system()
-    wq = WorkQueue("lazy")
-    assert all(pool.nr_workers == 0 for pool in system.cpu_pools.values())
-    cpu = min(system.cpu_pools)
-    ran: list[tuple[int | None, str]] = []
-
-    def where() -> None:
-        worker = current_worker()
-        assert worker is not None
-        ran.append((worker.pool.cpu, threading.current_thread().name))
-
-    wq.queue_work_on(cpu, Work(where))
-    wq.flush()
-    assert ran == [(cpu, ran[0][1])] and ran[0][1].startswith(f"cmwq/cpu{cpu}:")
-    pool = system.cpu_pools[cpu]
-    wait_for("an idle worker ready on the used pool", lambda: pool.nr_idle >= 1)
-    with pool.lock:
-        pool.check_invariants()
-    assert all(other.nr_workers == 0 for other in system.cpu_pools.values() if other is not pool)
 
 
 def test_per_cpu_pools_pin_their_workers(executor: CMWQExecutor) -> None:

@@ -12,8 +12,7 @@ Invariants (``L:`` fields, under ``lock``; checked by :meth:`check_invariants` i
 * ``nr_idle == len(idle)`` and ``0 <= nr_running <= nr_workers - nr_idle``;
 * ``nr_woken`` is the number of idle workers already woken;
 * ``nr_running`` equals the busy workers that are running (no ``NOT_RUNNING`` flag, not in PREP);
-* while the pool is online and not managing, at least one idle worker exists once it has started
-  (a CPU pool starts at its first work: the kick of a pool without workers has one created).
+* while the pool is online and not managing, at least one idle worker exists once it has started.
 
 Field ownership: ``I:`` set at init; ``L:`` under ``lock``; ``T:`` the trustee's while it is in charge.
 

@@ -54,8 +54,11 @@ class System:
         # it, and once running it cannot die, so no later caller can meet its creation failing.
         timer.start()
         hooks.system_starting(self.config)  # plugins load, blocking detection starts if asked
-        # A CPU pool makes its first worker when its first work comes (kick: the timer thread
-        # creates it), so a pool nobody queues on holds no thread.
+        # Every online pool makes its first worker now, in the caller's thread, as the kernel
+        # does: a work queued just before the interpreter exits must find one (Python 3.12+
+        # refuses to start threads at exit, and the timer thread would be too late).
+        for pool in self.online_pools:
+            pool.start()
         if self.config.hotplug:
             self.start_hotplug()
 
