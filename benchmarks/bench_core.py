@@ -474,8 +474,8 @@ class Bench:
         self.rows.append(Row(f"{n} × 10 ms sleep inside blocking(): wall time", _fmt(c * 1000, " ms"),
                              _fmt(t * 1000, " ms"), f"{t / c:.1f}× TPE/cmwq", "≥ 8× faster", t / c >= 8,
                              f"cmwq cold first run {cold * 1000:.0f} ms; TPE(500) {t500 * 1000:.0f} ms"))
-        # first run: a fresh process, no idle workers yet; max: later runs may queue on the other
-        # CPU's pool (the submitter migrated) and grow that one too
+        # first run: a fresh process, no idle workers yet; later runs find the idle workers of the
+        # earlier ones (and may grow the other CPU's pool too, if the submitter migrated)
         cb0 = r["cmwq"][0]["peak_threads_beyond_start"]
         cbn = max(x["peak_threads_beyond_start"] for x in r["cmwq"][1:])
         t5w0 = r["tpe500"][0]["peak_executor_threads"]

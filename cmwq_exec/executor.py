@@ -73,8 +73,8 @@ class _Waiters(list):  # type: ignore[type-arg]
 
 #: A future makes its Condition only when someone waits on it or adds a callback: a private
 #: Condition costs eight garbage-collected objects, and the collector's passes over them dominated the
-#: submit path. Until then its state changes under one of these small locks (striped by identity,
-#: never held while taking another lock, so no lock order can be violated).
+#: submit path. Until then it is claimed under one of these small locks (striped by identity, never
+#: held while taking another lock, so no lock order can be violated) and finished by its claimer.
 _STRIPES = tuple(make_lock("stripe") for _ in range(64))
 _NO_CALLBACKS: tuple[Any, ...] = ()
 
@@ -118,25 +118,6 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
                     cond = self._cond = threading.Condition()
         return cond
 
-    def _set_if_no_condition(self, state_from: tuple[str, ...] | None, state_to: str,
-                             result: Any = None, exception: BaseException | None = None) -> bool | None:
-        """Change state without a Condition while nobody waits: None if a Condition exists (the
-        caller must use it), else whether the change was made."""
-        if self._cond is not None:
-            return None
-        with _STRIPES[id(self) >> 4 & 63]:
-            if self._cond is not None:
-                return None
-            if state_from is None:  # set_result / set_exception
-                if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
-                    raise InvalidStateError(f"{self._state}: {self!r}")
-            elif self._state not in state_from:
-                return False
-            self._result = result
-            self._exception = exception
-            self._state = state_to
-            return True
-
     @property
     def _waiters(self) -> _Waiters:  # type: ignore[override]  # used by concurrent.futures.wait/as_completed, under _condition
         waiters = self._waiter_list
@@ -163,22 +144,28 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         self._finish(None, exception)
 
     def _finish(self, result: Any, exception: BaseException | None) -> None:
-        """Future.set_result/set_exception, without a Condition while nobody waits."""
-        if not self._set_if_no_condition(None, FINISHED, result=result, exception=exception):
-            with self._condition:
-                if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
-                    raise InvalidStateError(f"{self._state}: {self!r}")
-                self._result = result
-                self._exception = exception
-                self._state = FINISHED
-                for waiter in self._waiter_list or ():
-                    if exception is None:
-                        waiter.add_result(self)
-                    else:
-                        waiter.add_exception(self)
-                self._condition.notify_all()
+        """Future.set_result/set_exception, by someone who may not have claimed the future (a
+        broken executor failing its calls, or code using the Future API): refused once it is done.
+        A run's own outcome takes :meth:`_finish_claimed`, without a lock."""
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = FINISHED
+            self._notify_waiters_locked(exception)
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
+
+    def _notify_waiters_locked(self, exception: BaseException | None) -> None:
+        """The future just finished: tell ``concurrent.futures.wait``'s waiters and wake
+        ``result()``. _condition held."""
+        for waiter in self._waiter_list or ():
+            if exception is None:
+                waiter.add_result(self)
+            else:
+                waiter.add_exception(self)
+        self._condition.notify_all()
 
     def _wait_done(self, timeout: float | None) -> None:
         """Wait (on the shared condition, so in a loop) until finished or cancelled; raise
@@ -212,7 +199,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
     def _claim(self) -> bool:
         """PENDING -> RUNNING for whoever runs it (a worker, or a helper). False if cancelled or
         already claimed."""
-        if self._cond is None:  # _set_if_no_condition((PENDING,), RUNNING), inlined: once per call
+        if self._cond is None:  # nobody waits: a stripe lock is enough against a racing cancel()
             with _STRIPES[id(self) >> 4 & 63]:
                 if self._cond is None:
                     if self._state != PENDING:
@@ -256,12 +243,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         cond = self._cond
         if cond is not None:
             with cond:
-                for waiter in self._waiter_list or ():
-                    if exception is None:
-                        waiter.add_result(self)
-                    else:
-                        waiter.add_exception(self)
-                cond.notify_all()
+                self._notify_waiters_locked(exception)
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 

@@ -136,13 +136,10 @@ class System:
 
     def local_pool(self) -> WorkerPool:
         """The pool of the CPU the calling thread runs on (another online one if that is down)."""
-        cpu = current_cpu()
-        pool = self.cpu_pools.get(cpu)
-        if pool is not None and pool.online:
-            return pool
-        return self.fallback_pool(cpu)
+        return self.usable_pool(current_cpu())
 
-    def fallback_pool(self, cpu: int) -> WorkerPool:
+    def usable_pool(self, cpu: int) -> WorkerPool:
+        """``cpu``'s pool while it is online, else another online one (the unbound pool if none is)."""
         pool = self.cpu_pools.get(cpu)
         if pool is not None and pool.online:
             return pool

@@ -116,13 +116,12 @@ class _Wheel:
             heapq.heappush(self.heap, (timer.deadline, next(self.seq), timer))
             if head is None or timer.deadline < head:
                 self.cond.notify()
-                if self.selecting:
-                    self.poke_locked()
+                self.poke_locked()
         return timer
 
     def poke_locked(self) -> None:
-        """Wake the thread out of select. L: lock."""
-        if self.wake_w is not None:
+        """Wake the thread out of select, if it is there. L: lock."""
+        if self.selecting and self.wake_w is not None:
             try:
                 os.write(self.wake_w, b"\0")
             except (BlockingIOError, OSError):
@@ -139,16 +138,14 @@ class _Wheel:
                 os.set_blocking(self.wake_w, False)
             self.watched = (sock, on_ready)
             self.cond.notify()
-            if self.selecting:
-                self.poke_locked()
+            self.poke_locked()
 
     def unwatch(self, sock: Any) -> None:
         """Stop watching ``sock`` (before closing it)."""
         with self.lock:
             if self.watched is not None and self.watched[0] is sock:
                 self.watched = None
-                if self.selecting:
-                    self.poke_locked()
+                self.poke_locked()
 
     def start_locked(self) -> None:
         """Make sure a thread serves the heap; RuntimeError if none can be started. L: lock."""
@@ -252,8 +249,7 @@ class _Wheel:
             self.heap.clear()
             self.watched = None
             self.cond.notify_all()
-            if self.selecting:
-                self.poke_locked()
+            self.poke_locked()
         if thread is None:
             return True
         if thread is threading.current_thread():

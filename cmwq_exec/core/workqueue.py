@@ -418,16 +418,12 @@ class WorkQueue:
         if self._unbound:
             return system.unbound_pool
         if cpu is not None:  # queue_work_on()
-            pool = system.cpu_pools[cpu]
-            return pool if pool.online else system.fallback_pool(cpu)
+            return system.usable_pool(cpu)
         worker = current.worker
         if worker is not None and worker.pool.online and worker.pool.cpu is not None:
             pool = cast("WorkerPool", worker.pool)
-        else:  # system.local_pool(), inlined (the submit path is hot)
-            cpu = current_cpu()
-            pool = system.cpu_pools.get(cpu)  # type: ignore[assignment]
-            if pool is None or not pool.online:
-                pool = system.fallback_pool(cpu)
+        else:
+            pool = system.usable_pool(current_cpu())  # system.local_pool(), one call less
         select = hooks.current_policy.select_pool
         if select is not None:
             pool = select(workqueue=self, pools=system.online_pools, current_pool=pool)
@@ -508,11 +504,10 @@ class WorkQueue:
         work._where = WORKLIST
         in_flight[color] = count
         pool.worklist.append(work)
-        if not pool.kernel_policy:
+        # the kernel's need_more_worker holds after an append only if nobody runs, and its
+        # wake_up_worker finds nothing to do while a woken worker is on its way
+        if not pool.kernel_policy or not (pool.nr_running or pool.nr_woken):
             pool.kick()
-        elif not pool.nr_running and not pool.nr_woken:
-            pool.kick()  # the kernel's need_more_worker holds after an append only if nobody runs,
-            # and its wake_up_worker finds nothing to do while a woken worker is on its way
 
     def _cancel_locked(self, work: Work) -> bool | None:
         """Cancel a pending work of this workqueue. _lock held. True if it was pending here (and now
