@@ -86,8 +86,10 @@ from celery import _state as _celery_state
 from celery import signals
 from celery.concurrency.base import BasePool
 from celery.exceptions import ImproperlyConfigured, SoftTimeLimitExceeded
+from celery.utils.nodenames import default_nodename
 from celery.worker import state as _worker_state
 
+from . import celery_processes
 from .core import timer as _timer
 from .core.workqueue import WQ, Work, WorkQueue
 
@@ -304,11 +306,23 @@ class TaskPool(BasePool):
         self._limits = (0, 0)  # P: the (max_active, max_running) we last gave the workqueue
         self._window = 4  # I: in-flight tasks per concurrency slot (the prefetch multiplier)
         self._cpu: int | None = None  # I: the CPU whose pool runs our tasks (queue_work_on)
+        conf = self.app.conf if self.app is not None else {}
+        # I: children to supervise (0: this process runs the tasks), see cmwq_exec.celery_processes
+        self._processes = celery_processes.processes_wanted(conf.get("cmwq_processes"))
+        self._child = celery_processes.child_index()  # I: our index if a supervisor started us
 
     # -- start and stop ---------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        """Create the workqueues (and the metrics server if configured)."""
+        """Create the workqueues (and the metrics server if configured); or, with
+        ``cmwq_processes``, supervise the child processes until the worker stops."""
+        if self._processes:
+            hostname = (self.options.get("initargs") or (None, None))[1]
+            supervisor = celery_processes.Supervisor(default_nodename(hostname), self._processes,
+                                                     self._metrics_address())
+            supervisor.run()  # raises WorkerShutdown / WorkerTerminate once the children are gone
+        if self._child is not None:
+            celery_processes.become_child(self._child)  # pinned before the engine reads its CPUs
         # A rescuer: a worker process serving a broker must make progress even when no worker
         # thread can be created (the max_total_workers cap, the process's thread limit).
         multiplier = self.app.conf.get("worker_prefetch_multiplier") if self.app is not None else None
@@ -327,17 +341,26 @@ class TaskPool(BasePool):
         hostname = (self.options.get("initargs") or (None, None))[1]
         signals.worker_process_init.send(sender=hostname)
 
-    def _start_metrics(self) -> None:
+    def _metrics_address(self) -> tuple[int, str] | None:
+        """(port, address) of the metrics endpoint the worker is configured with, or None."""
         conf = self.app.conf if self.app is not None else {}
         port = conf.get("cmwq_metrics_port") or os.environ.get("CMWQ_METRICS_PORT")
         if port in (None, ""):
-            return
+            return None
         addr = conf.get("cmwq_metrics_addr") or os.environ.get("CMWQ_METRICS_ADDR") or "127.0.0.1"
         try:
-            port = int(port)
+            return int(port), addr
         except (TypeError, ValueError):
             raise ImproperlyConfigured(
                 f"cmwq_metrics_port / CMWQ_METRICS_PORT must be a TCP port number, got {port!r}") from None
+
+    def _start_metrics(self) -> None:
+        address = self._metrics_address()
+        if address is None:
+            return
+        port, addr = address
+        if self._child is not None:
+            port, addr = 0, "127.0.0.1"  # the supervisor serves the worker's endpoint and reads ours
         try:
             from . import metrics
         except ImportError as exc:
@@ -345,6 +368,9 @@ class TaskPool(BasePool):
                 f"cmwq_metrics_port is set but cmwq_exec.metrics cannot be imported ({exc}); "
                 "install prometheus_client") from exc
         self._metrics_server, _ = metrics.start_http_server(port, addr)
+        if self._child is not None:
+            celery_processes.report_metrics_port(self._metrics_server.server_port)
+            return
         log.info("cmwq_exec: serving Prometheus metrics on http://%s:%s/metrics", addr, port)
 
     def register_with_event_loop(self, loop: Any) -> None:
@@ -792,6 +818,9 @@ class TaskPool(BasePool):
             pools = [pool.stats() for pool in get_system().pools]
         except Exception as exc:  # stats must never break inspect
             pools = [{"error": repr(exc)}]
+        if self._child is not None:
+            cpu = int(os.environ.get(celery_processes.CHILD_CPU) or -1)
+            info["cmwq-child"] = {"index": self._child, "cpu": cpu, "parent-pid": os.getppid()}
         info["workers"] = sum(p.get("nr_workers", 0) for p in pools)
         info["pools"] = pools
         if self._wq is not None:

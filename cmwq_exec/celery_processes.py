@@ -1,0 +1,475 @@
+"""Per-CPU child processes for the Celery pool: one worker, every CPU.
+
+One CPython process runs Python code on one CPU at a time, and a Celery worker's consumer costs
+CPU per task in that same process. With ``cmwq_processes`` (or ``CMWQ_PROCESSES``) set, the
+``celery worker`` process started with this pool becomes a *supervisor*: it starts N child
+processes, pins each to one CPU, and does nothing else. Each child is a complete Celery worker
+node running the single-process pool (:class:`cmwq_exec.celery.TaskPool`) on its own
+concurrency-managed per-CPU pool, and consumes from the broker on its own, so neither the
+tasks nor the consumers of two children share a GIL.
+
+The shape follows from a measurement (``benchmarks/bench_celery.py``): the consumer of one
+process stops near 1000 tasks/s of 10 ms I/O tasks whatever the pool, at ~0.9 ms of CPU per task.
+A parent consuming for its children (prefork's shape) would keep that ceiling; children that
+consume remove it.
+
+The children
+    Child *i* (0 <= i < N) re-runs the parent's own command line with ``-n {name}.{i}@{host}``
+    (the parent being ``{name}@{host}``), ``CMWQ_CHILD=i`` and ``CMWQ_CHILD_CPU=cpu`` in its
+    environment; the usable CPUs (``os.sched_getaffinity``) are dealt out in order. ``-c`` means
+    running tasks per child. ``--pidfile`` and ``--detach`` stay with the parent, an embedded
+    beat (``-B``) runs in child 0 only, and a ``--statedb`` file gets the child's index as a
+    suffix. A fresh interpreter per child (not a fork of the supervisor) means no state, lock or
+    thread of the parent is copied.
+
+    The children share the parent's process group (so ``kill -- -PGID`` reaches them all), ignore
+    SIGINT (a Ctrl-C reaches the parent, which tells them), and get SIGTERM if the parent dies.
+
+The supervisor
+    * connects to no broker and is not a Celery node: ``celery inspect``/``control`` commands
+      reach the children by their names (a broadcast reaches every child: ``pool_grow 1`` lets
+      each child run one more task);
+    * warm shutdown (SIGTERM, the first Ctrl-C): SIGTERM to every child, then waits until all have
+      exited; cold shutdown (SIGQUIT, or a second Ctrl-C while waiting): SIGQUIT to every child;
+    * a child that dies (a signal, an exit code other than 0) while the worker is not stopping is
+      replaced by a new process with the same index, name and CPU, after a pause that doubles from
+      0.5 s up to 10 s while replacements keep dying within 10 s of their start. A child that
+      exits with 0 by itself (the ``shutdown`` control command) is not replaced; the supervisor
+      exits when no child is left. With ``acks_late`` a killed child's unacknowledged tasks go
+      back to the broker, which delivers them to another child (RabbitMQ at once; Redis after
+      its ``visibility_timeout``);
+    * metrics: with ``cmwq_metrics_port`` / ``CMWQ_METRICS_PORT`` set, the supervisor serves the
+      one endpoint of the whole worker. Each child serves its own metrics on a free loopback port
+      it writes into a status file of the supervisor; a scrape of the supervisor reads every
+      child's and adds a ``child`` label, and adds ``cmwq_celery_children`` (live children) and
+      ``cmwq_celery_child_restarts_total``.
+
+This needs the worker to be started by the ``celery ... worker`` command line (the children run
+it again); an embedded worker (``app.Worker(...)``, ``worker_main``) gets a clear error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from celery.exceptions import ImproperlyConfigured, WorkerShutdown, WorkerTerminate
+from celery.utils.nodenames import nodesplit
+from celery.worker import state as _worker_state
+
+__all__ = ["CHILD", "Supervisor", "child_command", "child_index", "processes_wanted"]
+
+log = logging.getLogger("cmwq_exec.celery")
+
+#: environment of a child: its index, its CPU, and where it writes its metrics port
+CHILD, CHILD_CPU, CHILD_STATUS = "CMWQ_CHILD", "CMWQ_CHILD_CPU", "CMWQ_CHILD_STATUS"
+
+_ALLOWED = "unset, '' or 0 (one process), 'auto' (one child per usable CPU) or a whole number N >= 1"
+
+#: respawn pauses: doubling from the first while children die young, up to the last
+RESPAWN_PAUSE, RESPAWN_PAUSE_MAX, YOUNG = 0.5, 10.0, 10.0
+#: how often the supervisor looks at its children and the shutdown flags
+TICK = 0.1
+
+
+# -- choosing the mode -------------------------------------------------------------------------------
+
+
+def child_index(environ: Mapping[str, str] = os.environ) -> int | None:
+    """This process's index if it is a child of a supervisor, else None."""
+    raw = environ.get(CHILD)
+    return None if raw in (None, "") else int(raw)
+
+
+def processes_wanted(setting: object, environ: Mapping[str, str] = os.environ) -> int:
+    """How many children the worker should have: 0 for the single-process pool.
+
+    ``setting`` is the app's ``cmwq_processes`` (None if unset), which wins over the
+    environment's ``CMWQ_PROCESSES``. A child never has children. Raises ImproperlyConfigured
+    naming the setting or variable, the value and what is allowed."""
+    if child_index(environ) is not None:
+        return 0
+    if setting is not None:
+        where, value = "the cmwq_processes setting", setting
+    else:
+        where, value = "the environment variable CMWQ_PROCESSES", environ.get("CMWQ_PROCESSES")
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise ImproperlyConfigured(f"{where} is {value!r}: use {_ALLOWED}")
+    if isinstance(value, int):
+        count = value
+    else:
+        text = str(value).strip().lower()
+        if text in ("", "0"):
+            return 0
+        if text == "auto":
+            return len(usable_cpus())
+        if not text.isdigit():
+            raise ImproperlyConfigured(f"{where} is {value!r}: use {_ALLOWED}")
+        count = int(text)
+    if count < 0:
+        raise ImproperlyConfigured(f"{where} is {value!r}: use {_ALLOWED}")
+    return count
+
+
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+# -- the children's command line -------------------------------------------------------------------
+
+#: options of ``celery`` (before the subcommand) that take a value, so ``worker`` after one is that value
+_GLOBAL_WITH_VALUE = {"-A", "--app", "-b", "--broker", "--result-backend", "--loader", "--config",
+                      "--workdir"}
+#: worker options: dropped with their value, dropped alone, kept in child 0 only
+_DROP_WITH_VALUE = {"-n", "--hostname", "--pidfile"}
+_DROP_FLAGS = {"-D", "--detach"}
+_BEAT_FLAGS = {"-B", "--beat"}
+_STATEDB = {"-S", "--statedb"}
+
+
+def _worker_position(argv: Sequence[str]) -> int:
+    """Index of the ``worker`` subcommand in ``argv`` (a celery command line), or -1."""
+    for i, arg in enumerate(argv):
+        if arg == "worker" and (i == 0 or argv[i - 1] not in _GLOBAL_WITH_VALUE):
+            return i
+    return -1
+
+
+def is_worker_command(argv: Sequence[str]) -> bool:
+    """Is ``argv`` (``sys.argv``) the ``celery ... worker`` command line?"""
+    if not argv:
+        return False
+    program = os.path.basename(argv[0])
+    main = argv[0].replace("\\", "/").endswith("celery/__main__.py")  # python -m celery
+    is_celery = program in ("celery", "celery.exe") or main
+    return is_celery and _worker_position(argv) > 0
+
+
+def child_command(orig_argv: Sequence[str], executable: str, nodename: str, index: int) -> list[str]:
+    """The command line of child ``index``: ``orig_argv`` (``sys.orig_argv``, interpreter options
+    included) run by ``executable``, with the worker's ``-n`` replaced by ``nodename``, no
+    ``--pidfile`` or ``--detach``, ``-B`` only in child 0, and ``--statedb F`` as ``F.index``."""
+    argv = list(orig_argv)
+    start = _worker_position(argv)
+    if start < 0:
+        raise ValueError(f"not a celery worker command line: {argv!r}")
+    out = [executable, *argv[1:start + 1]]
+    rest = argv[start + 1:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        name, eq, value = arg.partition("=")
+        if arg == "--":
+            out.extend(rest[i:])
+            break
+        if name in _DROP_WITH_VALUE:
+            i += 1 if eq else 2
+            continue
+        if arg.startswith("-n") and not arg.startswith("--") and len(arg) > 2:
+            i += 1  # -nNAME
+            continue
+        if arg in _DROP_FLAGS or (arg in _BEAT_FLAGS and index != 0):
+            i += 1
+            continue
+        if name in _STATEDB:
+            if eq:
+                out.append(f"{name}={value}.{index}")
+                i += 1
+            else:
+                out.append(arg)
+                if i + 1 < len(rest):
+                    out.append(f"{rest[i + 1]}.{index}")
+                i += 2
+            continue
+        out.append(arg)
+        i += 1
+    out += ["-n", nodename]
+    return out
+
+
+def child_nodename(nodename: str, index: int) -> str:
+    """``name@host`` -> ``name.index@host``."""
+    name, host = nodesplit(nodename)
+    return f"{name}.{index}@{host}" if name else f"{host}.{index}"
+
+
+# -- a child's side --------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def become_child(index: int, environ: Mapping[str, str] = os.environ) -> None:
+    """Called in a child before its pool starts: stay on our CPU, die with the supervisor (warm),
+    and leave Ctrl-C to it."""
+    cpu = environ.get(CHILD_CPU)
+    if cpu not in (None, ""):
+        try:
+            os.sched_setaffinity(0, {int(cpu)})
+        except OSError as exc:
+            log.warning("cmwq_exec child %s: cannot pin to CPU %s: %s", index, cpu, exc)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.debug("cmwq_exec child %s: no PR_SET_PDEATHSIG", index, exc_info=True)
+    parent = environ.get("CMWQ_CHILD_PARENT")
+    if parent and os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before we could ask to follow it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def report_metrics_port(port: int, environ: Mapping[str, str] = os.environ) -> None:
+    """A child tells the supervisor where its metrics are."""
+    path = environ.get(CHILD_STATUS)
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as out:
+        out.write(str(port))
+    os.replace(tmp, path)
+
+
+# -- the supervisor ----------------------------------------------------------------------------------
+
+
+class Child:
+    """One child process slot: its index, CPU and node name stay; its process is replaced."""
+
+    def __init__(self, index: int, cpu: int, nodename: str, status_path: str) -> None:
+        self.index = index  # I
+        self.cpu = cpu  # I
+        self.nodename = nodename  # I
+        self.status_path = status_path  # I
+        self.proc: subprocess.Popen[bytes] | None = None  # S: the supervisor's thread
+        self.started_at = 0.0  # S
+        self.restarts = 0  # S: read by scrapes (an int: a torn read cannot happen)
+        self.pause = RESPAWN_PAUSE  # S
+        self.respawn_at: float | None = None  # S: when to start it again
+        self.done = False  # S: exited with 0 by itself, not replaced
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def metrics_port(self) -> int | None:
+        try:
+            with open(self.status_path) as status:
+                return int(status.read().strip())
+        except (OSError, ValueError):
+            return None
+
+
+class Supervisor:
+    """Starts, watches, replaces and stops the children of one worker (see the module doc).
+
+    Runs on the worker's main thread, inside the pool's ``on_start``, which it never leaves
+    normally: it raises Celery's WorkerShutdown or WorkerTerminate when the worker is to stop,
+    after its children have exited."""
+
+    def __init__(self, nodename: str, count: int, metrics: tuple[int, str] | None = None,
+                 argv: Sequence[str] | None = None) -> None:
+        argv = list(sys.argv if argv is None else argv)
+        if not is_worker_command(argv):
+            raise ImproperlyConfigured(
+                "cmwq_processes / CMWQ_PROCESSES needs the worker to be started by the `celery ... "
+                f"worker` command line (each child runs it again); this process was started as {argv!r}")
+        cpus = usable_cpus()
+        self.nodename = nodename  # I
+        self.orig_argv = list(getattr(sys, "orig_argv", argv))  # I
+        self.dir = tempfile.mkdtemp(prefix="cmwq-children-")  # I: the children's status files
+        self.children = [Child(i, cpus[i % len(cpus)], child_nodename(nodename, i),
+                               os.path.join(self.dir, f"child{i}.port")) for i in range(count)]  # I
+        self.metrics = metrics  # I: (port, addr) of the worker's endpoint
+        self._server: Any = None
+        self.stopping = False  # S
+
+    # -- running --
+
+    def run(self) -> None:
+        """Start the children and watch them until the worker stops; never returns."""
+        try:
+            self._start_metrics()
+            for child in self.children:
+                self._spawn(child)
+            while True:
+                code = _worker_state.should_terminate
+                if code is not None and code is not False:
+                    self.stop(cold=True)
+                    raise WorkerTerminate(code)
+                code = _worker_state.should_stop
+                if code is not None and code is not False:
+                    self.stop(cold=False)
+                    raise WorkerShutdown(code)
+                self._watch()
+                if all(child.done for child in self.children):
+                    log.info("cmwq_exec: every child exited by itself: the worker stops")
+                    self.stop(cold=False)
+                    raise WorkerShutdown(0)
+                time.sleep(TICK)
+        except BaseException:
+            self.stop(cold=True)  # a no-op after a stop above; else whatever went wrong, end them
+            raise
+
+    def _spawn(self, child: Child) -> None:
+        environ = dict(os.environ)
+        environ.update({CHILD: str(child.index), CHILD_CPU: str(child.cpu),
+                        CHILD_STATUS: child.status_path, "CMWQ_CHILD_PARENT": str(os.getpid())})
+        command = child_command(self.orig_argv, sys.executable, child.nodename, child.index)
+        try:
+            os.unlink(child.status_path)
+        except FileNotFoundError:
+            pass
+        try:
+            child.proc = subprocess.Popen(command, env=environ, close_fds=True)
+        except OSError as exc:
+            log.error("cmwq_exec: cannot start child %s (%s): %s", child.index, child.nodename, exc)
+            child.proc = None
+            self._schedule_respawn(child)
+            return
+        try:
+            os.sched_setaffinity(child.proc.pid, {child.cpu})
+        except OSError as exc:
+            log.warning("cmwq_exec: cannot pin child %s to CPU %s: %s", child.index, child.cpu, exc)
+        child.started_at = time.monotonic()
+        child.respawn_at = None
+        log.info("cmwq_exec: child %s (%s) started on CPU %s, pid %s", child.index, child.nodename,
+                 child.cpu, child.proc.pid)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.done:
+                continue
+            if child.respawn_at is not None:
+                if now >= child.respawn_at:
+                    child.restarts += 1
+                    self._spawn(child)
+                continue
+            proc = child.proc
+            code = None if proc is None else proc.poll()
+            if code is None:
+                continue
+            if code == 0:
+                log.info("cmwq_exec: child %s (%s) exited by itself", child.index, child.nodename)
+                child.done = True
+                continue
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            log.warning("cmwq_exec: child %s (%s, pid %s) died with %s; starting a new one",
+                        child.index, child.nodename, proc.pid if proc else "?", how)
+            self._schedule_respawn(child)
+
+    def _schedule_respawn(self, child: Child) -> None:
+        now = time.monotonic()
+        young = child.started_at and now - child.started_at < YOUNG
+        child.pause = min(RESPAWN_PAUSE_MAX, child.pause * 2) if young else RESPAWN_PAUSE
+        child.respawn_at = now + (child.pause if young else 0.0)
+
+    # -- stopping --
+
+    def stop(self, cold: bool) -> None:
+        """Tell every child to stop (SIGTERM warm, SIGQUIT cold) and wait until all have exited;
+        a cold shutdown asked for while waiting for a warm one is passed on."""
+        if not self.stopping:
+            self.stopping = True
+            log.info("cmwq_exec: %s shutdown of %s children", "cold" if cold else "warm", len(self.children))
+            self._signal_all(signal.SIGQUIT if cold else signal.SIGTERM)
+        elif cold:
+            self._signal_all(signal.SIGQUIT)
+        escalated = cold
+        while any(child.alive() for child in self.children):
+            if not escalated and _worker_state.should_terminate not in (None, False):
+                escalated = True
+                self._signal_all(signal.SIGQUIT)
+            time.sleep(TICK)
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def _signal_all(self, signum: int) -> None:
+        for child in self.children:
+            if child.alive():
+                assert child.proc is not None
+                try:
+                    child.proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    # -- metrics --
+
+    def _start_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        port, addr = self.metrics
+        registry = CollectorRegistry()
+        registry.register(ChildrenCollector(self))
+        try:
+            self._server, _ = start_http_server(port, addr=addr, registry=registry)
+        except OSError as exc:
+            raise ImproperlyConfigured(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
+        log.info("cmwq_exec: serving the children's Prometheus metrics on http://%s:%s/metrics", addr, port)
+
+
+class ChildrenCollector:
+    """The supervisor's metrics: every child's, labelled ``child``, and the children's own."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())  # families depend on what the children export: collected, not described
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+        from prometheus_client.parser import text_string_to_metric_families
+
+        children = self.supervisor.children
+        alive = GaugeMetricFamily("cmwq_celery_children", "Child processes of the worker alive now")
+        alive.add_metric([], sum(1 for child in children if child.alive()))
+        yield alive
+        restarts = CounterMetricFamily("cmwq_celery_child_restarts", "Times a child process was replaced",
+                                       labels=["child"])
+        for child in children:
+            restarts.add_metric([str(child.index)], child.restarts)
+        yield restarts
+        merged: dict[str, Any] = {}
+        for child in children:
+            text = _scrape(child)
+            if text is None:
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name.startswith("cmwq_celery_child"):
+                    continue
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(family.name, family.documentation, family.type,
+                                                        family.unit)
+                for sample in family.samples:
+                    into.add_sample(sample.name, {"child": str(child.index), **sample.labels},
+                                    sample.value, sample.timestamp)
+        yield from merged.values()
+
+
+def _scrape(child: Child) -> str | None:
+    port = child.metrics_port() if child.alive() else None
+    if port is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return response.read().decode()
+    except OSError as exc:
+        log.debug("cmwq_exec: child %s does not answer on port %s: %s", child.index, port, exc)
+        return None
+
