@@ -53,6 +53,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -395,6 +396,7 @@ class Supervisor:
         if server is not None:
             server.shutdown()
             server.server_close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _signal_all(self, signum: int) -> None:
         for child in self.children:
