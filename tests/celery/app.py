@@ -116,6 +116,14 @@ def _register_tasks(app: Celery) -> None:
             total += i * i
         return total
 
+    @app.task(name="t.spin_pid", shared=False)
+    def spin_pid(seconds: float = 0.02) -> int:
+        """CPU-bound for ``seconds``; returns the pid of the process that ran it."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            pass
+        return os.getpid()
+
     @app.task(name="t.record", shared=False, acks_late=True, reject_on_worker_lost=True)
     def record(key: str, token: str, seconds: float = 0.0) -> str:
         """Sleep, then SADD ``token`` to ``key`` and count the run in ``key:runs``."""

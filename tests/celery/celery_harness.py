@@ -153,7 +153,7 @@ class Worker:
                 f"worker {self.name} still running after {timeout}s\n{self.tail()}") from None
 
     def kill(self) -> None:
-        """SIGKILL the worker's whole session (it has no children with this pool, but be sure)."""
+        """SIGKILL the worker's whole process group: its children too (child processes mode, or be sure)."""
         if self.alive():
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -172,6 +172,37 @@ class Worker:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    # -- per-CPU child processes (``CMWQ_PROCESSES``): the worker supervises, its children serve --
+
+    def child_pids(self) -> list[int]:
+        """The worker process's direct children now (from /proc); [] once it has exited."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as children:
+                return [int(pid) for pid in children.read().split()]
+        except OSError:
+            return []
+
+    def wait_children(self, n: int, timeout: float = 60.0) -> list[str]:
+        """Wait until all ``n`` child nodes answer ping; returns their names (see
+        :func:`children_names`). Fails at once if the worker exits meanwhile."""
+        names = children_names(self, n)
+
+        def ready() -> bool:
+            if not self.alive():
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            replies = self.app.control.ping(destination=names, timeout=0.5)
+            return {name for reply in replies for name in reply} >= set(names)
+
+        wait_for(ready, timeout, f"the {n} children of {self.name} to answer ping\n{self.tail()}",
+                 interval=0.2)
+        return names
+
+    def node_stats(self, name: str) -> dict[str, Any]:
+        """``inspect stats`` of node ``name`` (one of this worker's children)."""
+        reply = self.app.control.inspect([name], timeout=2.0).stats() or {}
+        assert name in reply, f"no stats from {name}: {reply}\n{self.tail()}"
+        return reply[name]
+
     def threads(self) -> int:
         """Threads of the worker process now (from /proc)."""
         with open(f"/proc/{self.pid}/status") as status:
@@ -181,3 +212,58 @@ class Worker:
         return 0
 
 
+
+
+def children_names(worker: Worker, n: int) -> list[str]:
+    """The node names of the ``n`` children of ``worker`` in child processes mode: child ``i`` of
+    ``-n {name}@{host}`` is ``{name}.{i}@{host}``."""
+    name, _, host = worker.name.partition("@")
+    return [f"{name}.{i}@{host}" for i in range(n)]
+
+
+def process_gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (no such process, or a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("State:"):
+                    return line.split()[1] in ("Z", "X")
+    except OSError:
+        return True
+    return False
+
+
+def cpus_allowed(pid: int) -> str:
+    """``Cpus_allowed_list`` of process ``pid`` (its main thread), e.g. "1" or "0-3"."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    raise AssertionError(f"/proc/{pid}/status has no Cpus_allowed_list")
+
+
+def tcp_connections(pid: int, port: int) -> int:
+    """How many TCP connections process ``pid`` has open to remote ``port`` (from /proc)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    except OSError:
+        return 0
+    count = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as rows:
+                next(rows)
+                for row in rows:
+                    fields = row.split()
+                    if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                        count += 1
+        except OSError:
+            continue
+    return count
