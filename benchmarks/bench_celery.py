@@ -1,31 +1,47 @@
-"""Celery worker pools side by side: cmwq_exec.celery:TaskPool vs ``-P threads`` vs prefork.
+"""Celery worker pools side by side: cmwq_exec.celery:TaskPool (one process, or one child process
+per CPU) vs ``-P threads`` vs prefork.
 
 Same broker (RabbitMQ by default, ``--broker redis`` for Redis), same tasks (tests/celery/app.py:
 ``b.io`` sleeps ``--io-ms`` (10) ms inside ``cmwq_exec.blocking()``, ``b.cpu`` spins pure Python,
 ``mix`` is half of each; none stores a result, each counts its completion with one Redis INCR).
 For every pool configuration a real ``celery worker`` is started; for every workload its queue
-consumer is paused, the whole batch is published, the consumer resumed and the clock runs until
-the last completion is counted. Meanwhile the worker's threads (summed over its process tree, so
-prefork's children count) are sampled from /proc. All the workers are up for the whole run and the
-batches go round-robin over them, so a noisy machine slows every pool alike.
+consumers are paused, the whole batch is published, the consumers resumed and the clock runs
+until the last completion is counted. Meanwhile the threads and the resident memory (VmRSS) of
+the worker's whole process tree are sampled from /proc. All the workers are up for the whole run
+and the batches go round-robin over them, so a noisy machine slows every pool alike.
+
+``cmwq procs -c C`` is the cmwq pool with ``CMWQ_PROCESSES=auto``: the ``celery worker`` started
+is a supervisor that is no Celery node; its children, one per usable CPU and each pinned to one,
+are the nodes (``{name}.{i}@{host}``), each with ``-c C`` running tasks and its own broker
+consumer. Every control command (ping, cancel_consumer, add_consumer) goes to all the children
+and waits for each of them to answer. Its peer at the same number of processes is
+``prefork -c N`` (N = the CPUs).
 
     python benchmarks/bench_celery.py --quick        # a few minutes
     python benchmarks/bench_celery.py                # larger batches, median of 3: ~15 minutes
     python benchmarks/bench_celery.py --io-ms 50 --workloads io   # I/O tasks that wait 50 ms
+    python benchmarks/bench_celery.py --quick --json runs.json    # also every run's figures
 
-Prints one table: tasks/s, tasks/s relative to ``-P threads`` at the same -c, peak threads, and the
-CPU time the worker's process tree used per task (user + system, from /proc).
+Prints one table, one row per pool and workload (the median run by tasks/s): tasks/s, tasks/s
+relative to ``-P threads`` at the same -c, peak threads and peak RSS of the worker's process tree
+(both the most seen in any run; RSS is the sum of every process's VmRSS, so pages a forked child
+still shares with its parent count once per process), and the CPU time the tree used per task
+(user + system, from /proc). Below it, one line per workload compares ``cmwq procs -c C`` with
+its targets: CPU-bound at least as fast as prefork with as many processes, I/O at least twice
+``-P threads -c C`` and prefork, mixed ahead of both. ``--json PATH`` writes the conditions and
+every run (all repeats, incomplete ones too) as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +51,14 @@ sys.path[:0] = [str(APP_DIR), str(ROOT)]
 
 import redis  # noqa: E402
 from app import DEFAULT_BACKEND, make_app  # noqa: E402
-from celery_harness import Worker  # noqa: E402
+from celery_harness import Worker, children_names  # noqa: E402
+
+from cmwq_exec.celery_processes import processes_wanted  # noqa: E402
 
 BROKERS = {"redis": "redis://127.0.0.1:6379/12", "amqp": "amqp://guest:guest@127.0.0.1:5672//"}
 CPU_ITERATIONS = 20_000  # ~1.5 ms of pure Python on this machine's cores
+#: the children CMWQ_PROCESSES=auto starts (one per usable CPU): cmwq procs's and prefork's processes
+PROCESSES = processes_wanted(None, {"CMWQ_PROCESSES": "auto"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,12 @@ class Config:
     label: str
     pool: str  # "cmwq", "threads", "prefork"
     concurrency: int
+    processes: int = 0  # cmwq only: child processes (CMWQ_PROCESSES=auto), 0 for the pool in-process
+
+    @property
+    def slug(self) -> str:
+        """A file name part that tells configurations apart."""
+        return self.label.replace(" -c ", "-").replace(" ", "-")
 
 
 @dataclass
@@ -53,32 +79,61 @@ class Result:
     config: Config
     workload: str
     tasks: int
+    done: int  # tasks counted complete when the clock stopped (== tasks unless it timed out)
     seconds: float
     peak_threads: int
+    peak_rss_kib: int  # sum of VmRSS over the worker's process tree, the most sampled
     cpu_seconds: float  # user + system CPU of the worker's process tree during the batch
 
     @property
+    def complete(self) -> bool:
+        return self.done == self.tasks
+
+    @property
     def rate(self) -> float:
-        return self.tasks / self.seconds
+        return self.done / self.seconds
 
     @property
     def cpu_ms_per_task(self) -> float:
-        return self.cpu_seconds * 1000 / self.tasks
+        return self.cpu_seconds * 1000 / max(self.done, 1)
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return self.peak_rss_kib / 1024
+
+
+@dataclass
+class Setup:
+    """One pool configuration's running worker and the Celery nodes it is made of."""
+
+    config: Config
+    app: Any
+    worker: Worker
+    queue: str
+    nodes: list[str]  # the worker itself, or its child processes' nodes
 
 
 def tree_pids(pid: int) -> list[int]:
-    """``pid`` and its children (prefork's pool processes)."""
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
+    """``pid`` and all its descendants (prefork's pool processes, the per-CPU child nodes and
+    anything they start), whichever of their threads started them."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
     return pids
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time used so far by ``pid`` and its children."""
+    """User + system CPU time used so far by ``pid`` and its descendants."""
     ticks = 0
     for p in tree_pids(pid):
         try:
@@ -89,41 +144,75 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def tree_threads(pid: int) -> int:
-    """Threads of ``pid`` and its children (prefork's pool processes)."""
-    total = 0
+def tree_threads_rss(pid: int) -> tuple[int, int]:
+    """Threads and VmRSS (KiB), each summed over ``pid`` and its descendants."""
+    threads = rss = 0
     for p in tree_pids(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("Threads:"):
-                    total += int(line.split()[1])
+                    threads += int(line.split()[1])
+                elif line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
         except OSError:
             pass
-    return total
+    return threads, rss
 
 
-class ThreadSampler(threading.Thread):
+class TreeSampler(threading.Thread):
+    """Samples the threads and the RSS of a process tree every 20 ms; keeps the peaks."""
+
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
-        self.peak = 0
+        self.peak_threads = self.peak_rss_kib = 0
         self.stopping = threading.Event()
+
+    def sample(self) -> None:
+        threads, rss = tree_threads_rss(self.pid)
+        self.peak_threads = max(self.peak_threads, threads)
+        self.peak_rss_kib = max(self.peak_rss_kib, rss)
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            self.peak = max(self.peak, tree_threads(self.pid))
+            self.sample()
             self.stopping.wait(0.02)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
+        """Stop sampling; the peak threads and peak RSS (KiB)."""
         self.stopping.set()
         self.join()
-        return max(self.peak, tree_threads(self.pid))
+        self.sample()
+        return self.peak_threads, self.peak_rss_kib
 
 
-def run_batch(app: Any, config: Config, worker: Worker, queue: str, store: redis.Redis, workload: str,
-              n: int, timeout: float, io_seconds: float) -> Result | None:
-    """With the worker's consumer paused: publish ``n`` tasks, resume it, time until all are counted,
-    pause it again."""
+def wait_nodes_ready(setup: Setup, timeout: float) -> None:
+    """Until every node of ``setup`` answers ping (fails at once if the worker exits)."""
+    if setup.config.processes:
+        setup.worker.wait_children(setup.config.processes, timeout=timeout)
+    else:
+        setup.worker.wait_ready(timeout=timeout)
+
+
+def replied(replies: list[dict[str, Any]] | None) -> set[str]:
+    """The nodes that answered a control command."""
+    return {node for reply in replies or () for node in reply}
+
+
+def control_every_node(setup: Setup, command: str) -> None:
+    """``add_consumer`` or ``cancel_consumer`` of the setup's queue on every node; fails unless
+    each node confirms."""
+    send = getattr(setup.app.control, command)
+    replies = send(setup.queue, destination=setup.nodes, reply=True, timeout=5)
+    missing = set(setup.nodes) - replied(replies)
+    assert not missing, f"{command}: no reply from {sorted(missing)}\n{setup.worker.tail()}"
+
+
+def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: float,
+              io_seconds: float) -> Result:
+    """With the worker's consumers paused: publish ``n`` tasks, resume them, time until all are
+    counted (or ``timeout``), pause them again."""
+    app, worker = setup.app, setup.worker
     key = f"cmwq-bench:{uuid.uuid4().hex[:8]}"
     io, cpu = app.tasks["b.io"], app.tasks["b.cpu"]
     with app.producer_or_acquire() as producer:
@@ -132,11 +221,11 @@ def run_batch(app: Any, config: Config, worker: Worker, queue: str, store: redis
                 io.apply_async((key, io_seconds), producer=producer)
             else:
                 cpu.apply_async((key, CPU_ITERATIONS), producer=producer)
-    sampler = ThreadSampler(worker.pid)
+    sampler = TreeSampler(worker.pid)
     sampler.start()
     cpu_started = tree_cpu_seconds(worker.pid)
     started = time.perf_counter()
-    app.control.add_consumer(queue, destination=[worker.name], reply=True, timeout=5)
+    control_every_node(setup, "add_consumer")
     deadline = time.monotonic() + timeout
     done = 0
     while done < n and time.monotonic() < deadline:
@@ -144,15 +233,26 @@ def run_batch(app: Any, config: Config, worker: Worker, queue: str, store: redis
         done = int(store.get(key) or 0)
     seconds = time.perf_counter() - started
     cpu_seconds = tree_cpu_seconds(worker.pid) - cpu_started
-    peak = sampler.stop()
-    app.control.cancel_consumer(queue, destination=[worker.name], reply=True, timeout=5)
+    peak_threads, peak_rss = sampler.stop()
+    control_every_node(setup, "cancel_consumer")
     store.delete(key)
     if done < n:
         print(f"  {workload}: only {done}/{n} done within {timeout}s", file=sys.stderr)
         with app.connection_for_write() as conn:  # drop what is left before the next batch
-            conn.default_channel.queue_purge(queue)
-        return None
-    return Result(config, workload, n, seconds, peak, cpu_seconds)
+            conn.default_channel.queue_purge(setup.queue)
+    return Result(setup.config, workload, n, done, seconds, peak_threads, peak_rss, cpu_seconds)
+
+
+def start(config: Config, broker: str, logs: Path) -> Setup:
+    """Start ``config``'s worker on a queue of its own (it answers once it is up)."""
+    queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
+    app = make_app(broker, queue=queue)
+    via = "custom" if config.pool == "cmwq" else config.pool
+    env = {"CMWQ_PROCESSES": "auto"} if config.processes else None
+    worker = Worker(app, broker, queue, logs / f"bench-{config.slug}.log", concurrency=config.concurrency,
+                    via=via, env=env, loglevel="warning")
+    nodes = children_names(worker, config.processes) if config.processes else [worker.name]
+    return Setup(config, app, worker, queue, nodes)
 
 
 def main() -> int:
@@ -172,91 +272,177 @@ def main() -> int:
     parser.add_argument("--broker", choices=sorted(BROKERS), default="amqp",
                         help="the broker every pool is fed from (default amqp: kombu's Redis transport "
                              "costs ~2 ms of CPU per task here and caps every pool near 500 tasks/s)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="write the conditions and every run's figures (all repeats) to PATH")
     args = parser.parse_args()
 
     scale = 1 if args.quick else 2
     sizes = {"io": 1500 * scale, "cpu": 400 * scale, "mix": 1000 * scale}
-    c, big = args.concurrency, args.large
-    # threads at 2c and 4c show how many threads -P threads needs to catch up with cmwq at c
+    c, big, cpus = args.concurrency, args.large, PROCESSES
+    # threads at 2c and 4c show how many threads -P threads needs to catch up with cmwq at c;
+    # cmwq procs and prefork both run one process per CPU
     configs = [
         Config(f"cmwq -c {c}", "cmwq", c),
+        Config(f"cmwq procs -c {c}", "cmwq", c, processes=cpus),
         Config(f"threads -c {c}", "threads", c),
         Config(f"threads -c {2 * c}", "threads", 2 * c),
         Config(f"threads -c {4 * c}", "threads", 4 * c),
         Config(f"cmwq -c {big}", "cmwq", big),
         Config(f"threads -c {big}", "threads", big),
-        Config(f"prefork -c {os.cpu_count()}", "prefork", os.cpu_count() or 2),
+        Config(f"prefork -c {cpus}", "prefork", cpus),
     ]
     if args.pools:
         wanted = {label.strip() for label in args.pools.split(",")}
+        unknown = wanted - {config.label for config in configs}
+        if unknown:
+            parser.error(f"unknown --pools {sorted(unknown)}; known: {[config.label for config in configs]}")
         configs = [config for config in configs if config.label in wanted]
     repeat = args.repeat or (1 if args.quick else 3)
     workloads = [w for w in args.workloads.split(",") if w]
     store = redis.Redis.from_url(DEFAULT_BACKEND)
     store.ping()
-    results: list[Result] = []
     broker = BROKERS[args.broker]
-    print(f"broker {broker}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, load average "
-          f"{os.getloadavg()[0]:.2f}; io = {args.io_ms:g} ms sleep, cpu = {CPU_ITERATIONS} "
+    load_started, started = os.getloadavg()[0], time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    print(f"broker {broker}, {os.cpu_count()} CPUs ({cpus} usable), Python {sys.version.split()[0]}, "
+          f"load average {load_started:.2f}; io = {args.io_ms:g} ms sleep, cpu = {CPU_ITERATIONS} "
           f"loop iterations; median of {repeat}", flush=True)
     # Every worker is started first and stays up; batches then go round-robin over the pools
     # (repeat, workload, pool), so load from outside the benchmark (other jobs, steal time on a
     # shared VM) falls on every pool alike instead of on whichever ran during it. Idle workers
     # have their consumers paused (run_batch resumes only the one measured).
-    setups: list[tuple[Config, Any, Worker, str]] = []
+    setups: list[Setup] = []
+    runs: list[tuple[int, Result]] = []
     try:
         for config in configs:
-            queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
-            app = make_app(broker, queue=queue)
-            log = Path(args.logs) / f"bench-{config.pool}-{config.concurrency}.log"
-            via = "custom" if config.pool == "cmwq" else config.pool
-            worker = Worker(app, broker, queue, log, concurrency=config.concurrency, via=via,
-                            loglevel="warning")
-            setups.append((config, app, worker, queue))
-            worker.wait_ready(timeout=60)
-            reply = app.control.cancel_consumer(queue, destination=[worker.name], reply=True, timeout=5)
-            assert reply, f"worker {worker.name} did not pause its consumer"
-        runs: dict[tuple[str, str], list[Result | None]] = {}
-        for _ in range(repeat):
+            setup = start(config, broker, Path(args.logs))
+            setups.append(setup)
+            wait_nodes_ready(setup, timeout=60)
+            control_every_node(setup, "cancel_consumer")
+        for round_ in range(repeat):
             for workload in workloads:
-                for config, app, worker, queue in setups:
-                    result = run_batch(app, config, worker, queue, store, workload, sizes[workload],
-                                       timeout=120, io_seconds=args.io_ms / 1000)
-                    runs.setdefault((config.label, workload), []).append(result)
-                    if result is not None:
-                        print(f"  {config.label:18} {workload:4} {result.rate:9.0f} tasks/s "
-                              f"{result.peak_threads:5d} threads {result.cpu_ms_per_task:6.2f} CPU ms/task",
-                              flush=True)
-        for config, *_ in setups:
-            for workload in workloads:
-                got = runs[(config.label, workload)]
-                done = sorted((r for r in got if r is not None), key=lambda r: r.rate)
-                if len(done) == len(got):
-                    result = done[len(done) // 2]
-                    result.peak_threads = max(r.peak_threads for r in done)
-                    results.append(result)
+                for setup in setups:
+                    result = run_batch(setup, store, workload, sizes[workload], timeout=120,
+                                       io_seconds=args.io_ms / 1000)
+                    runs.append((round_, result))
+                    if result.complete:
+                        print(f"  {setup.config.label:18} {workload:4} {result.rate:9.0f} tasks/s "
+                              f"{result.peak_threads:5d} threads {result.peak_rss_mib:7.1f} MiB RSS "
+                              f"{result.cpu_ms_per_task:6.2f} CPU ms/task", flush=True)
     finally:
-        for _config, app, worker, queue in setups:
-            worker.kill()
+        for setup in setups:
+            setup.worker.kill()
             try:
-                with app.connection_for_write() as conn:
-                    conn.default_channel.queue_delete(queue)
+                with setup.app.connection_for_write() as conn:
+                    conn.default_channel.queue_delete(setup.queue)
             except Exception:  # noqa: BLE001
                 pass
-            app.close()
-    print_table(results, c)
+            setup.app.close()
+    results = medians([r for _, r in runs], configs, workloads)
+    targets = target_lines(results, configs, workloads, c, cpus, args.io_ms)
+    print_table(results, targets, c)
+    load_ended = os.getloadavg()[0]
+    print(f"\nload average {load_started:.2f} at the start, {load_ended:.2f} at the end")
+    if args.json:
+        conditions = {"broker": broker, "cpus": os.cpu_count(), "usable_cpus": cpus,
+                      "python": sys.version.split()[0], "io_ms": args.io_ms,
+                      "cpu_iterations": CPU_ITERATIONS, "repeat": repeat, "sizes": sizes,
+                      "load_average_start": load_started, "load_average_end": load_ended,
+                      "started": started}
+        document = {"conditions": conditions, "runs": [run_record(round_, r) for round_, r in runs],
+                    "targets": targets}
+        args.json.write_text(json.dumps(document, indent=1) + "\n")
     return 0
 
 
-def print_table(results: list[Result], c: int) -> None:
+def medians(runs: list[Result], configs: list[Config], workloads: list[str]) -> list[Result]:
+    """Per configuration and workload whose every run completed: the median run by tasks/s, with
+    the peak threads and RSS of all its runs."""
+    results = []
+    for config in configs:
+        for workload in workloads:
+            got = [r for r in runs if r.config == config and r.workload == workload]
+            if not got or not all(r.complete for r in got):
+                continue
+            median = sorted(got, key=lambda r: r.rate)[len(got) // 2]
+            results.append(replace(median, peak_threads=max(r.peak_threads for r in got),
+                                   peak_rss_kib=max(r.peak_rss_kib for r in got)))
+    return results
+
+
+def run_record(round_: int, r: Result) -> dict[str, Any]:
+    return {"pool": r.config.label, "kind": r.config.pool, "concurrency": r.config.concurrency,
+            "cmwq_processes": r.config.processes, "workload": r.workload, "round": round_,
+            "tasks": r.tasks, "done": r.done, "complete": r.complete, "seconds": r.seconds,
+            "tasks_per_s": r.rate, "peak_threads": r.peak_threads, "peak_rss_kib": r.peak_rss_kib,
+            "cpu_seconds": r.cpu_seconds, "cpu_ms_per_task": r.cpu_ms_per_task}
+
+
+#: Per workload, what ``cmwq procs -c C`` should reach: the peers it is compared with ("threads":
+#: ``-P threads -c C``, "prefork": ``prefork -c N`` with N = the CPUs, as many processes), the
+#: factor it should reach against each, and whether it must exceed the factor or may equal it.
+TARGETS = {
+    "cpu": (("prefork",), 1.0, False),
+    "io": (("threads", "prefork"), 2.0, False),
+    "mix": (("threads", "prefork"), 1.0, True),
+}
+
+
+def target_met(ratio: float, factor: float, strictly: bool) -> bool:
+    return ratio > factor if strictly else ratio >= factor
+
+
+def target_lines(results: list[Result], configs: list[Config], workloads: list[str], c: int, cpus: int,
+                 io_ms: float) -> list[dict[str, Any]]:
+    """One line per workload run, if ``cmwq procs -c c`` was one of the configurations: its ratio
+    to each peer and whether the workload's target is met (None: a run it needs did not complete)."""
+    labels = {"procs": f"cmwq procs -c {c}", "threads": f"threads -c {c}", "prefork": f"prefork -c {cpus}"}
+    if labels["procs"] not in {config.label for config in configs}:
+        return []
+    rates = {(r.config.label, r.workload): r.rate for r in results}
+    lines = []
+    for workload in workloads:
+        if workload not in TARGETS:
+            continue
+        peers, factor, strictly = TARGETS[workload]
+        procs = rates.get((labels["procs"], workload))
+        ratios: dict[str, float | None] = {}
+        for peer in ("threads", "prefork"):
+            other = rates.get((labels[peer], workload))
+            ratios[peer] = procs / other if procs and other else None
+        needed = [ratio for peer in peers if (ratio := ratios[peer]) is not None]
+        met = all(target_met(r, factor, strictly) for r in needed) if len(needed) == len(peers) else None
+        target = f"{'>' if strictly else '>='} {factor:g}x {' and '.join(labels[p] for p in peers)}"
+        if workload == "cpu":
+            target += " (as many processes)"
+        if workload == "io":
+            target += f" ({io_ms:g} ms I/O; stated for 10 ms)" if io_ms != 10 else " (10 ms I/O)"
+        lines.append({"workload": workload, "pool": labels["procs"], "target": target,
+                      "vs_threads": ratios["threads"], "vs_prefork": ratios["prefork"], "met": met,
+                      "threads": labels["threads"], "prefork": labels["prefork"]})
+    return lines
+
+
+def print_table(results: list[Result], targets: list[dict[str, Any]], c: int) -> None:
     base = {r.workload: r.rate for r in results if r.config.pool == "threads" and r.config.concurrency == c}
     print()
-    print(f"| pool | workload | tasks | tasks/s | vs threads -c {c} | peak threads | CPU ms/task |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"| pool | workload | tasks | tasks/s | vs threads -c {c} | peak threads | peak RSS MiB "
+          f"| CPU ms/task |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ratio = f"{r.rate / base[r.workload]:.2f}x" if r.workload in base else "-"
         print(f"| {r.config.label} | {r.workload} | {r.tasks} | {r.rate:.0f} | {ratio} | {r.peak_threads} "
-              f"| {r.cpu_ms_per_task:.2f} |")
+              f"| {r.peak_rss_mib:.0f} | {r.cpu_ms_per_task:.2f} |")
+    if not targets:
+        return
+    first = targets[0]
+    print()
+    print(f"| {first['pool']}: target | workload | vs {first['threads']} | vs {first['prefork']} | met |")
+    print("|---|---|---:|---:|---|")
+    for line in targets:
+        ratios = [f"{line[key]:.2f}x" if line[key] is not None else "-"
+                  for key in ("vs_threads", "vs_prefork")]
+        met = {True: "met", False: "**not met**", None: "not measured"}[line["met"]]
+        print(f"| {line['target']} | {line['workload']} | {ratios[0]} | {ratios[1]} | {met} |")
 
 
 if __name__ == "__main__":
