@@ -279,6 +279,7 @@ class Supervisor:
 
     def __init__(self, nodename: str, count: int, metrics: tuple[int, str] | None = None,
                  argv: Sequence[str] | None = None) -> None:
+        given = argv
         argv = list(sys.argv if argv is None else argv)
         if not is_worker_command(argv):
             raise ImproperlyConfigured(
@@ -286,7 +287,8 @@ class Supervisor:
                 f"worker` command line (each child runs it again); this process was started as {argv!r}")
         cpus = usable_cpus()
         self.nodename = nodename  # I
-        self.orig_argv = list(getattr(sys, "orig_argv", argv))  # I
+        # I: what the children run again (interpreter options included); a given argv, as run by us
+        self.orig_argv = list(sys.orig_argv) if given is None else [sys.executable, *argv]
         self.dir = tempfile.mkdtemp(prefix="cmwq-children-")  # I: the children's status files
         self.children = [Child(i, cpus[i % len(cpus)], child_nodename(nodename, i),
                                os.path.join(self.dir, f"child{i}.port")) for i in range(count)]  # I
@@ -335,6 +337,7 @@ class Supervisor:
         except OSError as exc:
             log.error("cmwq_exec: cannot start child %s (%s): %s", child.index, child.nodename, exc)
             child.proc = None
+            child.started_at = time.monotonic()  # a start that failed died young: back off
             self._schedule_respawn(child)
             return
         try:

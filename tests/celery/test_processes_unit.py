@@ -156,3 +156,21 @@ def test_the_supervisor_endpoint_merges_the_children_with_a_child_label(tmp_path
     assert 'cmwq_celery_child_restarts_total{child="1"} 3.0' in text
     for index in ("0", "1"):
         assert f'cmwq_pool_workers{{child="{index}",' in text
+
+
+def test_a_child_that_cannot_be_started_is_retried_after_a_growing_pause(monkeypatch):
+    supervisor = cp.Supervisor("w@h", 1, argv=[CELERY, "-A", "p", "worker"])
+    child = supervisor.children[0]
+
+    def no_process(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(cp.subprocess, "Popen", no_process)
+    monkeypatch.setattr(cp.time, "monotonic", lambda: 500.0)
+    supervisor._spawn(child)
+    first = child.respawn_at - child.started_at
+    supervisor._spawn(child)
+    second = child.respawn_at - child.started_at
+    assert child.proc is None
+    assert (first, second) == (1.0, 2.0)
+    os.rmdir(supervisor.dir)
