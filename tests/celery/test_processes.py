@@ -61,11 +61,11 @@ def members(redis_client: Any, name: str) -> set[str]:
     return {m.decode() for m in redis_client.smembers(name)}
 
 
-def start(start_worker: Any, concurrency: int = 2,
-          env: dict[str, str] | None = None) -> tuple[Worker, list[str]]:
+def start(start_worker: Any, concurrency: int = 2, env: dict[str, str] | None = None,
+          via: str = "setting") -> tuple[Worker, list[str]]:
     """A worker with CHILDREN children (``CMWQ_PROCESSES`` unless ``env`` says otherwise), once
-    every child answers ping."""
-    worker = start_worker(concurrency=concurrency, via="setting", ready=False,
+    every child answers ping. ``via``: the pool chosen by ``worker_pool`` or by ``-P custom``."""
+    worker = start_worker(concurrency=concurrency, via=via, ready=False,
                           env={"CMWQ_PROCESSES": str(CHILDREN), **(env or {})})
     return worker, worker.wait_children(CHILDREN)
 
@@ -251,8 +251,9 @@ def test_sigterm_to_the_parent_is_a_warm_shutdown_of_every_child(celery_app, sta
 
 def test_sigquit_to_the_parent_is_a_cold_shutdown_of_every_child(celery_app, start_worker, results_redis,
                                                                  key):
-    """SIGQUIT: the parent and both children exit without waiting for their 60 s tasks."""
-    worker, names = start(start_worker, concurrency=2)
+    """SIGQUIT: the parent and both children exit without waiting for their 60 s tasks (this
+    worker selects the pool with ``-P custom``)."""
+    worker, names = start(start_worker, concurrency=2, via="custom")
     pids = worker.child_pids()
     for i in range(4):
         celery_app.tasks["t.record"].delay(key, f"q{i}", 60)
