@@ -61,11 +61,11 @@ def members(redis_client: Any, name: str) -> set[str]:
     return {m.decode() for m in redis_client.smembers(name)}
 
 
-def start(start_worker: Any, concurrency: int = 2, env: dict[str, str] | None = None,
-          via: str = "setting") -> tuple[Worker, list[str]]:
+def start(start_worker: Any, concurrency: int | None = 2, env: dict[str, str] | None = None,
+          via: str = "setting", args: tuple[str, ...] = ()) -> tuple[Worker, list[str]]:
     """A worker with CHILDREN children (``CMWQ_PROCESSES`` unless ``env`` says otherwise), once
     every child answers ping. ``via``: the pool chosen by ``worker_pool`` or by ``-P custom``."""
-    worker = start_worker(concurrency=concurrency, via=via, ready=False,
+    worker = start_worker(concurrency=concurrency, via=via, ready=False, args=args,
                           env={"CMWQ_PROCESSES": str(CHILDREN), **(env or {})})
     return worker, worker.wait_children(CHILDREN)
 
@@ -185,6 +185,27 @@ def test_time_limit_revoke_terminate_and_pool_grow_in_each_child(celery_app, sta
     assert [s["pool"]["max-concurrency"] for s in child_stats(worker, names)] == [3] * CHILDREN
     celery_app.control.pool_shrink(1, destination=names, reply=True, timeout=2.0)
     assert [s["pool"]["max-concurrency"] for s in child_stats(worker, names)] == [2] * CHILDREN
+
+
+def test_autoscale_grows_and_shrinks_each_child(celery_app, start_worker, results_redis, key):
+    """``--autoscale=4,1`` on the worker's command line reaches every child (each re-runs it): each
+    starts at one task, grows under a load of tasks that wait without saying so (each counts as
+    running), never past 4, and shrinks back to one when idle."""
+    worker, names = start(start_worker, concurrency=None, args=("--autoscale=4,1",),
+                          env={"AUTOSCALE_KEEPALIVE": "1"})
+    assert [s["pool"]["max-concurrency"] for s in child_stats(worker, names)] == [1] * CHILDREN
+    results = group(celery_app.tasks["t.gauge"].s(key, 0.5, annotated=False) for _ in range(24))()
+
+    def each_grew() -> list[dict[str, Any]] | None:
+        stats = child_stats(worker, names)
+        return stats if all(s["pool"]["max-concurrency"] >= 2 for s in stats) else None
+
+    grown = wait_for(each_grew, 30, "autoscale to grow every child")
+    assert all(s["autoscaler"]["max"] == 4 for s in grown), [s["autoscaler"] for s in grown]
+    results.get(timeout=60)
+    assert 2 < int(results_redis.get(key + ":peak")) <= 4 * CHILDREN
+    wait_for(lambda: all(s["pool"]["max-concurrency"] == 1 for s in child_stats(worker, names)), 30,
+             "autoscale to shrink every child back to one")
 
 
 def test_a_killed_child_is_replaced_one_that_exits_by_itself_is_not(celery_app, start_worker,
