@@ -8,10 +8,10 @@ node running the single-process pool (:class:`cmwq_exec.celery.TaskPool`) on its
 concurrency-managed per-CPU pool, and consumes from the broker on its own, so neither the
 tasks nor the consumers of two children share a GIL.
 
-The shape follows from a measurement (``benchmarks/bench_celery.py``): the consumer of one
-process stops near 1000 tasks/s of 10 ms I/O tasks whatever the pool, at ~0.9 ms of CPU per task.
-A parent consuming for its children (prefork's shape) would keep that ceiling; children that
-consume remove it.
+The shape follows from a measurement (``benchmarks/bench_celery.py``): one process stops at
+~1250-1440 tasks/s of 10 ms I/O tasks whatever the pool, at about one core (~0.7 ms of CPU per
+task, most of it Celery's consumer and tracer). A parent consuming for its children (prefork's
+shape) would keep that ceiling; children that consume remove it.
 
 The children
     Child *i* (0 <= i < N) re-runs the parent's own command line with ``-n {name}.{i}@{host}``
