@@ -270,6 +270,26 @@ def test_sigterm_to_the_parent_is_a_warm_shutdown_of_every_child(celery_app, sta
     wait_for(lambda: all(process_gone(pid) for pid in pids), 5, f"the children {pids} to be gone")
 
 
+def test_a_killed_parent_is_a_warm_shutdown_of_every_child(celery_app, start_worker, results_redis, key):
+    """SIGKILL to the supervisor alone (not its process group): no child is left behind serving
+    without it. Each gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and stops warmly: the tasks
+    it had started finish and their results are stored."""
+    worker, names = start(start_worker, concurrency=2)
+    pids = worker.child_pids()
+    assert len(pids) == CHILDREN, pids
+    results = {f"k{i}": celery_app.tasks["t.record_early"].delay(key, f"k{i}", 2.0) for i in range(12)}
+    wait_for(lambda: every_child_runs(celery_app, names), 20, "both children to run tasks")
+    in_progress = members(results_redis, key + ":started") - members(results_redis, key)
+    os.kill(worker.pid, signal.SIGKILL)
+    assert in_progress, "no task was running when the parent died: nothing tested"
+
+    wait_for(lambda: all(process_gone(pid) for pid in pids), 40, f"the children {pids} to exit")
+    started, done = members(results_redis, key + ":started"), members(results_redis, key)
+    assert started == done, f"started, not finished: {started - done}\n{worker.tail()}"
+    for token in started:
+        assert results[token].get(timeout=5) == token
+
+
 def test_sigquit_to_the_parent_is_a_cold_shutdown_of_every_child(celery_app, start_worker, results_redis,
                                                                  key):
     """SIGQUIT: the parent and both children exit without waiting for their 60 s tasks (this
