@@ -153,12 +153,12 @@ class Worker:
                 f"worker {self.name} still running after {timeout}s\n{self.tail()}") from None
 
     def kill(self) -> None:
-        """SIGKILL the worker's whole process group: its children too (child processes mode, or be sure)."""
-        if self.alive():
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL the worker's whole process group: its children too (child processes mode, or be sure),
+        also when the worker itself has exited and left some behind."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own group: started in a new session
+        except ProcessLookupError:
+            pass
         try:
             self.proc.wait(10)
         finally:
