@@ -181,12 +181,17 @@ def test_a_task_celery_does_not_refuse_after_all_runs_once(make_pool, revoked_st
 
 
 def test_concurrency_counts_running_tasks_and_follows_grow_and_shrink(make_pool):
-    """-c bounds the tasks running at once (a plain sleep counts as running); a task asleep inside
-    blocking() hands its slot on, and in flight stay within the window (4 x the limit)."""
+    """-c bounds the tasks running at once (a plain wait counts as running); a task waiting inside
+    blocking() hands its slot on, and in flight stay within the window (4 x the limit).
+
+    Each batch's tasks wait on a gate until as many as the bound allows are in; the gate opens
+    only then, so no task finishes before the last one the bound admits has started, however slow
+    the machine. Meanwhile no further task may start."""
     pool, calls = make_pool(limit=2), Calls()
     lock = threading.Lock()
     now = [0]
     peaks: list[int] = []
+    gate = threading.Event()
 
     def task(annotated: bool) -> None:
         with lock:
@@ -194,30 +199,34 @@ def test_concurrency_counts_running_tasks_and_follows_grow_and_shrink(make_pool)
             peaks.append(now[0])
         if annotated:
             with cmwq_exec.blocking():
-                time.sleep(0.1)
+                gate.wait(30)
         else:
-            time.sleep(0.05)
+            gate.wait(30)
         with lock:
             now[0] -= 1
 
-    def batch(first: int, n: int, annotated: bool) -> int:
+    def batch(first: int, n: int, annotated: bool, bound: int) -> int:
         peaks.clear()
+        gate.clear()
         for i in range(first, first + n):
             pool.apply_async(task, (annotated,), **calls.callbacks(i))
+        wait_for(lambda: now[0] == bound, 20, f"{bound} of tasks {first}..{first + n - 1} in")
+        time.sleep(0.1)  # room for a task past the bound to start (none may)
+        gate.set()
         wait_for(lambda: all(calls.of(i, "success") for i in range(first, first + n)), 20,
                  f"tasks {first}..{first + n - 1}")
         return max(peaks)
 
-    assert batch(0, 10, annotated=False) == 2
-    assert batch(10, 12, annotated=True) == 8
+    assert batch(0, 10, annotated=False, bound=2) == 2
+    assert batch(10, 12, annotated=True, bound=8) == 8
     pool.grow(3)
     assert pool.num_processes == 5 and pool.info["max-concurrency"] == 5
-    assert batch(100, 20, annotated=False) == 5
-    assert batch(200, 25, annotated=True) == 20
+    assert batch(100, 20, annotated=False, bound=5) == 5
+    assert batch(200, 25, annotated=True, bound=20) == 20
     pool.shrink(4)
     assert pool.num_processes == 1
-    assert batch(300, 6, annotated=False) == 1
-    assert batch(400, 6, annotated=True) == 4
+    assert batch(300, 6, annotated=False, bound=1) == 1
+    assert batch(400, 6, annotated=True, bound=4) == 4
     with pytest.raises(ValueError, match="cannot shrink"):
         pool.shrink(2)
 
