@@ -148,3 +148,35 @@ def log_messages(logger_name: str, level: int = 30) -> Iterator[list[str]]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+# -- real CPU hotplug (root) -----------------------------------------------------------------------
+
+CPU1_ONLINE = "/sys/devices/system/cpu/cpu1/online"
+
+
+def need_two_cpus() -> None:
+    if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("needs CPUs 0 and 1 usable by this process")
+
+
+def write_cpu1(value: str) -> None:
+    with open(CPU1_ONLINE, "w") as f:
+        f.write(value)
+
+
+def read_cpu1() -> str:
+    with open(CPU1_ONLINE) as f:
+        return f.read().strip()
+
+
+def need_sysfs_hotplug() -> None:
+    need_two_cpus()
+    if os.geteuid() != 0:
+        pytest.skip("real CPU hotplug needs root (writes /sys/devices/system/cpu/cpu1/online)")
+    if not os.path.exists(CPU1_ONLINE):
+        pytest.skip(f"{CPU1_ONLINE} does not exist (CPU 1 cannot be hot-unplugged here)")
+    if not os.access(CPU1_ONLINE, os.W_OK):
+        pytest.skip(f"{CPU1_ONLINE} is not writable")
+    if read_cpu1() != "1":
+        pytest.skip("CPU 1 is not online to begin with")

@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import registered, wait_for
+from helpers import (
+    CPU1_ONLINE,
+    need_sysfs_hotplug,
+    need_two_cpus,
+    read_cpu1,
+    registered,
+    wait_for,
+    write_cpu1,
+)
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, blocking
@@ -18,18 +26,6 @@ from cmwq_exec.core.pool import WorkerCreationError, WorkerPool
 from cmwq_exec.core.worker import ROGUE, current_worker
 
 pytestmark = [pytest.mark.hotplug, pytest.mark.slow, pytest.mark.timeout(180)]
-
-CPU1_ONLINE = "/sys/devices/system/cpu/cpu1/online"
-
-
-
-
-def need_two_cpus() -> None:
-    if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
-        pytest.skip("needs CPUs 0 and 1 usable by this process")
-
-
-
 
 @pytest.fixture
 def fresh_system(fresh_system: Callable[..., Any]) -> Callable[..., Any]:
@@ -284,28 +280,6 @@ def test_trustee_takes_charge_after_the_timer_created_the_first_worker(
         monkeypatch.undo()
         system.cpu_up(1)  # RELEASE wakes a stuck trustee too
         wait_for("cpu1's trustee DONE", lambda: pool.stats()["trustee_state"] == "DONE")
-
-
-def write_cpu1(value: str) -> None:
-    with open(CPU1_ONLINE, "w") as f:
-        f.write(value)
-
-
-def read_cpu1() -> str:
-    with open(CPU1_ONLINE) as f:
-        return f.read().strip()
-
-
-def need_sysfs_hotplug() -> None:
-    need_two_cpus()
-    if os.geteuid() != 0:
-        pytest.skip("real CPU hotplug needs root (writes /sys/devices/system/cpu/cpu1/online)")
-    if not os.path.exists(CPU1_ONLINE):
-        pytest.skip(f"{CPU1_ONLINE} does not exist (CPU 1 cannot be hot-unplugged here)")
-    if not os.access(CPU1_ONLINE, os.W_OK):
-        pytest.skip(f"{CPU1_ONLINE} is not writable")
-    if read_cpu1() != "1":
-        pytest.skip("CPU 1 is not online to begin with")
 
 
 def bad_affinity_workers(system: Any, offline: set[int]) -> list[tuple[str, int, set[int]]]:
