@@ -31,6 +31,12 @@ The supervisor
       each child run one more task);
     * warm shutdown (SIGTERM, the first Ctrl-C): SIGTERM to every child, then waits until all have
       exited; cold shutdown (SIGQUIT, or a second Ctrl-C while waiting): SIGQUIT to every child;
+    * keeps each child on its CPU. When a CPU goes offline the kernel moves the threads pinned to
+      it and, for each one it has to move, widens its CPU mask for good ("no longer affine to
+      cpuN"); so once a second, while a child's CPU is online, every thread of that child whose
+      mask is not just that CPU is pinned to it again. Meanwhile the child's own
+      concurrency-managed pools follow the CPUs as in any process (a trustee drains the pool of
+      the CPU that left);
     * a child that dies (a signal, an exit code other than 0) while the worker is not stopping is
       replaced by a new process with the same index, name and CPU, after a pause that doubles from
       0.5 s up to 10 s while replacements keep dying within 10 s of their start. A child that
@@ -67,6 +73,8 @@ from celery.exceptions import ImproperlyConfigured, WorkerShutdown, WorkerTermin
 from celery.utils.nodenames import nodesplit
 from celery.worker import state as _worker_state
 
+from .core.cpus import online_cpus
+
 __all__ = ["CHILD", "Supervisor", "child_command", "child_index", "processes_wanted"]
 
 log = logging.getLogger("cmwq_exec.celery")
@@ -80,6 +88,8 @@ _ALLOWED = "unset, '' or 0 (one process), 'auto' (one child per usable CPU) or a
 RESPAWN_PAUSE, RESPAWN_PAUSE_MAX, YOUNG = 0.5, 10.0, 10.0
 #: how often the supervisor looks at its children and the shutdown flags
 TICK = 0.1
+#: how often it checks that every thread of every child is still pinned to the child's CPU
+PIN_CHECK = 1.0
 
 
 # -- choosing the mode -------------------------------------------------------------------------------
@@ -230,6 +240,26 @@ def become_child(index: int, environ: Mapping[str, str] = os.environ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def pin_threads(pid: int, cpu: int) -> int:
+    """Pin every thread of process ``pid`` whose CPU mask is not ``{cpu}`` to ``cpu``; returns
+    how many were. Threads that exit meanwhile, or a CPU that goes offline meanwhile, are
+    skipped (the next look retries)."""
+    wanted = {cpu}
+    pinned = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0  # exited
+    for tid in tids:
+        try:
+            if os.sched_getaffinity(int(tid)) != wanted:
+                os.sched_setaffinity(int(tid), wanted)
+                pinned += 1
+        except OSError:
+            continue
+    return pinned
+
+
 def report_metrics_port(port: int, environ: Mapping[str, str] = os.environ) -> None:
     """A child tells the supervisor where its metrics are."""
     path = environ.get(CHILD_STATUS)
@@ -295,6 +325,7 @@ class Supervisor:
         self.metrics = metrics  # I: (port, addr) of the worker's endpoint
         self._server: Any = None
         self.stopping = False  # S
+        self.pin_check_at = 0.0  # S: when _keep_pinned runs next
 
     # -- running --
 
@@ -314,6 +345,9 @@ class Supervisor:
                     self.stop(cold=False)
                     raise WorkerShutdown(code)
                 self._watch()
+                if time.monotonic() >= self.pin_check_at:
+                    self.pin_check_at = time.monotonic() + PIN_CHECK
+                    self._keep_pinned()
                 if all(child.done for child in self.children):
                     log.info("cmwq_exec: every child exited by itself: the worker stops")
                     self.stop(cold=False)
@@ -371,6 +405,19 @@ class Supervisor:
             log.warning("cmwq_exec: child %s (%s, pid %s) died with %s; starting a new one",
                         child.index, child.nodename, proc.pid if proc else "?", how)
             self._schedule_respawn(child)
+
+    def _keep_pinned(self) -> None:
+        """Pin every thread of every live child whose CPU is online back to that CPU (see the
+        module doc: the kernel widens a thread's mask when it moves it off an offline CPU)."""
+        online = online_cpus()
+        for child in self.children:
+            proc = child.proc
+            if proc is None or child.cpu not in online or not child.alive():
+                continue
+            repinned = pin_threads(proc.pid, child.cpu)
+            if repinned:
+                log.info("cmwq_exec: child %s (%s): %s threads pinned to CPU %s again", child.index,
+                         child.nodename, repinned, child.cpu)
 
     def _schedule_respawn(self, child: Child) -> None:
         now = time.monotonic()

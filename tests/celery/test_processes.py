@@ -33,6 +33,7 @@ from celery_harness import (
     under_ci,
     wait_for,
 )
+from helpers import need_sysfs_hotplug, read_cpu1, write_cpu1
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -303,6 +304,47 @@ def test_sigquit_to_the_parent_is_a_cold_shutdown_of_every_child(celery_app, sta
     worker.wait_exit(20)  # a warm shutdown would wait for the tasks: 60 s
     wait_for(lambda: all(process_gone(pid) for pid in pids), 10, f"the children {pids} to be gone")
     assert results_redis.scard(key) == 0, "a task finished: the shutdown was not cold"
+
+
+@pytest.mark.hotplug
+def test_a_childs_cpu_going_offline_and_back(celery_app, start_worker, results_redis, key):
+    """CPU 1 goes offline under child 1, which is pinned to it, while tasks run: child 1 is not
+    replaced and goes on serving on the CPU left (the kernel moves it; its engine's CPU 1 pool is
+    drained by a trustee); no task is lost. When CPU 1 is back, every thread of child 1 is on it
+    again (the kernel does not restore the masks it widened: the supervisor does), and both
+    children run tasks."""
+    need_sysfs_hotplug()
+    worker, names = start(start_worker, concurrency=2)
+    stats = child_stats(worker, names)
+    pids = [s["pid"] for s in stats]
+    assert [s["pool"]["cmwq-child"]["cpu"] for s in stats] == [0, 1]
+    spin = celery_app.tasks["t.spin_pid"]
+    try:
+        before = group(spin.s(0.02) for _ in range(40))()
+        write_cpu1("0")
+        during = group(spin.s(0.02) for _ in range(40))()
+        assert len(before.get(timeout=60)) == 40
+        ran_during = set(during.get(timeout=60))
+        assert ran_during <= set(pids), ran_during
+        assert worker.node_stats(names[1])["pid"] == pids[1], "child 1 was replaced"
+        assert spin_pids(celery_app, 40) == set(pids), "child 1 stopped taking tasks offline"
+    finally:
+        write_cpu1("1")
+    assert read_cpu1() == "1"
+    def child1_masks() -> set[str]:
+        masks = set()
+        for tid in os.listdir(f"/proc/{pids[1]}/task"):
+            try:
+                masks.add(",".join(map(str, sorted(os.sched_getaffinity(int(tid))))))
+            except OSError:
+                pass  # exited
+        return masks
+
+    # the kernel widened the mask of every thread it moved off CPU 1; the supervisor pins them back
+    wait_for(lambda: child1_masks() == {"1"}, 10, "every thread of child 1 to be on CPU 1 again")
+    assert cpus_allowed(pids[1]) == "1"
+    assert spin_pids(celery_app, 40) == set(pids)
+    assert sorted(worker.child_pids()) == sorted(pids), "a child was replaced"
 
 
 def test_a_bad_cmwq_processes_value_is_a_clear_error(start_worker):

@@ -174,3 +174,25 @@ def test_a_child_that_cannot_be_started_is_retried_after_a_growing_pause(monkeyp
     assert child.proc is None
     assert (first, second) == (1.0, 2.0)
     os.rmdir(supervisor.dir)
+
+
+def test_pin_threads_pins_every_thread_of_a_process_back_to_its_cpu():
+    """What the supervisor does once a second for each child (the kernel widens the mask of a
+    thread it moves off an offline CPU): here a subprocess with a second thread, both widened."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two usable CPUs")
+    code = ("import threading, time; threading.Thread(target=time.sleep, args=(30,), daemon=True).start(); "
+            "print('up', flush=True); time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "up"
+        tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        assert len(tids) == 2 and all(os.sched_getaffinity(t) == set(cpus) for t in tids)
+        assert cp.pin_threads(child.pid, cpus[-1]) == 2
+        assert all(os.sched_getaffinity(t) == {cpus[-1]} for t in tids)
+        assert cp.pin_threads(child.pid, cpus[-1]) == 0  # nothing left to do
+    finally:
+        child.kill()
+        child.wait()
+    assert cp.pin_threads(child.pid, cpus[-1]) == 0  # gone: nothing to pin, no error
