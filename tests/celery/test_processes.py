@@ -331,6 +331,7 @@ def test_a_childs_cpu_going_offline_and_back(celery_app, start_worker, results_r
     finally:
         write_cpu1("1")
     assert read_cpu1() == "1"
+
     def child1_masks() -> set[str]:
         masks = set()
         for tid in os.listdir(f"/proc/{pids[1]}/task"):
