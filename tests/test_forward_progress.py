@@ -220,6 +220,47 @@ def test_failing_thread_creation_from_the_first_worker(fresh_system: Any,
     assert counts == [1] * len(counts)
 
 
+def test_a_rescued_work_that_blocks_holds_up_only_itself(fresh_system: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rescuer runs one work at a time and leaves the others on the worklist: when it runs a
+    work that waits for a later work of the same workqueue, the worker that creation brings at last
+    runs the later one. (A rescuer that took every work to its own list stalled here until the
+    first one gave up: the kernel's rescuer did that until 2025.)"""
+    system = fresh_system(**FLAKY)
+    real = _worker.start_thread
+    refusing = threading.Event()
+    refusing.set()
+
+    def refuse_workers(target: Any, name: str) -> threading.Thread:
+        if refusing.is_set() and not name.startswith("cmwq/rescuer:"):
+            raise RuntimeError("can't start new thread")
+        return real(target, name)
+
+    monkeypatch.setattr(_worker, "start_thread", refuse_workers)
+    wq = WorkQueue(f"fp-rescued-{uuid.uuid4().hex[:6]}", WQ.UNBOUND | WQ.RESCUER)
+    second_ran = threading.Event()
+    first: dict[str, Any] = {}
+
+    def waits_for_the_second() -> None:
+        worker = cmwq_exec.core.worker.current_worker()
+        first["rescued"] = worker is not None and bool(worker.flags & _worker.RESCUER)
+        with blocking():
+            first["saw_second"] = second_ran.wait(20)
+
+    assert wq.queue_work(Work(waits_for_the_second))
+    assert wq.queue_work(Work(second_ran.set))
+    wait_for("the rescuer to run the first work", lambda: "rescued" in first, timeout=20)
+    assert first["rescued"], "the first work ran on a worker, not the rescuer: nothing was tested"
+    refusing.clear()  # workers can be created again
+    assert second_ran.wait(20), "the second work stayed behind the blocked rescued work"
+    wq.flush()
+    assert first["saw_second"] is True
+    assert wq.stats()["rescued"] >= 1
+    for pool in system.pools:
+        with pool.lock:
+            pool.check_invariants()
+
+
 class RaisingKeepWorking:
     def __init__(self) -> None:
         self.calls = 0

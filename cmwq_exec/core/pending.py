@@ -9,7 +9,7 @@ worker already running it). So whoever holds both locks sees a pending work in e
 and cancelling never waits for a work "in transit".
 
 A call submitted to an executor (:class:`cmwq_exec.CMWQFuture`) is a one-shot work: its future's
-state is its pending state, and ``_where`` is kept for the rescuer and for reading only.
+state is its pending state, and ``_where`` is kept for reading only.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ class Where(enum.Enum):
     INACTIVE = 2  # on its workqueue's inactive list, waiting for a max_active slot
     WORKLIST = 3  # on a pool's worklist
     SCHEDULED = 4  # handed to the worker that runs its previous run (non-reentrancy)
-    RESCUE = 5  # taken off the worklist by its workqueue's rescuer, to run next
 
 
 NOWHERE = Where.NOWHERE
@@ -37,7 +36,6 @@ TIMER = Where.TIMER
 INACTIVE = Where.INACTIVE
 WORKLIST = Where.WORKLIST
 SCHEDULED = Where.SCHEDULED
-RESCUE = Where.RESCUE
 
 
 class WorkFlush:

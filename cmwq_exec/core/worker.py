@@ -26,7 +26,7 @@ from . import hooks
 from .cpus import Placed
 from .interfaces import QueueState, ReusableWork, WorkItem, WorkQueueOps
 from .lockdep import make_lock
-from .pending import NOWHERE, RESCUE, SCHEDULED, WORKLIST, work_flush
+from .pending import NOWHERE, SCHEDULED, work_flush
 from .policy import PoolCounters
 
 if TYPE_CHECKING:
@@ -374,7 +374,6 @@ class Rescuer:
         # garbage collector in the middle of any critical section may signal safely.
         self.wake = threading.Lock()
         self.wake.acquire()
-        self.held: deque[WorkItem] = deque()  # L (the rescued pool's lock): works taken to run next
         self.worker = Worker(system.unbound_pool, -1)
         self.worker.flags = RESCUER
         try:
@@ -437,27 +436,30 @@ class Rescuer:
 
     def rescue(self, wq: WorkQueueOps, pool: WorkerPool) -> None:
         """Run the workqueue's pending works on ``pool``, one at a time, while the pool still lacks
-        workers; then put back what is left and kick the pool so a regular worker takes over.
+        workers; then kick the pool so a regular worker takes over.
 
-        One pass over the worklist takes all of the workqueue's works (in order) into ``held``, so
-        a backlog costs one scan per rescue, not one per work."""
+        The works stay on the worklist until each one runs: one pass moves the workqueue's works
+        (in order) to its head, and the rescuer takes them from there one by one. A rescued work
+        that blocks for long therefore holds up only itself: the worker that creation eventually
+        brings takes the rest (the kernel rescuer once took all of them to its own list, where one
+        blocking work stalled them all; fixed 2025). One scan per rescue, not one per work."""
         worker = self.worker
         worker.pool = pool
         pool.system.bind_thread(pool)
-        held = self.held
         with pool.lock:
-            mine = [w for w in pool.worklist if _wq_of(w) is wq]
-            if mine:
-                others = [w for w in pool.worklist if _wq_of(w) is not wq]
-                for work in mine:
-                    work._where = RESCUE
-                held.extend(mine)
+            worklist = pool.worklist
+            mine: list[WorkItem] = []
+            others: list[WorkItem] = []
+            for work in worklist:
+                (mine if _wq_of(work) is wq else others).append(work)
+            if mine and others:
+                mine.extend(others)
                 try:
-                    pool.worklist.clear()
+                    worklist.clear()
                 finally:
-                    pool.worklist.extend(others)
-            while held:
-                work = held.popleft()
+                    worklist.extend(mine)  # the same works, the workqueue's first
+            while mine and worklist and _wq_of(worklist[0]) is wq:
+                work = worklist.popleft()
                 pwq = work._pwq
                 assert pwq is not None
                 worker.process_one_work(work)
@@ -467,14 +469,6 @@ class Rescuer:
                     rescued(pool=pool, workqueue=wq, work=work)
                 if not (pool.need_to_create_worker(pool) or not pool.online):
                     break
-            if held:  # the pool has workers again: they take the rest, first in line
-                for work in held:
-                    work._where = WORKLIST
-                rest = list(held)
-                try:
-                    held.clear()
-                finally:
-                    pool.worklist.extendleft(reversed(rest))
             if pool.need_more_worker(pool):
                 pool.wake_up_worker()
 

@@ -539,7 +539,7 @@ class WorkQueue:
                         self._inactive.remove(work)
                     finally:
                         self._drop_in_flight(pwq, work._color)
-            else:  # on a pool's worklist, a worker's scheduled list or the rescuer's
+            else:  # on a pool's worklist or a worker's scheduled list
                 with pool.lock:
                     if work._where is not where:  # a worker took it meanwhile (under the pool lock)
                         return False
@@ -549,12 +549,9 @@ class WorkQueue:
                     try:
                         if where is WORKLIST:
                             pool.worklist.remove(work)
-                        elif where is SCHEDULED:
-                            assert work._worker is not None  # the worker running its last run
-                            work._worker.scheduled.remove(work)
                         else:
-                            assert self._rescuer is not None
-                            self._rescuer.held.remove(work)
+                            assert where is SCHEDULED and work._worker is not None  # running its last run
+                            work._worker.scheduled.remove(work)
                     finally:
                         self._drop_in_flight(pwq, work._color)
         finally:
@@ -799,14 +796,11 @@ class WorkQueue:
         return total
 
     def _pending_works(self) -> list[WorkItem]:
-        """Works of this workqueue not yet started (on a worklist, held by its rescuer, inactive)."""
+        """Works of this workqueue not yet started (on a worklist, inactive)."""
         found: list[WorkItem] = []
-        rescuer = self._rescuer
         for pwq in self._pwqs:
             with pwq.pool.lock:
                 found.extend(w for w in pwq.pool.worklist if w._pwq is pwq)
-                if rescuer is not None:
-                    found.extend(w for w in rescuer.held if w._pwq is pwq)
         with self._lock:
             found.extend(self._inactive)
         return found
