@@ -210,7 +210,15 @@ def test_concurrency_counts_running_tasks_and_follows_grow_and_shrink(make_pool)
         gate.clear()
         for i in range(first, first + n):
             pool.apply_async(task, (annotated,), **calls.callbacks(i))
-        wait_for(lambda: now[0] == bound, 20, f"{bound} of tasks {first}..{first + n - 1} in")
+        try:
+            wait_for(lambda: now[0] == bound, 20, f"{bound} of tasks {first}..{first + n - 1} in")
+        except AssertionError as exc:  # say where the missing tasks are
+            info, wq = pool.info, pool._wq
+            counts = {k: info[k] for k in ("running", "queued", "max-running", "max-in-flight")}
+            raise AssertionError(
+                f"{exc}: {now[0]} in; pool {counts}; workqueue active={wq._nr_active} "
+                f"sleeping={wq._nr_sleeping} inactive={len(wq._inactive)} {info['workqueue']}; "
+                f"pools {info['pools']}") from None
         time.sleep(0.1)  # room for a task past the bound to start (none may)
         gate.set()
         wait_for(lambda: all(calls.of(i, "success") for i in range(first, first + n)), 20,
