@@ -7,11 +7,17 @@ defaults come back when it ends.
 
 Nothing here is autouse but the lock-order check: with ``CMWQ_LOCKDEP=1`` every test fails that
 took a lock against the order written in ``cmwq_exec/lockdep.py`` (in any thread).
+
+With ``CMWQ_TEST_THREAD_START_DELAY=s`` every worker and rescuer thread the pools start
+starts ``s`` seconds late, as on a busy machine: slower than the 10 ms mayday timeout, so rescuers
+step in all the time (the tox environment ``slowstart``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +27,29 @@ from helpers import wait_for
 import cmwq_exec
 from cmwq_exec import CMWQExecutor
 from cmwq_exec.core import system as _system
+from cmwq_exec.core import worker as _worker
+
+START_DELAY_VARIABLE = "CMWQ_TEST_THREAD_START_DELAY"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    value = os.environ.get(START_DELAY_VARIABLE, "")
+    if not value:
+        return
+    try:
+        delay = float(value)
+    except ValueError:
+        delay = -1.0
+    if not 0 <= delay <= 10:
+        raise pytest.UsageError(f"{START_DELAY_VARIABLE} must be a number of seconds from 0 to 10, "
+                                f"got {value!r}")
+    start_thread = _worker.start_thread
+
+    def late_start_thread(target: Callable[[], None], name: str) -> threading.Thread:
+        time.sleep(delay)
+        return start_thread(target, name)
+
+    _worker.start_thread = late_start_thread
 
 
 def _check_invariants(pools: Any = None) -> None:

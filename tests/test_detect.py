@@ -77,13 +77,15 @@ def _seen_sleeping(work_fn: object, timeout: float = 5.0) -> bool:
 
     with CMWQExecutor() as ex:
         future = ex.submit(work_fn)
+        rescuer = ex.workqueue._rescuer  # it runs the work if no worker can be made in time
         deadline = time.monotonic() + timeout
         seen = False
         while not future.done() and time.monotonic() < deadline and not seen:
             for pool in get_system().pools:
                 with pool.lock:
+                    workers = [*pool.workers, *([rescuer.worker] if rescuer is not None else [])]
                     seen = seen or any(w.flags & SLEEPING and w.current_work is future
-                                       for w in pool.workers)
+                                       for w in workers)
             time.sleep(0.002)
         future.result(timeout=timeout)
     return seen
