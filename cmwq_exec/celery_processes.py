@@ -273,6 +273,41 @@ def report_metrics_port(port: int, environ: Mapping[str, str] = os.environ) -> N
 
 # -- the supervisor ----------------------------------------------------------------------------------
 
+#: The supervisor's status directory is ``<tmp>/cmwq-children-<pid>-<random>``.
+STATUS_DIR_PREFIX = "cmwq-children-"
+
+
+def remove_stale_status_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the status directories of supervisors that are gone (killed before they could
+    clean up) from ``tmp`` (the temporary directory by default); return their paths. Only this
+    user's directories whose supervisor pid no longer runs are touched."""
+    tmp = tempfile.gettempdir() if tmp is None else tmp
+    removed: list[str] = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(STATUS_DIR_PREFIX):
+            continue
+        pid_text = name[len(STATUS_DIR_PREFIX):].partition("-")[0]
+        if not pid_text.isdigit():
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)
+            continue  # its supervisor still runs (or the pid was reused: kept, to be safe)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # not ours to judge (another user's process)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 
 class Child:
     """One child process slot: its index, CPU and node name stay; its process is replaced."""
@@ -319,7 +354,10 @@ class Supervisor:
         self.nodename = nodename  # I
         # I: what the children run again (interpreter options included); a given argv, as run by us
         self.orig_argv = list(sys.orig_argv) if given is None else [sys.executable, *argv]
-        self.dir = tempfile.mkdtemp(prefix="cmwq-children-")  # I: the children's status files
+        remove_stale_status_dirs()
+        # I: the children's status files; named by our pid, so the next supervisor removes the
+        # directory if we are killed before we can (SIGKILL)
+        self.dir = tempfile.mkdtemp(prefix=f"{STATUS_DIR_PREFIX}{os.getpid()}-")
         self.children = [Child(i, cpus[i % len(cpus)], child_nodename(nodename, i),
                                os.path.join(self.dir, f"child{i}.port")) for i in range(count)]  # I
         self.metrics = metrics  # I: (port, addr) of the worker's endpoint

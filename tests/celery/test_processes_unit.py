@@ -196,3 +196,25 @@ def test_pin_threads_pins_every_thread_of_a_process_back_to_its_cpu():
         child.kill()
         child.wait()
     assert cp.pin_threads(child.pid, cpus[-1]) == 0  # gone: nothing to pin, no error
+
+
+def test_a_new_supervisor_removes_the_status_dirs_of_killed_ones(tmp_path, monkeypatch):
+    """A supervisor killed with SIGKILL cannot remove its status directory; the next one does, and
+    leaves alone those of supervisors that still run and anything else in the directory."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # exited and reaped: no process has this pid (unless reused)
+    stale = tmp_path / f"{cp.STATUS_DIR_PREFIX}{dead_pid}-abc"
+    stale.mkdir()
+    (stale / "child0.port").write_text("4242")
+    running = tmp_path / f"{cp.STATUS_DIR_PREFIX}{os.getpid()}-def"
+    running.mkdir()
+    other = tmp_path / f"{cp.STATUS_DIR_PREFIX}notapid"
+    other.mkdir()
+    monkeypatch.setattr(cp.tempfile, "tempdir", str(tmp_path))
+    supervisor = cp.Supervisor("w@h", 1, argv=[CELERY, "-A", "p", "worker"])
+    assert not stale.exists()
+    assert running.exists() and other.exists()
+    assert os.path.dirname(supervisor.dir) == str(tmp_path)
+    assert os.path.basename(supervisor.dir).startswith(f"{cp.STATUS_DIR_PREFIX}{os.getpid()}-")
+    os.rmdir(supervisor.dir)
