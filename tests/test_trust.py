@@ -551,8 +551,9 @@ def test_a_rescue_scans_the_worklist_once_not_once_per_work() -> None:
     rescuer.rescue(wq, pool)
     assert ran == own
     assert list(pool.worklist) == foreign
-    # each foreign entry looked at once, and the head once more when the workqueue's works are done
-    assert reads[0] <= len(foreign) + 1, reads[0]
+    # each foreign entry looked at twice (the pass that puts the workqueue's works first, the last
+    # search that finds none of them left), not once per work (that would be 400,000 reads)
+    assert reads[0] <= 2 * len(foreign) + 1, reads[0]
 
 
 # -- 11. a ThreadPoolExecutor's attributes, with their meaning -------------------------------------

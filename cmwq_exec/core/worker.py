@@ -14,6 +14,7 @@ Worker fields: ``I:`` set at creation; ``L:`` under the pool lock; ``X:`` the wo
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 import time
@@ -438,11 +439,12 @@ class Rescuer:
         """Run the workqueue's pending works on ``pool``, one at a time, while the pool still lacks
         workers; then kick the pool so a regular worker takes over.
 
-        The works stay on the worklist until each one runs: one pass moves the workqueue's works
-        (in order) to its head, and the rescuer takes them from there one by one. A rescued work
-        that blocks for long therefore holds up only itself: the worker that creation eventually
-        brings takes the rest (the kernel rescuer once took all of them to its own list, where one
-        blocking work stalled them all; fixed 2025). One scan per rescue, not one per work."""
+        The works stay on the worklist until each one runs, so a rescued work that blocks holds
+        up only itself: the worker that creation brings at last takes the rest (the kernel's
+        rescuer once took them all to a list of its own, where one blocking work stalled them
+        all; fixed 2025). One pass moves the workqueue's works, in order, to the head of the
+        worklist; the rescuer then takes its next work from there: the first one, unless another
+        rescuer has put its own first meanwhile (then a scan in C finds it)."""
         worker = self.worker
         worker.pool = pool
         pool.system.bind_thread(pool)
@@ -452,14 +454,24 @@ class Rescuer:
             others: list[WorkItem] = []
             for work in worklist:
                 (mine if _wq_of(work) is wq else others).append(work)
-            if mine and others:
+            if not mine:
+                return
+            if others:
                 mine.extend(others)
                 try:
                     worklist.clear()
                 finally:
                     worklist.extend(mine)  # the same works, the workqueue's first
-            while mine and worklist and _wq_of(worklist[0]) is wq:
-                work = worklist.popleft()
+            while worklist:
+                if _wq_of(worklist[0]) is wq:
+                    work = worklist.popleft()
+                else:
+                    try:
+                        at = operator.indexOf(map(_WQ_OF, worklist), wq)
+                    except ValueError:
+                        break  # none left: workers took them
+                    work = worklist[at]
+                    del worklist[at]
                 pwq = work._pwq
                 assert pwq is not None
                 worker.process_one_work(work)
@@ -477,6 +489,9 @@ def _wq_of(work: WorkItem) -> WorkQueueOps:
     pwq = work._pwq
     assert pwq is not None  # set while it is queued
     return pwq.wq
+
+
+_WQ_OF = operator.attrgetter("_pwq.wq")  # _wq_of, in C (a queued work's _pwq is set)
 
 
 def thread_cpu_ns(worker: Worker) -> int | None:
