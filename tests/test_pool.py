@@ -409,6 +409,25 @@ def test_per_cpu_pools_pin_their_workers(executor: CMWQExecutor) -> None:
         assert cpu is not None and mask == {cpu}
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize("batch", [True, False])
+def test_workers_and_rescuers_run_under_sched_batch_unless_told_not_to(
+        fresh_system: Callable[..., Any], batch: bool) -> None:
+    """batch_workers (default True): every worker and rescuer thread is SCHED_BATCH, so that a
+    woken worker does not preempt the thread that woke it (and holds the GIL)."""
+    fresh_system(batch_workers=batch)
+    wanted = os.SCHED_BATCH if batch else os.SCHED_OTHER
+    with CMWQExecutor() as ex, CMWQExecutor(unbound=True) as unbound:
+        policies = {f.result(timeout=10) for f in [*(ex.submit(os.sched_getscheduler, 0) for _ in range(20)),
+                                                   unbound.submit(os.sched_getscheduler, 0)]}
+        rescuer = ex.workqueue._rescuer
+        assert rescuer is not None
+        wait_for("the rescuer thread to start", lambda: rescuer.worker.native_id)
+        wait_for("the rescuer's policy", lambda: os.sched_getscheduler(rescuer.worker.native_id) == wanted)
+    assert policies == {wanted}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's own thread is left alone
+
+
 # -- a worker that dies ---------------------------------------------------------------------------
 
 DYING_WORKER_SCRIPT = r"""

@@ -28,6 +28,12 @@ class Config:
     max_total_workers: int = 512
     #: Pin each per-CPU pool's workers to their CPU with sched_setaffinity.
     pin_workers: bool = True
+    #: Run workers (and rescuers) under SCHED_BATCH (Linux): a woken worker then waits for the
+    #: running thread's turn to end instead of preempting it. The thread that woke it nearly
+    #: always holds the GIL and lets go of it soon (a submitter about to wait for its result), so
+    #: a preempting worker would only find the GIL taken and sleep again: two more thread
+    #: switches per hand-off. Threads and processes started from a work inherit the policy.
+    batch_workers: bool = True
     #: Watchdog period: a pool with pending work that started none for this long is examined.
     watchdog_tick: float = 0.010
     #: A worker that burned this much CPU in one work is CPU-intensive (wq_cpu_intensive_thresh_us).

@@ -33,6 +33,18 @@ def current_cpu() -> int:
     return _sched_getcpu() if _sched_getcpu is not None else 0
 
 
+def set_batch_policy() -> None:
+    """Put the calling thread under SCHED_BATCH (Linux; a no-op elsewhere). Best effort: a
+    sandbox that refuses ``sched_setscheduler`` leaves the thread as it was."""
+    batch = getattr(os, "SCHED_BATCH", None)
+    if batch is None or not hasattr(os, "sched_setscheduler"):
+        return
+    try:
+        os.sched_setscheduler(0, batch, os.sched_param(0))
+    except OSError:
+        pass
+
+
 def possible_cpus() -> list[int]:
     """CPUs that may ever be online (``/sys/devices/system/cpu/possible``)."""
     try:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import hooks
-from .cpus import Placed
+from .cpus import Placed, set_batch_policy
 from .interfaces import QueueState, ReusableWork, WorkItem, WorkQueueOps
 from .lockdep import make_lock
 from .pending import NOWHERE, SCHEDULED, work_flush
@@ -164,6 +164,8 @@ class Worker:
         system = pool.system
         if pool.cpu is None or system.config.pin_workers:
             system.bind_thread(pool)
+        if system.config.batch_workers:
+            set_batch_policy()
         try:
             self.worker_loop()
         except BaseException as exc:  # a bug: works and hooks cannot raise into the loop
@@ -377,6 +379,7 @@ class Rescuer:
         self.wake.acquire()
         self.worker = Worker(system.unbound_pool, -1)
         self.worker.flags = RESCUER
+        self.batch = system.config.batch_workers  # I
         try:
             self.thread = start_thread(self.thread_main, f"cmwq/rescuer:{wq.name}")
         except RuntimeError as exc:  # like the kernel: no rescuer, no workqueue
@@ -413,6 +416,8 @@ class Rescuer:
         worker = self.worker
         current.worker = worker
         worker.native_id = threading.get_native_id()
+        if self.batch:
+            set_batch_policy()
         while True:
             self.wake.acquire()  # until signalled (a signal before this is kept by the lock)
             while not self.stopping:
