@@ -240,8 +240,12 @@ def test_cold_shutdown_exits_promptly_and_acks_late_tasks_return(celery_app, sta
     started = time.monotonic()
     first.signal(signal.SIGQUIT)
     first.wait_exit(15)
-    assert time.monotonic() - started < 2.5, "a cold shutdown must not wait for the 3 s tasks"
-    assert results_redis.scard(key) == 0
+    took = time.monotonic() - started
+    # a task that finished would have recorded its token after its 3 s: none did, so the worker
+    # did not wait for them (however slowly a busy machine let it exit)
+    assert results_redis.scard(key) == 0, "a cold shutdown must not wait for the 3 s tasks"
+    # and it did not sleep on until its event loop's next timer (10 s on amqp) either
+    assert took < 8, f"the cold shutdown took {took:.1f} s"
     start_worker(concurrency=10, via="custom")
     wait_for(lambda: members(results_redis, key) == set(tokens), 60,
              f"every task to complete (missing {set(tokens) - members(results_redis, key)})")
