@@ -146,7 +146,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         """Future.set_result/set_exception, by someone who may not have claimed the future (a
         broken executor failing its calls, or code using the Future API): refused once it is done.
-        A run's own outcome takes :meth:`_finish_claimed`, without a lock."""
+        A run's own outcome is stored by :meth:`_run`, without a lock."""
         with self._condition:
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
                 raise InvalidStateError(f"{self._state}: {self!r}")
@@ -216,20 +216,9 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         return False
 
     def _run(self) -> BaseException | None:
-        """Run the claimed call and finish the future with its outcome."""
-        fn, args, kwargs = self._fn, self._args, self._kwargs
-        self._fn = self._args = self._kwargs = None  # type: ignore[assignment]
-        try:
-            result = fn(*args, **kwargs)  # type: ignore[misc]
-        except BaseException as exc:
-            self._finish_claimed(None, exc)
-            return exc
-        self._finish_claimed(result, None)
-        return None
-
-    def _finish_claimed(self, result: Any, exception: BaseException | None) -> None:
-        """RUNNING -> FINISHED by whoever claimed the future: nobody else may change a running
-        future's state, so no lock is taken while nobody waits.
+        """Run the claimed call and finish the future with its outcome: RUNNING -> FINISHED by
+        whoever claimed it. Nobody else may change a running future's state, so no lock is taken
+        while nobody waits.
 
         The outcome is stored before the state, and the state before ``_cond`` is read. A waiter
         makes ``_cond`` before it reads the state under it (``_condition``, ``_get``), so either
@@ -237,6 +226,14 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         (the interpreter runs one thread's bytecodes at a time, so one of the two orders holds).
         Done callbacks are read after the Condition is released: ``add_done_callback`` appends
         under it only while the state is not FINISHED."""
+        fn, args, kwargs = self._fn, self._args, self._kwargs
+        self._fn = self._args = self._kwargs = None  # type: ignore[assignment]
+        exception: BaseException | None = None
+        try:
+            result = fn(*args, **kwargs)  # type: ignore[misc]
+        except BaseException as exc:
+            result = None
+            exception = exc
         self._result = result
         self._exception = exception
         self._state = FINISHED
@@ -246,9 +243,18 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
                 self._notify_waiters_locked(exception)
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
+        return exception
 
     def _execute(self) -> BaseException | None:
-        if not self._claim():
+        claimed = False
+        if self._cond is None:  # _claim(), its common case inlined (the hot path of every call)
+            with _STRIPES[id(self) >> 4 & 63]:
+                if self._cond is None:
+                    if self._state != PENDING:
+                        return None
+                    self._state = RUNNING
+                    claimed = True
+        if not claimed and not self._claim():
             return None
         return self._run()
 

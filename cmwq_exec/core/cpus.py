@@ -28,9 +28,13 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
     _sched_getcpu = None
 
 
-def current_cpu() -> int:
-    """The CPU the calling thread runs on (0 where that cannot be known)."""
-    return _sched_getcpu() if _sched_getcpu is not None else 0
+def _cpu_unknown() -> int:
+    return 0
+
+
+#: The CPU the calling thread runs on (0 where that cannot be known). The C function itself where
+#: there is one: it is called on every submit.
+current_cpu: Callable[[], int] = _sched_getcpu if _sched_getcpu is not None else _cpu_unknown
 
 
 def set_batch_policy() -> None:

@@ -422,8 +422,11 @@ class WorkQueue:
         worker = current.worker
         if worker is not None and worker.pool.online and worker.pool.cpu is not None:
             pool = cast("WorkerPool", worker.pool)
-        else:
-            pool = system.usable_pool(current_cpu())  # system.local_pool(), one call less
+        else:  # system.local_pool(), its common case inlined
+            cpu = current_cpu()
+            pool = system.cpu_pools.get(cpu)  # type: ignore[assignment]
+            if pool is None or not pool.online:
+                pool = system.usable_pool(cpu)
         select = hooks.current_policy.select_pool
         if select is not None:
             pool = select(workqueue=self, pools=system.online_pools, current_pool=pool)
