@@ -424,9 +424,8 @@ class WorkQueue:
             pool = cast("WorkerPool", worker.pool)
         else:  # system.local_pool(), its common case inlined
             cpu = current_cpu()
-            pool = system.cpu_pools.get(cpu)  # type: ignore[assignment]
-            if pool is None or not pool.online:
-                pool = system.usable_pool(cpu)
+            local = system.cpu_pools.get(cpu)
+            pool = local if local is not None and local.online else system.usable_pool(cpu)
         select = hooks.current_policy.select_pool
         if select is not None:
             pool = select(workqueue=self, pools=system.online_pools, current_pool=pool)
