@@ -76,6 +76,13 @@ _POOL_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("cmwq_pool_mayday",
      "Mayday calls of the pool: worker creation stalled and rescuers were summoned.",
      "mayday"),
+    ("cmwq_pool_creations_paced",
+     "Worker creations the pool put off because a runner came back within create_interval "
+     "(beyond unpaced_workers).",
+     "paced"),
+    ("cmwq_pool_workers_adopted",
+     "Idle workers the pool took from another pool instead of creating a thread.",
+     "adopted"),
 )
 
 _WQ_COUNTERS: tuple[tuple[str, str, str], ...] = (

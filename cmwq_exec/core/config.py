@@ -24,6 +24,14 @@ class Config:
     mayday_interval: float = 0.100
     #: Pause after a failed worker creation before the next try (CREATE_COOLDOWN).
     create_cooldown: float = 1.0
+    #: A pool creates its first this many workers as soon as its last runner sleeps (and the
+    #: last idle worker starts working). Beyond them it paces creation: see ``create_interval``.
+    unpaced_workers: int = 96
+    #: Beyond ``unpaced_workers``, a pool whose workers all sleep with works waiting creates one
+    #: more only after this long without a work finishing (a runner coming back takes the works
+    #: instead). Bursts of short blocking works then use a fraction of the threads; works that
+    #: block long still get a worker each, one per interval.
+    create_interval: float = 0.0001
     #: Cap on worker threads of all pools together; reaching it counts as a failed creation.
     max_total_workers: int = 512
     #: Pin each per-CPU pool's workers to their CPU with sched_setaffinity.

@@ -12,7 +12,15 @@ Invariants (``L:`` fields, under ``lock``; checked by :meth:`check_invariants` i
 * ``nr_idle == len(idle)`` and ``0 <= nr_running <= nr_workers - nr_idle``;
 * ``nr_woken`` is the number of idle workers already woken;
 * ``nr_running`` equals the busy workers that are running (no ``NOT_RUNNING`` flag, not in PREP);
-* while the pool is online and not managing, at least one idle worker exists once it has started.
+* while the pool is online and not managing, at least one idle worker exists once it has started,
+  unless it paces: beyond ``unpaced_workers`` a pool lets its last idle worker start working without
+  making another, and while works wait and none of its workers runs, ``pace_timer`` is armed (or
+  the timer thread is to create a worker: ``create_pending``).
+
+Growth. A pool that needs a worker first adopts a spare idle worker of another pool
+(:meth:`give_idle_worker`): that adds no thread. Only then does it create one: at once up to
+``unpaced_workers``, beyond that one per ``create_interval`` in which no work finished
+(:meth:`pace_create_worker`).
 
 Field ownership: ``I:`` set at init; ``L:`` under ``lock``; ``T:`` the trustee's while it is in charge.
 
@@ -63,6 +71,7 @@ class System(Protocol):
     @property
     def unbound_pool(self) -> WorkerPool: ...
     def bind_thread(self, pool: Placed) -> None: ...
+    def adopt_idle_worker(self, pool: WorkerPool) -> Worker | None: ...
 
 log = logging.getLogger("cmwq_exec.pool")
 
@@ -71,6 +80,10 @@ TRUSTEE_IN_CHARGE = "IN_CHARGE"
 TRUSTEE_BUTCHER = "BUTCHER"
 TRUSTEE_RELEASE = "RELEASE"
 TRUSTEE_DONE = "DONE"
+
+#: A pool gives another pool idle workers only beyond this many idle workers of its own (the
+#: kernel's too_many_workers keeps two idle as well).
+SPARE_IDLE = 2
 
 
 #: Set at interpreter exit (see :func:`interpreter_exiting`): no new thread can be started then.
@@ -130,8 +143,14 @@ class WorkerPool:
         self.idle_timer: timer.Timer | None = None  # L
         self.next_worker_id = 0  # L
         self.create_pending = False  # L: the timer thread is to create a worker (no worker can)
+        self.pace_timer: timer.Timer | None = None  # L: a paced creation is due when it fires
+        self.pace_completed = 0  # L: nr_completed when it was armed
         # counters, L: read at scrape time
         self.nr_started = 0  # works started here
+        self.nr_completed = 0  # works finished here
+        self.nr_paced = 0  # creations put off because runners came back within a pacing interval
+        self.nr_adopted = 0  # idle workers taken from other pools instead of creating a thread
+        self.nr_given = 0  # idle workers given to other pools
         self.cm_wakeups = 0  # wakeups by concurrency management (a runner slept, or was found stuck)
         self.cpu_intensive = 0  # workers found hogging the CPU by the watchdog
         self.nr_mayday = 0  # mayday timer found the pool unable to get a worker
@@ -188,8 +207,11 @@ class WorkerPool:
     def kick(self) -> None:
         """After works were appended: wake a worker if the policy says so, or have one created if
         the pool has nobody to wake and nobody who could create one. L: held."""
-        if self.need_more_worker(self) and not self.wake_up_worker() and not self.nr_workers:
-            self.schedule_create_worker()
+        if self.need_more_worker(self) and not self.wake_up_worker():
+            if not self.nr_workers:
+                self.schedule_create_worker()
+            elif not self.managing:
+                self.pace_create_worker()  # every worker asleep and the pool beyond unpaced_workers
 
     def insert_work(self, work: Any) -> None:
         """Append a work whose accounting is done to the worklist, and wake a worker. L: held."""
@@ -212,6 +234,8 @@ class WorkerPool:
                 worker.count_cm_wakeup()
                 if not self.wake_up_worker():
                     self.manage_requested = True
+                    if not self.managing:
+                        self.pace_create_worker()
         worker.flags |= flags
 
     def worker_clr_flags(self, worker: Worker, flags: int) -> None:
@@ -252,12 +276,15 @@ class WorkerPool:
         Every worker of a pool is made here: by the manager, by the timer for a pool that has
         nobody to manage it, and by the trustee (``rogue``: unbound, for a pool whose CPU left)."""
         with self.unlocked:
-            try:
-                worker = self.create_worker(rogue)
-            except WorkerCreationError as exc:
-                self.creation_failed(exc)
-                return False
-        self.start_worker(worker)
+            worker = None if rogue else self.system.adopt_idle_worker(self)
+            adopted = worker is not None
+            if worker is None:
+                try:
+                    worker = self.create_worker(rogue)
+                except WorkerCreationError as exc:
+                    self.creation_failed(exc)
+                    return False
+        self.start_worker(worker, adopted)
         return True
 
     def create_worker(self, rogue: bool = False) -> Worker:
@@ -288,14 +315,52 @@ class WorkerPool:
             raise WorkerCreationError(f"cannot start a worker thread for pool {self.name}: {exc}") from exc
         return worker
 
-    def start_worker(self, worker: Worker) -> None:
-        """Account a freshly created worker and make it idle. L: held."""
+    def start_worker(self, worker: Worker, adopted: bool = False) -> None:
+        """Account a freshly created (or ``adopted``) worker and make it idle. L: held."""
+        if adopted:
+            worker.pool = self
+            self.bind_adopted(worker)
+            worker.id = self.next_worker_id
+            self.next_worker_id += 1
+            if worker.thread is not None:
+                worker.thread.name = f"cmwq/{self.name}:{worker.id}"
+            self.nr_adopted += 1
         self.workers.add(worker)
         self.nr_workers += 1
         self.worker_enter_idle(worker)
         created = hooks.events.worker_created
-        if created is not None:
+        if created is not None and not adopted:
             created(pool=self, worker=worker)
+
+    def bind_adopted(self, worker: Worker) -> None:
+        """Bind an adopted worker's thread to this pool's CPU (or every usable CPU), as its own
+        thread would on start. L: held, as the trustee holds it to re-bind workers. A worker that
+        was adopted before its thread first bound itself re-binds when woken (Worker.worker_loop)."""
+        config = self.system.config
+        if self.cpu is None or config.pin_workers:
+            cpus = self.system.usable
+            if self.cpu is not None and self.online:
+                cpus = {self.cpu}
+            _worker.set_thread_affinity(worker, cpus)
+
+    def give_idle_worker(self) -> Worker | None:
+        """Take an idle worker this pool can spare off its lists, for another pool that needs one
+        (:meth:`System.adopt_idle_worker`); None if it has none to spare. L: held.
+
+        It spares only beyond ``SPARE_IDLE`` idle workers not yet woken, and only while online with
+        no trustee or manager at work. The one given is the longest idle (the pool wakes the most
+        recent first). It stays parked until its new pool wakes it."""
+        if (self.nr_idle - self.nr_woken <= SPARE_IDLE or not self.online or self.dying
+                or self.managing or self.trustee_state != TRUSTEE_DONE):
+            return None
+        worker = next(iter(self.idle))
+        if worker.woken or worker.flags & ROGUE:
+            return None
+        self.worker_leave_idle(worker)
+        self.workers.discard(worker)
+        self.nr_workers -= 1
+        self.nr_given += 1
+        return worker
 
     def destroy_worker(self, worker: Worker, reason: str) -> None:
         """Make an idle, not yet woken worker exit. L: held."""
@@ -376,6 +441,14 @@ class WorkerPool:
         if not self.need_to_create_worker(self):
             return False
         config = self.system.config
+        if self.nr_workers >= config.unpaced_workers and self.online and not self.dying:
+            with self.unlocked:  # a spare idle worker of another pool adds no thread: no pacing
+                worker = self.system.adopt_idle_worker(self)
+            if worker is None:
+                self.pace_create_worker()
+                return False
+            self.start_worker(worker, adopted=True)
+            return True
         self.mayday_timer = timer.add_timer(config.mayday_initial_timeout, self.mayday_timeout)
         try:
             while not self.add_worker(rogue=not self.online):
@@ -436,6 +509,34 @@ class WorkerPool:
         else:
             timer.add_timer(0, self._create_worker_from_timer)
 
+    def pace_create_worker(self) -> None:
+        """Every worker is busy and none runs, works wait, and the pool already has
+        ``unpaced_workers``: create the next worker after ``create_interval`` unless a work finished
+        meanwhile (a runner came back and takes the next work). L: held.
+
+        Creating a thread whenever the last runner sleeps sizes the pool to every work of a burst
+        that blocks at once; a runner coming back serves the burst as well without a new thread.
+        So beyond ``unpaced_workers`` a pool adds at most one worker per interval, and only while
+        no runner came back for a whole interval: a pending work waits at most one interval per
+        worker it needs, and never for a worker that exists (idle workers are woken at once)."""
+        if self.pace_timer is None and not self.create_pending:
+            self.pace_completed = self.nr_completed
+            self.pace_timer = timer.add_timer(self.system.config.create_interval, self._pace_timeout)
+
+    def _pace_timeout(self) -> None:
+        """Pacing timer (timer thread): create the worker if still nobody runs and nothing finished."""
+        with self.lock:
+            self.pace_timer = None
+            if self.managing or not self.need_to_create_worker(self):
+                return  # a runner or an idle worker is back; the next one to sleep re-arms
+            if self.nr_completed != self.pace_completed:
+                self.nr_paced += 1
+                self.pace_create_worker()
+                return
+            self.schedule_create_worker(now=True)
+            if not self.create_pending:  # created: the next one is due an interval from now
+                self.pace_create_worker()
+
     def _create_worker_from_timer(self, locked: bool = False) -> None:
         if locked:
             self._create_worker_locked()
@@ -445,7 +546,7 @@ class WorkerPool:
 
     def _create_worker_locked(self) -> None:
         """L: held (dropped while creating). Runs with create_pending set."""
-        if self.nr_idle or self.managing or self.dying:
+        if self.nr_idle or self.managing or (self.dying and not self.worklist):
             self.create_pending = False
             return
         self.managing = True
@@ -514,6 +615,9 @@ class WorkerPool:
                 "cm_wakeups": self.cm_wakeups,
                 "cpu_intensive": self.cpu_intensive,
                 "mayday": self.nr_mayday,
+                "paced": self.nr_paced,
+                "adopted": self.nr_adopted,
+                "given": self.nr_given,
                 "trustee_state": self.trustee_state,
                 "managing": self.managing,
             }
@@ -529,6 +633,9 @@ class WorkerPool:
         assert 0 <= self.nr_running <= len(busy), (self.nr_running, len(busy))
         if self.trustee_state == TRUSTEE_DONE:
             assert self.nr_running == len(running), (self.nr_running, len(running))
+            if (self.kernel_policy and self.worklist and self.nr_workers and not self.nr_running
+                    and not self.nr_idle and not self.managing and self.online and not self.dying):
+                assert self.pace_timer is not None or self.create_pending, "works wait for nobody"
 
     def __repr__(self) -> str:
         return (f"<WorkerPool {self.name} workers={self.nr_workers} idle={self.nr_idle} "

@@ -146,6 +146,23 @@ class System:
         pools = self.online_pools
         return pools[cpu % len(pools)] if pools else self.unbound_pool
 
+    def adopt_idle_worker(self, pool: WorkerPool) -> Any:
+        """An idle worker that another pool can spare, taken off that pool for ``pool``, or None.
+        No pool lock held (each pool's lock is taken on its own, so no lock order arises).
+
+        A thread is not tied to its CPU the way a kthread is: a pool about to create a worker
+        takes a spare idle one instead, which binds itself to its new CPU when woken. A process
+        whose submitting thread moves between CPUs then keeps one set of threads, not one per
+        CPU it happened to submit from."""
+        for donor in self.pools:
+            if donor is pool:
+                continue
+            with donor.lock:
+                worker = donor.give_idle_worker()
+            if worker is not None:
+                return worker
+        return None
+
     def bind_thread(self, pool: Placed) -> None:
         """Bind the calling thread to ``pool``'s CPU, or to every usable CPU if the pool is unbound
         or offline. Best effort: a CPU going down meanwhile is the trustee's business."""

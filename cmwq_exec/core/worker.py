@@ -1,8 +1,10 @@
 """Workers and rescuers: the threads that run works.
 
-A worker belongs to one pool for life. It sleeps parked on its own lock while idle; the pool wakes
+A worker belongs to one pool at a time. It sleeps parked on its own lock while idle; the pool wakes
 it by releasing that lock. Its loop is the kernel's ``worker_thread``: leave idle, manage the pool if
-it is the last idle worker, run works while it is the only runner, go idle again.
+it is the last idle worker, run works while it is the only runner, go idle again. While idle it may
+be given to another pool that would otherwise create a thread (adoption); the new pool binds it to
+its CPU.
 
 A rescuer belongs to one workqueue. Summoned by a pool that cannot get a worker (mayday), it moves to
 that pool and runs the workqueue's works there one at a time, so a workqueue that reserved one always
@@ -58,6 +60,7 @@ class WorkerPool(PoolCounters, Protocol):
     worklist: deque[WorkItem]
     manage_requested: bool
     nr_started: int
+    nr_completed: int
     need_more_worker: Callable[[PoolCounters], bool]
     may_start_working: Callable[[PoolCounters], bool]
     keep_working: Callable[[PoolCounters], bool]
@@ -135,7 +138,7 @@ class Worker:
     )
 
     def __init__(self, pool: WorkerPool, worker_id: int) -> None:
-        self.pool = pool  # I (X for a rescuer, which moves)
+        self.pool = pool  # L: changed only while idle and parked (adoption); X for a rescuer
         self.id = worker_id  # I
         self.thread: threading.Thread | None = None  # I
         self.native_id = 0  # X: set by the thread itself
@@ -161,28 +164,35 @@ class Worker:
         pool = self.pool
         current.worker = self
         self.native_id = threading.get_native_id()
+        self.bind(pool)
+        if pool.system.config.batch_workers:
+            set_batch_policy()
+        try:
+            self.worker_loop(pool)
+        except BaseException as exc:  # a bug: works and hooks cannot raise into the loop
+            self.pool.worker_crashed(self, exc)
+
+    def bind(self, pool: WorkerPool) -> None:
+        """Bind this (the worker's own) thread to ``pool``'s CPU, or to every usable CPU."""
         system = pool.system
         if pool.cpu is None or system.config.pin_workers:
             system.bind_thread(pool)
-        if system.config.batch_workers:
-            set_batch_policy()
-        try:
-            self.worker_loop()
-        except BaseException as exc:  # a bug: works and hooks cannot raise into the loop
-            pool.worker_crashed(self, exc)
 
-    def worker_loop(self) -> None:
-        pool = self.pool
-        park, lock = self.park, pool.lock
+    def worker_loop(self, bound: WorkerPool) -> None:
+        park = self.park
         while True:
             # Parked until woken. No wakeup can be lost: ``park`` stays held from the moment the
             # worker is put on the idle list (under the pool lock) until a waker releases it (under
             # the pool lock, once per idle period: ``woken``); a release before this acquire is
             # kept by the lock, and this acquire consumes exactly that release.
             park.acquire()
-            with lock:
+            pool = self.pool  # another pool may have adopted it while it was idle (and parked)
+            with pool.lock:
                 if self.flags & DIE:
                     return
+                if pool is not bound:  # the adopter bound it, unless it was adopted before this
+                    self.bind(pool)    # thread first bound itself (thread_main); under the lock,
+                    bound = pool       # as the adopter and the trustee bind workers
                 pool.worker_leave_idle(self)
                 self.work_until_idle()
 
@@ -293,6 +303,7 @@ class Worker:
         else:
             work._pwq = None  # a finished call keeps no workqueue (nor its executor's rescuer) alive
         pwq.nr_completed += 1
+        pool.nr_completed += 1
         in_flight = pwq.in_flight  # wq._drop_in_flight(pwq, color), its common case inlined
         left = in_flight[color] - 1
         if left:

@@ -1,0 +1,141 @@
+"""How a pool grows: it adopts the spare idle workers of other pools before it creates a thread,
+and beyond ``unpaced_workers`` it paces creation, letting runners that come back take the works,
+without ever leaving a work stranded while every worker sleeps."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from helpers import need_two_cpus, wait_for
+
+from cmwq_exec import Work, WorkQueue, blocking
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def hold_on(wq: WorkQueue, cpu: int, n: int, gate: threading.Event,
+            seen: list[tuple[int, frozenset[int]]]) -> list[Work]:
+    """Queue ``n`` works on ``cpu``'s pool that note their thread and the CPUs it may run on, then
+    wait in blocking() for ``gate``."""
+    def hold() -> None:
+        seen.append((threading.get_ident(), frozenset(os.sched_getaffinity(0))))
+        with blocking():
+            assert gate.wait(30), "gate never opened"
+
+    works = [Work(hold) for _ in range(n)]
+    for work in works:
+        assert wq.queue_work_on(cpu, work)
+    return works
+
+
+def test_a_pool_adopts_spare_idle_workers_instead_of_creating_threads(
+        fresh_system: Callable[..., Any], quiesce: Callable[..., None],
+        release: Callable[[threading.Event], threading.Event]) -> None:
+    need_two_cpus()
+    system = fresh_system(idle_timeout=600.0)  # pool 0's idle workers stay for the test
+    pool0, pool1 = system.cpu_pools[0], system.cpu_pools[1]
+    wq = WorkQueue("adopt")
+    first, second = release(threading.Event()), release(threading.Event())
+    seen0: list[tuple[int, frozenset[int]]] = []
+    seen1: list[tuple[int, frozenset[int]]] = []
+
+    hold_on(wq, 0, 12, first, seen0)
+    wait_for("12 works running on cpu0", lambda: len(seen0) == 12)
+    first.set()
+    wq.flush()
+    quiesce()
+    threads = system.nr_threads
+    with pool0.lock:
+        spare = pool0.nr_idle - 2
+    assert spare >= 10
+
+    hold_on(wq, 1, 8, second, seen1)
+    wait_for("8 works running on cpu1", lambda: len(seen1) == 8)
+    # cpu1's pool needed 8 busy workers and a spare idle one: it took them from cpu0's idle ones
+    assert system.nr_threads == threads
+    with pool1.lock:
+        assert pool1.nr_adopted >= 8
+        pool1.check_invariants()
+    with pool0.lock:
+        assert pool0.nr_given == pool1.nr_adopted
+        assert pool0.nr_idle >= 2  # a pool keeps two idle workers of its own
+        pool0.check_invariants()
+    # an adopted worker binds itself to its new pool's CPU before it runs a work there
+    assert {cpus for _, cpus in seen0} == {frozenset({0})}
+    assert {cpus for _, cpus in seen1} == {frozenset({1})}
+    assert {thread for thread, _ in seen1} & {thread for thread, _ in seen0}
+    second.set()
+    wq.flush()
+    quiesce()
+    assert system.nr_threads == threads
+    # idle ones too: the adopter binds a worker as it adopts it, not only when it wakes
+    for pool, cpu in ((pool0, 0), (pool1, 1)):
+        with pool.lock:
+            workers = list(pool.workers)
+        assert all(os.sched_getaffinity(w.native_id) == {cpu} for w in workers), pool
+
+
+def test_pacing_still_gives_every_work_a_worker_when_none_comes_back(
+        fresh_system: Callable[..., Any], quiesce: Callable[..., None]) -> None:
+    """Works that only finish once all of them run at once: every worker sleeps until the last
+    one starts. Beyond ``unpaced_workers`` the pool creates them one per interval; none is lost."""
+    system = fresh_system(unpaced_workers=2, create_interval=0.002)
+    n = 24
+    barrier = threading.Barrier(n)
+
+    def meet() -> None:
+        with blocking():
+            barrier.wait(30)
+
+    wq = WorkQueue("paced")
+    works = [Work(meet) for _ in range(n)]
+    for work in works:
+        assert wq.queue_work_on(0, work)
+    wq.flush()
+    assert not barrier.broken
+    pool = system.cpu_pools[0] if 0 in system.cpu_pools else system.online_pools[0]
+    with pool.lock:
+        assert pool.nr_workers + pool.nr_given - pool.nr_adopted >= n
+    quiesce()
+
+
+def test_pacing_lets_a_runner_that_comes_back_take_the_work(
+        fresh_system: Callable[..., Any], release: Callable[[threading.Event], threading.Event]) -> None:
+    """All workers asleep and a work pending, but a runner came back within the interval: the pool
+    waits another interval rather than create a thread, and creates one when nothing comes back."""
+    system = fresh_system(unpaced_workers=2, create_interval=1.5, watchdog_tick=3600.0)
+    cpu = min(system.cpu_pools)
+    pool = system.cpu_pools[cpu]
+    wq = WorkQueue("gate")
+    gate_a, gate_b, gate_c = (release(threading.Event()) for _ in range(3))
+    started: list[str] = []
+    ran_d = threading.Event()
+
+    def hold(name: str, gate: threading.Event) -> Callable[[], None]:
+        def run() -> None:
+            started.append(name)
+            with blocking():
+                assert gate.wait(30)
+        return run
+
+    assert wq.queue_work_on(cpu, Work(hold("a", gate_a)))
+    assert wq.queue_work_on(cpu, Work(hold("b", gate_b)))
+    wait_for("a and b asleep", lambda: len(started) == 2)
+    with pool.lock:
+        workers = pool.nr_workers
+        assert pool.pace_timer is not None  # the pool is at unpaced_workers with nobody idle
+    assert wq.queue_work_on(cpu, Work(hold("c", gate_c)))
+    assert wq.queue_work_on(cpu, Work(ran_d.set))
+    gate_a.set()  # a's runner comes back and takes c, which sleeps too; d still waits
+    wait_for("c started", lambda: "c" in started)
+    assert ran_d.wait(20), "d never ran: the paced creation did not come"
+    with pool.lock:
+        assert pool.nr_paced >= 1  # the first interval saw a's runner come back
+        assert pool.nr_workers == workers + 1
+    gate_b.set()
+    gate_c.set()
+    wq.flush()
