@@ -87,12 +87,15 @@ def cmwq_workers() -> int:
 
 
 def cmwq_counters() -> dict[str, int]:
-    """Concurrency-management counters of all pools: why workers were added."""
-    totals = {"cm_wakeups": 0, "cpu_intensive": 0, "mayday": 0}
+    """Concurrency-management counters of all pools: why workers were added (cm_wakeups, and
+    the watchdog's cpu_intensive), why creation stalled (mayday), creations put off because a
+    runner came back (paced) and idle workers taken from another pool instead of a new thread
+    (adopted)."""
+    totals = {"cm_wakeups": 0, "cpu_intensive": 0, "mayday": 0, "paced": 0, "adopted": 0}
     for pool in cmwq_exec.get_system().pools:
         stats = pool.stats()
         for key in totals:
-            totals[key] += stats[key]
+            totals[key] += stats.get(key, 0)
     return totals
 
 
