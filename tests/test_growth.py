@@ -139,3 +139,68 @@ def test_pacing_lets_a_runner_that_comes_back_take_the_work(
     gate_b.set()
     gate_c.set()
     wq.flush()
+
+
+def test_adoption_pacing_and_reaping_race_under_load(
+        fresh_system: Callable[..., Any], quiesce: Callable[..., None]) -> None:
+    """Bursts of blocking works queued on every pool from several threads at once, with pacing
+    from the fifth worker, idle workers reaped after 20 ms and adopted across pools meanwhile:
+    every work runs once, the invariants hold whenever sampled, and at rest every worker is
+    bound to its pool's CPU."""
+    system = fresh_system(unpaced_workers=4, create_interval=0.0005, idle_timeout=0.02)
+    cpus = sorted(system.cpu_pools)
+    wq = WorkQueue("churn")
+    ran: list[int] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+    samples = 0
+
+    def sampler() -> None:
+        nonlocal samples
+        while not stop.is_set():
+            for pool in system.pools:
+                with pool.lock:
+                    try:
+                        pool.check_invariants()
+                    except AssertionError as exc:
+                        failures.append(exc)
+            samples += 1
+            stop.wait(0.0005)
+
+    def nap(i: int) -> None:
+        with blocking():
+            stop.wait(0.001 + (i % 7) * 0.001)
+        ran.append(i)
+
+    def submitter(first: int) -> None:
+        for burst in range(6):
+            cpu = cpus[(first + burst) % len(cpus)]
+            for i in range(first * 1000 + burst * 100, first * 1000 + burst * 100 + 100):
+                assert wq.queue_work_on(cpu, Work(nap, i))
+            wq.flush()
+
+    watcher = threading.Thread(target=sampler, daemon=True)
+    watcher.start()
+    try:
+        submitters = [threading.Thread(target=submitter, args=(k,)) for k in range(3)]
+        for thread in submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join(45)
+        wq.flush()
+    finally:
+        stop.set()
+        watcher.join()
+    assert not failures, failures[:3]
+    assert samples >= 10
+    assert sorted(ran) == sorted(k * 1000 + n for k in range(3) for n in range(600))
+    quiesce()
+    adopted = sum(pool.nr_adopted for pool in system.pools)
+    given = sum(pool.nr_given for pool in system.pools)
+    assert adopted == given
+    if system.config.pin_workers and len(cpus) > 1:
+        for cpu in cpus:
+            pool = system.cpu_pools[cpu]
+            with pool.lock:
+                workers = [w for w in pool.workers if w.native_id]
+            assert all(os.sched_getaffinity(w.native_id) == {cpu} for w in workers), pool
