@@ -334,8 +334,9 @@ class WorkerPool:
 
     def bind_adopted(self, worker: Worker) -> None:
         """Bind an adopted worker's thread to this pool's CPU (or every usable CPU), as its own
-        thread would on start. L: held, as the trustee holds it to re-bind workers. A worker that
-        was adopted before its thread first bound itself re-binds when woken (Worker.worker_loop)."""
+        thread would on start. L: held, as the trustee holds it to re-bind workers. A thread that
+        has not bound itself yet (no ``native_id``) binds to this pool itself: it binds under the
+        lock of the pool it is in (Worker.thread_main)."""
         config = self.system.config
         if self.cpu is None or config.pin_workers:
             cpus = self.system.usable

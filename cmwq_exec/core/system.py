@@ -151,9 +151,9 @@ class System:
         No pool lock held (each pool's lock is taken on its own, so no lock order arises).
 
         A thread is not tied to its CPU the way a kthread is: a pool about to create a worker
-        takes a spare idle one instead, which binds itself to its new CPU when woken. A process
-        whose submitting thread moves between CPUs then keeps one set of threads, not one per
-        CPU it happened to submit from."""
+        takes a spare idle one instead and binds it to its own CPU. A process whose submitting
+        thread moves between CPUs then keeps one set of threads, not one per CPU it happened to
+        submit from."""
         for donor in self.pools:
             if donor is pool:
                 continue

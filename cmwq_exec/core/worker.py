@@ -161,10 +161,14 @@ class Worker:
     # -- the loop ---------------------------------------------------------------------------------
 
     def thread_main(self) -> None:
-        pool = self.pool
         current.worker = self
         self.native_id = threading.get_native_id()
-        self.bind(pool)
+        while True:  # bind under the lock of the pool it is in (it may be adopted before this)
+            pool = self.pool
+            with pool.lock:
+                if self.pool is pool:
+                    self.bind(pool)
+                    break
         if pool.system.config.batch_workers:
             set_batch_policy()
         try:
@@ -190,9 +194,9 @@ class Worker:
             with pool.lock:
                 if self.flags & DIE:
                     return
-                if pool is not bound:  # the adopter bound it, unless it was adopted before this
-                    self.bind(pool)    # thread first bound itself (thread_main); under the lock,
-                    bound = pool       # as the adopter and the trustee bind workers
+                if pool is not bound:  # adopted: the adopter bound it already (by thread id,
+                    self.bind(pool)    # under its lock); binding here too costs one system call
+                    bound = pool       # per adoption and keeps the loop's view simple
                 pool.worker_leave_idle(self)
                 self.work_until_idle()
 
