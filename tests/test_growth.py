@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import need_two_cpus, wait_for
+from helpers import need_two_cpus, registered, wait_for
 
-from cmwq_exec import Work, WorkQueue, blocking
+from cmwq_exec import Work, WorkQueue, blocking, hookimpl
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,8 +53,25 @@ def test_a_pool_adopts_spare_idle_workers_instead_of_creating_threads(
         spare = pool0.nr_idle - 2
     assert spare >= 10
 
-    hold_on(wq, 1, 8, second, seen1)
-    wait_for("8 works running on cpu1", lambda: len(seen1) == 8)
+    class Creations:
+        """The events that say a thread was created."""
+
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        @hookimpl
+        def cmwq_worker_created(self, pool: Any, worker: Any) -> None:
+            self.seen.append(f"worker_created {pool.name}")
+
+        @hookimpl
+        def cmwq_manager_ran(self, pool: Any, created: int, destroyed: int) -> None:
+            if created:
+                self.seen.append(f"manager_ran created={created} {pool.name}")
+
+    with registered(Creations(), "creations") as creations:
+        hold_on(wq, 1, 8, second, seen1)
+        wait_for("8 works running on cpu1", lambda: len(seen1) == 8)
+    assert creations.seen == []  # adopting is not creating
     # cpu1's pool needed 8 busy workers and a spare idle one: it took them from cpu0's idle ones
     assert system.nr_threads == threads
     with pool1.lock:

@@ -479,17 +479,18 @@ class WorkerPool:
             return False
         self.manage_requested = False
         self.managing = True
+        adopted = self.nr_adopted
         try:
-            created = self.maybe_create_worker()
+            added = self.maybe_create_worker()
         finally:
             self.managing = False
             if self.trustee_state != TRUSTEE_DONE:
                 self.trustee_cond.notify_all()
-        if created:
+        if added and self.nr_adopted == adopted:  # an adopted worker was not created
             ran = hooks.events.manager_ran
             if ran is not None:
                 ran(pool=self, created=1, destroyed=0)
-        return created
+        return added
 
     # -- starting ---------------------------------------------------------------------------------
 
