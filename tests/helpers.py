@@ -51,6 +51,38 @@ def hold_works(wq: WorkQueue, n: int, gate: threading.Event) -> tuple[list[Work]
 
 
 @contextlib.contextmanager
+def invariants_sampled(pools: Any) -> Iterator[None]:
+    """For the block, a side thread checks every pool's invariants, each under its lock, about
+    every 0.5 ms. When the block ends without raising, assert that no check failed and that at
+    least 10 rounds ran."""
+    failures: list[BaseException] = []
+    rounds = 0
+    stop = threading.Event()
+
+    def sampler() -> None:
+        nonlocal rounds
+        while not stop.is_set():
+            for pool in pools:
+                with pool.lock:
+                    try:
+                        pool.check_invariants()
+                    except AssertionError as exc:
+                        failures.append(exc)
+            rounds += 1
+            stop.wait(0.0005)
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures[:3]
+    assert rounds >= 10, rounds
+
+
+@contextlib.contextmanager
 def registered(obj: Any, prefix: str) -> Iterator[Any]:
     """Register ``obj`` as a cmwq_exec plugin under a unique name for the block; yield it."""
     name = plugin.register(obj, name=f"{prefix}-{uuid.uuid4().hex[:6]}")

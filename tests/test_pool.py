@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import cannot_start_thread, hold_works, wait_for
+from helpers import cannot_start_thread, hold_works, invariants_sampled, wait_for
 
 import cmwq_exec
 from cmwq_exec import WQ, CMWQExecutor, Work, WorkQueue, blocking
@@ -47,30 +47,11 @@ def test_invariants_at_quiescence(executor: CMWQExecutor, quiesce: Callable[...,
 
 def test_invariants_sampled_during_load(make_executor: Callable[..., CMWQExecutor],
                                         quiesce: Callable[..., None]) -> None:
-    pools = cmwq_exec.get_system().pools
-    failures: list[BaseException] = []
-    samples = 0
-    stop = threading.Event()
-
-    def sampler() -> None:
-        nonlocal samples
-        while not stop.is_set():
-            for pool in pools:
-                with pool.lock:
-                    try:
-                        pool.check_invariants()
-                    except AssertionError as exc:
-                        failures.append(exc)
-                samples += 1
-            time.sleep(0.0005)
-
     def nap(_: int) -> None:
         with blocking():
             time.sleep(0.002)
 
-    thread = threading.Thread(target=sampler, daemon=True)
-    thread.start()
-    try:
+    with invariants_sampled(cmwq_exec.get_system().pools):
         executors = [make_executor(), make_executor(unbound=True), make_executor(max_workers=3)]
         futures = []
         for i in range(3000):
@@ -78,11 +59,6 @@ def test_invariants_sampled_during_load(make_executor: Callable[..., CMWQExecuto
             futures.append(ex.submit(nap if i % 25 == 0 else int, i))
         for future in futures:
             future.result(timeout=30)
-    finally:
-        stop.set()
-        thread.join()
-    assert not failures, failures[:3]
-    assert samples >= 10
     quiesce()
 
 

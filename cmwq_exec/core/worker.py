@@ -172,7 +172,7 @@ class Worker:
         if pool.system.config.batch_workers:
             set_batch_policy()
         try:
-            self.worker_loop(pool)
+            self.worker_loop()
         except BaseException as exc:  # a bug: works and hooks cannot raise into the loop
             self.pool.worker_crashed(self, exc)
 
@@ -182,7 +182,7 @@ class Worker:
         if pool.cpu is None or system.config.pin_workers:
             system.bind_thread(pool)
 
-    def worker_loop(self, bound: WorkerPool) -> None:
+    def worker_loop(self) -> None:
         park = self.park
         while True:
             # Parked until woken. No wakeup can be lost: ``park`` stays held from the moment the
@@ -190,13 +190,12 @@ class Worker:
             # the pool lock, once per idle period: ``woken``); a release before this acquire is
             # kept by the lock, and this acquire consumes exactly that release.
             park.acquire()
-            pool = self.pool  # another pool may have adopted it while it was idle (and parked)
+            # another pool may have adopted it while it was idle and parked: that pool bound it
+            # to its CPU (WorkerPool.bind_adopted; thread_main if the thread had not bound itself)
+            pool = self.pool
             with pool.lock:
                 if self.flags & DIE:
                     return
-                if pool is not bound:  # adopted: the adopter bound it already (by thread id,
-                    self.bind(pool)    # under its lock); binding here too costs one system call
-                    bound = pool       # per adoption and keeps the loop's view simple
                 pool.worker_leave_idle(self)
                 self.work_until_idle()
 
