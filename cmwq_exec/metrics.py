@@ -63,6 +63,10 @@ _POOL_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("cmwq_pool_idle_workers", "Workers of the pool waiting for work on its idle list.", "nr_idle"),
     ("cmwq_pool_workers", "Worker threads the pool has (idle, busy and the manager).", "nr_workers"),
     ("cmwq_pool_pending_works", "Works queued on the pool's worklist and not yet started.", "nr_pending"),
+    ("cmwq_pool_sleep_seconds_avg",
+     "Moving average of how long a blocking() sleep of the pool's workers lasts; beyond "
+     "unpaced_workers, creation waits while most busy workers slept less than twice this.",
+     "sleep_avg"),
 )
 _POOL_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("cmwq_pool_cm_wakeups",
@@ -77,8 +81,8 @@ _POOL_COUNTERS: tuple[tuple[str, str, str], ...] = (
      "Mayday calls of the pool: worker creation stalled and rescuers were summoned.",
      "mayday"),
     ("cmwq_pool_creations_paced",
-     "Worker creations the pool put off because a runner came back within create_interval "
-     "(beyond unpaced_workers).",
+     "Worker creations the pool put off because a runner came back within create_interval, "
+     "or most of its sleepers were due back (beyond unpaced_workers).",
      "paced"),
     ("cmwq_pool_workers_adopted",
      "Idle workers the pool took from another pool instead of creating a thread.",

@@ -14,6 +14,7 @@ import pytest
 from helpers import invariants_sampled, need_two_cpus, registered, wait_for
 
 from cmwq_exec import Work, WorkQueue, blocking, hookimpl
+from cmwq_exec.core.worker import SLEEP_AVG_WEIGHT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -157,6 +158,56 @@ def test_pacing_lets_a_runner_that_comes_back_take_the_work(
     gate_b.set()
     gate_c.set()
     wq.flush()
+
+
+def test_pacing_waits_for_sleepers_due_back_then_creates(
+        fresh_system: Callable[..., Any], release: Callable[[threading.Event], threading.Event]) -> None:
+    """A pool learns how long its sleeps last. While at least half of its busy workers fell asleep
+    within twice that, it adds no thread (they are due back); works that wait for each other
+    outlive the window and then get a worker each, one per interval, so nothing stalls."""
+    system = fresh_system(unpaced_workers=2, create_interval=0.001, create_hold_max=5.0,
+                          watchdog_tick=3600.0)
+    cpu = min(system.cpu_pools)
+    pool = system.cpu_pools[cpu]
+    wq = WorkQueue("hold")
+
+    def nap() -> None:
+        with blocking():
+            time.sleep(0.25)
+
+    learn = 16
+    for _ in range(learn):
+        assert wq.queue_work_on(cpu, Work(nap))
+    wq.flush()
+    with pool.lock:
+        # every measured sleep lasted at least 0.25 s; the average started at 0
+        assert pool.sleep_avg >= 0.25 * (1 - (1 - SLEEP_AVG_WEIGHT) ** learn) - 1e-9, pool.sleep_avg
+        window = min(2 * pool.sleep_avg, system.config.create_hold_max)
+        workers, paced, adopted = pool.nr_workers, pool.nr_paced, pool.nr_adopted
+    assert workers >= 2
+
+    n = workers + 4  # more works than workers: the last four need created workers
+    gate = release(threading.Event())
+    started: list[float] = []
+    lock = threading.Lock()
+
+    def meet() -> None:
+        with lock:
+            started.append(time.monotonic())
+            if len(started) == n:
+                gate.set()
+        with blocking():
+            assert gate.wait(30), "not every work got a worker"
+
+    for _ in range(n):
+        assert wq.queue_work_on(cpu, Work(meet))
+    wq.flush()
+    with pool.lock:
+        assert pool.nr_adopted == adopted  # every extra worker was created here
+        assert pool.nr_workers >= n
+        assert pool.nr_paced > paced
+    # no worker was created before the first sleeper of the wave had slept for the whole window
+    assert started[workers] - started[0] >= window, (started[workers] - started[0], window)
 
 
 def test_adoption_pacing_and_reaping_race_under_load(

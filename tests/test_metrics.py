@@ -26,6 +26,7 @@ POOL_METRICS = {
     "cmwq_pool_idle_workers": "gauge",
     "cmwq_pool_workers": "gauge",
     "cmwq_pool_pending_works": "gauge",
+    "cmwq_pool_sleep_seconds_avg": "gauge",
     "cmwq_pool_cm_wakeups": "counter",
     "cmwq_pool_cpu_intensive": "counter",
     "cmwq_pool_online": "gauge",
@@ -64,7 +65,7 @@ class _StubSystem:
         self.timing_enabled = 0
         self.pools = [_Stats({"pool": "cpu0", "cpu": 0, "online": False, "nr_running": 1, "nr_idle": 2,
                               "nr_workers": 4, "nr_pending": 7, "cm_wakeups": 11, "cpu_intensive": 3,
-                              "mayday": 5})]
+                              "mayday": 5, "sleep_avg": 0.0125})]
         wq = {"workqueue": "wq", "started": 10, "completed": 9, "inflight": 1, "cpu_seconds": 0.25,
               "cpu_intensive": 2, "cm_wakeups": 6, "mayday": 1, "rescued": 4,
               "queue_latency": _hist([1, 2, 0, 3], 1.5), "execution": _hist([0, 0, 9, 0], 0.5)}
@@ -122,6 +123,7 @@ def test_collector_reports_the_stats_numbers() -> None:
     assert _value(families, "cmwq_pool_idle_workers", pool="cpu0") == 2
     assert _value(families, "cmwq_pool_workers", pool="cpu0") == 4
     assert _value(families, "cmwq_pool_pending_works", pool="cpu0") == 7
+    assert _value(families, "cmwq_pool_sleep_seconds_avg", pool="cpu0") == 0.0125
     assert _value(families, "cmwq_pool_cm_wakeups_total", pool="cpu0") == 11
     assert _value(families, "cmwq_pool_cpu_intensive_total", pool="cpu0") == 3
     assert _value(families, "cmwq_pool_online", pool="cpu0") == 0

@@ -260,7 +260,9 @@ def test_dashboard_has_the_panels_the_issue_asks_for() -> None:
                    "cmwq_pool_pending_works", "cmwq_workqueue_works_completed_total",
                    "cmwq_workqueue_queue_latency_seconds_bucket", "cmwq_workqueue_execution_seconds_bucket",
                    "cmwq_workqueue_mayday_total", "cmwq_workqueue_rescued_total",
-                   "cmwq_workqueue_cpu_intensive_total", "cmwq_pool_online"):
+                   "cmwq_workqueue_cpu_intensive_total", "cmwq_pool_online",
+                   "cmwq_pool_creations_paced_total", "cmwq_pool_workers_adopted_total",
+                   "cmwq_pool_sleep_seconds_avg"):
         assert needed in exprs, needed
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (instance, workqueue, le) " \

@@ -32,6 +32,10 @@ class Config:
     #: instead). Bursts of short blocking works then use a fraction of the threads; works that
     #: block long still get a worker each, one per interval.
     create_interval: float = 0.0001
+    #: ... and not while at least half of its busy workers went to sleep within twice the pool's
+    #: average sleep, capped at this: those sleepers are due back and will take the waiting works.
+    #: Works that wait for each other wait at most this long (once per such wave) for a worker.
+    create_hold_max: float = 0.050
     #: Cap on worker threads of all pools together; reaching it counts as a failed creation.
     max_total_workers: int = 512
     #: Pin each per-CPU pool's workers to their CPU with sched_setaffinity.

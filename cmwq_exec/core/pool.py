@@ -20,7 +20,8 @@ Invariants (``L:`` fields, under ``lock``; checked by :meth:`check_invariants` i
 Growth. A pool that needs a worker first adopts a spare idle worker of another pool
 (:meth:`give_idle_worker`): that adds no thread. Only then does it create one: at once up to
 ``unpaced_workers``, beyond that one per ``create_interval`` in which no work finished
-(:meth:`pace_create_worker`).
+(:meth:`pace_create_worker`), and not while most of its sleepers are due back
+(:meth:`sleepers_due`).
 
 Field ownership: ``I:`` set at init; ``L:`` under ``lock``; ``T:`` the trustee's while it is in charge.
 
@@ -47,7 +48,7 @@ from . import policy as _policy
 from . import worker as _worker
 from .cpus import Placed
 from .lockdep import make_lock
-from .worker import DIE, IDLE, NOT_RUNNING, ROGUE, Worker
+from .worker import DIE, IDLE, NOT_RUNNING, ROGUE, SLEEPING, Worker
 
 if TYPE_CHECKING:
     from .config import Config
@@ -145,10 +146,12 @@ class WorkerPool:
         self.create_pending = False  # L: the timer thread is to create a worker (no worker can)
         self.pace_timer: timer.Timer | None = None  # L: a paced creation is due when it fires
         self.pace_completed = 0  # L: nr_completed when it was armed
+        self.sleep_avg = 0.0  # L: moving average of how long a blocking() sleep lasts here
         # counters, L: read at scrape time
         self.nr_started = 0  # works started here
         self.nr_completed = 0  # works finished here
-        self.nr_paced = 0  # creations put off because runners came back within a pacing interval
+        self.nr_paced = 0  # creations put off: a runner came back within a pacing interval, or
+        # most sleepers are expected back (see sleepers_due)
         self.nr_adopted = 0  # idle workers taken from other pools instead of creating a thread
         self.nr_given = 0  # idle workers given to other pools
         self.cm_wakeups = 0  # wakeups by concurrency management (a runner slept, or was found stuck)
@@ -526,7 +529,8 @@ class WorkerPool:
             self.pace_timer = timer.add_timer(self.system.config.create_interval, self._pace_timeout)
 
     def _pace_timeout(self) -> None:
-        """Pacing timer (timer thread): create the worker if still nobody runs and nothing finished."""
+        """Pacing timer (timer thread): create the worker if still nobody runs, nothing finished,
+        and most sleepers are not due back yet."""
         with self.lock:
             self.pace_timer = None
             if self.managing or not self.need_to_create_worker(self):
@@ -535,9 +539,35 @@ class WorkerPool:
                 self.nr_paced += 1
                 self.pace_create_worker()
                 return
+            due = self.sleepers_due() - time.monotonic()
+            if due > 0:
+                self.nr_paced += 1
+                self.pace_completed = self.nr_completed
+                self.pace_timer = timer.add_timer(max(due, self.system.config.create_interval),
+                                                  self._pace_timeout)
+                return
             self.schedule_create_worker(now=True)
             if not self.create_pending:  # created: the next one is due an interval from now
                 self.pace_create_worker()
+
+    def sleepers_due(self) -> float:
+        """Until when (monotonic time) a paced creation waits for sleepers to come back. L: held.
+
+        A sleep counts as expected back while it is younger than twice this pool's average sleep
+        (``sleep_avg``, capped at ``create_hold_max``). While at least half of the busy workers are
+        such young sleepers, the next wave of returns is near and will serve the waiting works: a
+        burst of short waits then reuses the workers of the last burst instead of adding threads.
+        Works that wait for each other (or long sleeps) age past the window: creation then goes
+        on one per interval. Returns 0 (no wait) when no sleep was measured yet."""
+        window = min(2 * self.sleep_avg, self.system.config.create_hold_max)
+        if window <= 0:
+            return 0.0
+        need = (self.nr_workers - self.nr_idle + 1) // 2  # half of the busy workers, rounded up
+        starts = sorted(w.slept_at for w in self.workers if w.flags & SLEEPING)
+        if need < 1 or len(starts) < need:
+            return 0.0
+        # young sleepers stay at least `need` until the need-th youngest one ages past the window
+        return starts[len(starts) - need] + window
 
     def _create_worker_from_timer(self, locked: bool = False) -> None:
         if locked:
@@ -614,6 +644,7 @@ class WorkerPool:
                 "nr_idle": self.nr_idle,
                 "nr_workers": self.nr_workers,
                 "nr_pending": len(self.worklist),
+                "sleep_avg": self.sleep_avg,
                 "cm_wakeups": self.cm_wakeups,
                 "cpu_intensive": self.cpu_intensive,
                 "mayday": self.nr_mayday,

@@ -61,6 +61,7 @@ class WorkerPool(PoolCounters, Protocol):
     manage_requested: bool
     nr_started: int
     nr_completed: int
+    sleep_avg: float
     need_more_worker: Callable[[PoolCounters], bool]
     may_start_working: Callable[[PoolCounters], bool]
     keep_working: Callable[[PoolCounters], bool]
@@ -94,6 +95,10 @@ RESCUER = 1 << 7  # a workqueue's rescuer, never counted
 HOG_SEEN = 1 << 8  # the watchdog counted the current work as CPU-intensive (bookkeeping only)
 #: flags that take a worker out of nr_running (the kernel's WORKER_NOT_RUNNING)
 NOT_RUNNING = PREP | ROGUE | SLEEPING | CPU_INTENSIVE | STUCK | RESCUER
+
+#: weight of the latest sleep in a pool's moving average of sleep lengths (``sleep_avg``)
+SLEEP_AVG_WEIGHT = 0.125
+_monotonic = time.monotonic
 
 class _Current(threading.local):
     """Per-thread: the worker this thread is (None for other threads). A class default, not a
@@ -133,8 +138,8 @@ class Worker:
 
     __slots__ = (
         "pool", "id", "thread", "native_id", "flags", "park", "woken", "last_active",
-        "current_work", "current_pwq", "current_counted", "scheduled", "sleep_depth", "sleeping_wq",
-        "waiting_wq", "work_seq", "cpu_sample", "__weakref__",
+        "current_work", "current_pwq", "current_counted", "scheduled", "sleep_depth", "slept_at",
+        "sleeping_wq", "waiting_wq", "work_seq", "cpu_sample", "__weakref__",
     )
 
     def __init__(self, pool: WorkerPool, worker_id: int) -> None:
@@ -152,6 +157,7 @@ class Worker:
         self.current_counted = False  # L: the current work holds a slot of its workqueue
         self.scheduled: deque[WorkItem] = deque()  # L: works that collided with the one we run
         self.sleep_depth = 0  # X: nesting of blocking()
+        self.slept_at = 0.0  # L: when the outermost blocking() began
         self.sleeping_wq: WorkQueueOps | None = None  # wq._lock: whose running count our sleep lowered
         self.waiting_wq: WorkQueueOps | None = None  # wq._lock: whose active count our wait lowered
         self.work_seq = 0  # L: bumped per work; the watchdog tells works apart with it
@@ -324,22 +330,26 @@ class Worker:
         The bookkeeping is straight-line code under a lock with no call in between, so an
         asynchronous exception (a Celery time limit) cannot land half-way through it; what may be
         skipped by one (handing a running slot on) is only a missed chance, never a lost work."""
+        now = _monotonic()
         pool = self.pool
         with pool.lock:
             self.sleep_depth += 1
             first = self.sleep_depth == 1
             if first:
+                self.slept_at = now
                 pool.worker_set_flags(self, SLEEPING, wakeup=True)
         pwq = self.current_pwq
         if first and self.current_counted and pwq is not None and pwq.wq._max_running is not None:
             pwq.wq._work_sleeps(self)
 
     def sleep_end(self) -> None:
-        """The worker's thread woke up and runs again."""
+        """The worker's thread woke up and runs again; the pool learns how long it slept."""
+        now = _monotonic()
         pool = self.pool
         with pool.lock:
             depth = self.sleep_depth = self.sleep_depth - 1
             if depth == 0:
+                pool.sleep_avg += (now - self.slept_at - pool.sleep_avg) * SLEEP_AVG_WEIGHT
                 pool.worker_clr_flags(self, SLEEPING)
         if depth == 0 and self.sleeping_wq is not None:
             self.sleeping_wq._work_wakes(self)
