@@ -55,14 +55,15 @@ class Params:
     plain_repeats: int
     pin_procs: int  # subprocesses per pinning setting
     plugin_pairs: int
+    barrier_tasks: int  # calls meeting at one Barrier
 
 
 FULL = Params(repeats=7, noop_tasks=100_000, rt_iters=5_000, sleep_tasks=500, cpu_tasks=200, cpu_ms=3.0,
               fib_n=14, deadlock_timeout=3.0, plain_tasks=500, plain_repeats=3, pin_procs=5,
-              plugin_pairs=16)
+              plugin_pairs=16, barrier_tasks=400)
 QUICK = Params(repeats=3, noop_tasks=50_000, rt_iters=1_500, sleep_tasks=500, cpu_tasks=100, cpu_ms=3.0,
                fib_n=14, deadlock_timeout=1.5, plain_tasks=200, plain_repeats=1, pin_procs=1,
-               plugin_pairs=5)
+               plugin_pairs=5, barrier_tasks=300)
 
 
 # -- measuring helpers --------------------------------------------------------------------------
@@ -275,6 +276,33 @@ def case_sleep(executor_factory: Callable[[], Executor], fn: Callable[..., Any],
         executor.shutdown()
     del out["results"]
     return out
+
+
+def case_barrier(executor_factory: Callable[[], Executor], n: int, warm_bursts: int,
+                 threads_of: Callable[[Executor], Callable[[], int]]) -> dict[str, Any]:
+    """``n`` calls that only return once all of them run at once (a Barrier, waited on inside
+    blocking()), after ``warm_bursts`` bursts of 500 × 10 ms waits on the same executor: a pool
+    that learned its sleeps are short must still give every call a worker."""
+    executor = executor_factory()
+    barrier = threading.Barrier(n)
+
+    def meet() -> None:
+        with blocking():
+            barrier.wait(30)
+
+    try:
+        for _ in range(warm_bursts):
+            list(executor.map(sleep_blocking, [0.01] * 500))
+        with Sampler(threads_of(executor)) as sampler:
+            start = time.perf_counter()
+            futures = [executor.submit(meet) for _ in range(n)]
+            completed = all(f.exception() is None for f in futures)
+            wall = time.perf_counter() - start
+    finally:
+        barrier.abort()  # a call still waiting gives up at once
+        executor.shutdown()
+    return {"wall_s": wall, "completed": completed, "peak_executor_threads": sampler.peak_executor,
+            "peak_threads_beyond_start": sampler.peak_process - START_THREADS - 1}
 
 
 def case_cpu(executor_factory: Callable[[], Executor], loops: int, n: int,
@@ -491,6 +519,25 @@ class Bench:
                              str(cbn), str(t5w), f"{cbn / t5w:.2f}× cmwq/TPE(500)", "≤ TPE(500)'s",
                              cbn <= t5w, "later runs find the idle workers of the earlier ones"))
 
+    def barrier(self) -> None:
+        n = self.p.barrier_tasks
+        self.log(f"{n} calls meeting at a Barrier after 2 bursts of 10 ms waits x {self.p.repeats} runs "
+                 "(cmwq and TPE(500))")
+        r = alternate({
+            "cmwq": lambda: case_barrier(CMWQExecutor, n, 2, lambda e: cmwq_workers),
+            "tpe500": lambda: case_barrier(lambda: ThreadPoolExecutor(500), n, 2, tpe_threads),
+        }, self.p.repeats)
+        self.raw["barrier"] = r
+        ok = all(x["completed"] for x in r["cmwq"])
+        c = median([x["wall_s"] for x in r["cmwq"]])
+        t5 = median([x["wall_s"] for x in r["tpe500"]])
+        self.rows.append(Row(f"{n} calls that wait for each other (a Barrier), after bursts of short waits",
+                             f"done, {_fmt(c * 1000, ' ms')}" if ok else "NOT completed",
+                             f"TPE(500) {_fmt(t5 * 1000, ' ms')}", f"{c / t5:.2f}× cmwq/TPE(500) time",
+                             "cmwq completes", ok,
+                             "runs (ms): " + ", ".join(f"{x['wall_s'] * 1000:.0f}" for x in r["cmwq"])
+                             + "; a paced pool waits at most create_hold_max for sleepers due back"))
+
     def sleep_plain(self) -> None:
         n = self.p.plain_tasks
         reps = self.p.plain_repeats
@@ -573,7 +620,7 @@ class Bench:
     #: alternating), so no case inherits another's idle cmwq workers (reaped only after
     #: idle_timeout), registered plugins or stuck ThreadPoolExecutor threads.
     CASES = ("noop_throughput", "round_trip", "cpu_bound", "plugin_overhead", "sleep_blocking",
-             "sleep_plain", "nested")
+             "barrier", "sleep_plain", "nested")
 
     def run(self, in_process: bool) -> None:
         for case in self.CASES:
@@ -662,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true",
                         help="run every case in this one process (default: a fresh subprocess per case)")
     parser.add_argument("--pin-probe", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--case", choices=Bench.CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=Bench.CASES,
+                        help="run only this case; prints its rows and raw figures as JSON")
     args = parser.parse_args(argv)
     params = QUICK if args.quick else FULL
     if args.pin_probe:
