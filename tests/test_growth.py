@@ -8,13 +8,15 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import invariants_sampled, need_two_cpus, registered, wait_for
 
 from cmwq_exec import Work, WorkQueue, blocking, hookimpl
-from cmwq_exec.core.worker import SLEEP_AVG_WEIGHT
+from cmwq_exec.core.pool import WorkerPool
+from cmwq_exec.core.worker import IDLE, SLEEP_AVG_WEIGHT, SLEEPING
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -208,6 +210,31 @@ def test_pacing_waits_for_sleepers_due_back_then_creates(
         assert pool.nr_paced > paced
     # no worker was created before the first sleeper of the wave had slept for the whole window
     assert started[workers] - started[0] >= window, (started[workers] - started[0], window)
+
+
+def _pool_with_sleepers(slept_at: list[float], busy: int, avg: float, hold_max: float = 0.05) -> Any:
+    """The fields sleepers_due() reads: ``busy`` busy workers, the first len(slept_at) asleep."""
+    workers = [SimpleNamespace(flags=SLEEPING, slept_at=at) for at in slept_at]
+    workers += [SimpleNamespace(flags=0, slept_at=0.0) for _ in range(busy - len(slept_at))]
+    workers.append(SimpleNamespace(flags=IDLE, slept_at=0.0))
+    return SimpleNamespace(sleep_avg=avg, system=SimpleNamespace(config=SimpleNamespace(
+        create_hold_max=hold_max)), nr_workers=busy + 1, nr_idle=1, workers=workers)
+
+
+def test_sleepers_due_holds_while_half_the_busy_workers_are_young_sleepers() -> None:
+    """The hold's arithmetic: young means asleep for less than twice the average sleep (capped);
+    the hold lasts until fewer than half of the busy workers (rounded up) are young."""
+    due = WorkerPool.sleepers_due
+    starts = [100.000, 100.001, 100.002, 100.003]
+    assert due(_pool_with_sleepers(starts, 4, avg=0.0), 100.004) == 0.0  # nothing measured yet
+    pool = _pool_with_sleepers(starts, 4, avg=0.010)  # window 20 ms; 2 young needed of 4 busy
+    assert due(pool, 100.004) == pytest.approx(100.022)  # the 2nd youngest turns 20 ms old
+    assert due(pool, 100.0215) == pytest.approx(100.022)  # same answer with 2 young left
+    assert due(pool, 100.0225) == 0.0  # one young sleeper left: create
+    assert due(_pool_with_sleepers(starts, 5, avg=0.010), 100.004) == pytest.approx(100.021)  # need 3
+    assert due(_pool_with_sleepers(starts[:1], 4, avg=0.010), 100.004) == 0.0  # 1 young of 4 busy
+    capped = _pool_with_sleepers(starts, 4, avg=1.0, hold_max=0.05)  # window capped at 50 ms
+    assert due(capped, 100.004) == pytest.approx(100.052)
 
 
 def test_adoption_pacing_and_reaping_race_under_load(

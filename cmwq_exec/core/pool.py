@@ -539,7 +539,8 @@ class WorkerPool:
                 self.nr_paced += 1
                 self.pace_create_worker()
                 return
-            due = self.sleepers_due() - time.monotonic()
+            now = time.monotonic()
+            due = self.sleepers_due(now) - now
             if due > 0:
                 self.nr_paced += 1
                 self.pace_completed = self.nr_completed
@@ -550,7 +551,7 @@ class WorkerPool:
             if not self.create_pending:  # created: the next one is due an interval from now
                 self.pace_create_worker()
 
-    def sleepers_due(self) -> float:
+    def sleepers_due(self, now: float) -> float:
         """Until when (monotonic time) a paced creation waits for sleepers to come back. L: held.
 
         A sleep counts as expected back while it is younger than twice this pool's average sleep
@@ -563,11 +564,13 @@ class WorkerPool:
         if window <= 0:
             return 0.0
         need = (self.nr_workers - self.nr_idle + 1) // 2  # half of the busy workers, rounded up
-        starts = sorted(w.slept_at for w in self.workers if w.flags & SLEEPING)
-        if need < 1 or len(starts) < need:
+        cutoff = now - window
+        young = [at for w in self.workers if w.flags & SLEEPING and (at := w.slept_at) > cutoff]
+        if need < 1 or len(young) < need:
             return 0.0
         # young sleepers stay at least `need` until the need-th youngest one ages past the window
-        return starts[len(starts) - need] + window
+        young.sort()
+        return young[len(young) - need] + window
 
     def _create_worker_from_timer(self, locked: bool = False) -> None:
         if locked:
