@@ -150,8 +150,10 @@ def test_bench_quick_writes_every_figure(tmp_path):
     report = json.loads(out.read_text())
     figures = " ".join(row["figure"] for row in report["rows"] + report["settings_rows"])
     for needle in ("no-op tasks/s", "round trip", "CPU-bound", "blocking()", "time.sleep", "fib(14)",
-                   "pin_workers", "plugin"):
+                   "pin_workers", "plugin", "Barrier"):
         assert needle in figures
+    barrier = [row for row in report["rows"] if "Barrier" in row["figure"]]
+    assert barrier and all(row["met"] for row in barrier)  # calls that wait for each other complete
     nested = [row for row in report["rows"] if "fib(" in row["figure"]]
     assert nested and all(row["met"] for row in nested)  # cmwq completes; TPE shown deadlocked
     assert all("deadlocked" in row["b"] for row in nested)
