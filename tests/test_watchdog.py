@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from helpers import registered, wait_for
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue
 from cmwq_exec.core import system as _system
+from cmwq_exec.core import watchdog
 from cmwq_exec.core.worker import STUCK, current_worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -190,8 +192,6 @@ def test_clocks_and_proc_are_read_without_the_pool_lock(
         fresh_system: Any, pinned_cpu0: None, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     """The watchdog's slow reads (thread CPU clocks, /proc) happen with the pool lock released, so
     a worker never waits for them to queue, wake or complete."""
-    from cmwq_exec.core import watchdog
-
     fresh_system()
     calls: dict[str, list[bool]] = {"thread_cpu_ns": [], "_runnable": []}
     real_cpu_ns, real_runnable = watchdog.thread_cpu_ns, watchdog._runnable
@@ -257,3 +257,28 @@ def test_stall_stacks_are_taken_without_the_pool_lock(
         release.set()
     wq.flush()
     assert not any(held), "warn_stall ran under pool.lock"
+
+
+@pytest.mark.parametrize("saturated", [False, True])
+def test_looks_are_spaced_out_while_the_process_is_saturated(
+        fresh_system: Any, pinned_cpu0: None, monkeypatch: pytest.MonkeyPatch, saturated: bool) -> None:
+    """A look that finds a new work comes back after an eighth of a tick, unless the process is
+    saturated: then no rule can add a runner, and the next look comes after four ticks, so a
+    stream of short CPU-bound works does not lose the GIL to the watchdog every 1.25 ms."""
+    system = fresh_system(watchdog_tick=3600.0)  # no look of its own during the test
+    tick = system.config.watchdog_tick
+    pool = system.cpu_pools[0]
+    release = threading.Event()
+    delays: list[float] = []
+    monkeypatch.setattr(type(system.watchdog), "cpu_load", lambda self, now: 2.0 if saturated else 0.0)
+    # the watchdog's timers only (arm's first look, and the re-arm after a look): recorded, not run
+    monkeypatch.setattr(watchdog, "timer", SimpleNamespace(add_timer=lambda delay, fn: delays.append(delay)))
+    with cmwq_exec.CMWQExecutor(unbound=False, rescuer=False) as ex:
+        running = ex.submit(release.wait, 30)  # un-annotated: counts as running
+        behind = ex.submit(time.monotonic)  # pending behind it: the watchdog looks at the pool
+        wait_for("the first work running", lambda: pool.stats()["nr_pending"] == 1)
+        del delays[:]  # arm's
+        system.watchdog.check(pool)  # a new work on the runner
+        release.set()
+        assert running.result(timeout=10) and behind.result(timeout=10)
+    assert delays == [tick * (watchdog.SATURATED_LOOK if saturated else watchdog.QUICK_LOOK)]

@@ -4,7 +4,9 @@ Python gives no scheduler hook, so a worker that blocks in code that did not say
 a database driver, a plain ``time.sleep``) still counts as running and its pool waits behind it. Like
 Go's sysmon and Linux's CPU-intensive tick, the watchdog looks at pools that have pending works,
 every ``watchdog_tick`` (10 ms), on the single timer thread (so it costs nothing while no work waits),
-and after an eighth of a tick when a worker started a new work since the last look or a rule fired. For
+after an eighth of a tick when a rule fired, or when a worker started a new work since the last
+look while the process is not saturated, and after four ticks while it is saturated (see below:
+then no rule adds a runner, and each look takes the GIL from a worker that computes). For
 each worker that has run the same work across two looks it reads the thread's CPU clock:
 
 * burned (almost) none and is not runnable (``/proc`` state R would mean other processes had the
@@ -57,6 +59,9 @@ log = logging.getLogger("cmwq_exec.watchdog")
 BLOCKED_SHARE = 0.02
 #: After a look that found a new work or acted, the next look comes this much of a tick later.
 QUICK_LOOK = 1 / 8
+#: While the process is saturated (and no rule fired), the next look comes this many ticks later:
+#: no rule can add a runner then, and each look takes the GIL from a worker that computes.
+SATURATED_LOOK = 4
 #: Cores the process can keep busy with Python code: one while the GIL exists.
 _PARALLEL_CORES = 1 if getattr(sys, "_is_gil_enabled", lambda: True)() else None
 #: The process counts as saturated at this share of those cores.
@@ -150,7 +155,10 @@ class Watchdog:
                 continue
             if not sample or sample[0] != seq:
                 judged.append((worker, flags, seq, sample, (seq, ns, ns, now), None))
-                soon = True  # a new work: look again soon to judge it
+                # a new work: look again soon to judge it, unless the process is saturated; then no
+                # rule can add a runner, and a stream of short CPU-bound works would have the look
+                # take the GIL from the worker every eighth of a tick
+                soon = soon or not saturated
                 continue
             _, first_ns, last_ns, last_at = sample
             interval = now - last_at
@@ -202,7 +210,8 @@ class Watchdog:
                 pool.stall_warned = True
                 stall = stalled_for
                 busy = [w for w in pool.workers if not w.flags & IDLE and w.thread is not None]
-            timer.add_timer(tick * QUICK_LOOK if soon else tick, lambda: self.check(pool))
+            timer.add_timer(tick * (QUICK_LOOK if soon else SATURATED_LOOK if saturated else 1),
+                            lambda: self.check(pool))
         for hook, kwargs in events:
             hook(**kwargs)
         if stall is not None:
