@@ -514,7 +514,7 @@ class WorkerPool:
         else:
             timer.add_timer(0, self._create_worker_from_timer)
 
-    def pace_create_worker(self) -> None:
+    def pace_create_worker(self, delay: float = 0.0) -> None:
         """Every worker is busy and none runs, works wait, and the pool already has
         ``unpaced_workers``: create the next worker after ``create_interval`` unless a work finished
         meanwhile (a runner came back and takes the next work). L: held.
@@ -523,10 +523,12 @@ class WorkerPool:
         that blocks at once; a runner coming back serves the burst as well without a new thread.
         So beyond ``unpaced_workers`` a pool adds at most one worker per interval, and only while
         no runner came back for a whole interval: a pending work waits at most one interval per
-        worker it needs, and never for a worker that exists (idle workers are woken at once)."""
+        worker it needs, and never for a worker that exists (idle workers are woken at once).
+        ``delay``: fire no sooner than this (sleepers due back)."""
         if self.pace_timer is None and not self.create_pending:
             self.pace_completed = self.nr_completed
-            self.pace_timer = timer.add_timer(self.system.config.create_interval, self._pace_timeout)
+            self.pace_timer = timer.add_timer(max(delay, self.system.config.create_interval),
+                                              self._pace_timeout)
 
     def _pace_timeout(self) -> None:
         """Pacing timer (timer thread): create the worker if still nobody runs, nothing finished,
@@ -543,9 +545,7 @@ class WorkerPool:
             due = self.sleepers_due(now) - now
             if due > 0:
                 self.nr_paced += 1
-                self.pace_completed = self.nr_completed
-                self.pace_timer = timer.add_timer(max(due, self.system.config.create_interval),
-                                                  self._pace_timeout)
+                self.pace_create_worker(due)
                 return
             self.schedule_create_worker(now=True)
             if not self.create_pending:  # created: the next one is due an interval from now
@@ -564,9 +564,11 @@ class WorkerPool:
         if window <= 0:
             return 0.0
         need = (self.nr_workers - self.nr_idle + 1) // 2  # half of the busy workers, rounded up
+        if need < 1:
+            return 0.0
         cutoff = now - window
         young = [at for w in self.workers if w.flags & SLEEPING and (at := w.slept_at) > cutoff]
-        if need < 1 or len(young) < need:
+        if len(young) < need:
             return 0.0
         # young sleepers stay at least `need` until the need-th youngest one ages past the window
         young.sort()
