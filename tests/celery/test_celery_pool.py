@@ -151,6 +151,11 @@ def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_w
     celery_app.control.pool_shrink(4, destination=[worker.name], reply=True)
     stats = worker.stats()
     assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 1 * 4
+    # a task's result is stored before its worker counts it completed: wait for the count
+    deadline = time.monotonic() + 10
+    while stats["pool"]["workqueue"]["completed"] < 15 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = worker.stats()
     assert stats["pool"]["workqueue"]["completed"] >= 15
 
     # the command line users run
