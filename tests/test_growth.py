@@ -212,29 +212,108 @@ def test_pacing_waits_for_sleepers_due_back_then_creates(
     assert started[workers] - started[0] >= window, (started[workers] - started[0], window)
 
 
-def _pool_with_sleepers(slept_at: list[float], busy: int, avg: float, hold_max: float = 0.05) -> Any:
+def test_works_waiting_for_each_other_get_workers_without_a_hold_per_wave(
+        fresh_system: Callable[..., Any], release: Callable[[threading.Event], threading.Event]) -> None:
+    """Once the sleepers of a wave outlive the window with none coming back, the learned average is
+    stale: the workers created for the rest of the waiting works are not held again, however many
+    of them are young sleepers (they wait for each other too). Checked on every decision the
+    pacing timer takes, not on timing: a hold is decided only while no sleeper is overdue."""
+    system = fresh_system(unpaced_workers=2, create_interval=0.001, create_hold_max=5.0,
+                          watchdog_tick=3600.0)
+    cpu = min(system.cpu_pools)
+    pool = system.cpu_pools[cpu]
+    wq = WorkQueue("waves")
+
+    def nap() -> None:
+        with blocking():
+            time.sleep(0.1)
+
+    for _ in range(16):
+        assert wq.queue_work_on(cpu, Work(nap))
+    wq.flush()
+    with pool.lock:
+        workers = pool.nr_workers
+
+    decisions: list[tuple[float, list[float], float]] = []  # (due, sleepers' slept_at, window)
+    sleepers_due = pool.sleepers_due
+
+    def spy(now: float) -> float:  # called by the pacing timer under pool.lock
+        due = sleepers_due(now)
+        window = min(2 * pool.sleep_avg, system.config.create_hold_max)
+        decisions.append((due - now, [w.slept_at for w in pool.workers if w.flags & SLEEPING],
+                          now - window))
+        return due
+
+    pool.sleepers_due = spy  # type: ignore[method-assign]
+    n = 2 * workers + 8  # the second wave alone is more than half of the busy workers
+    gate = release(threading.Event())
+    count = [0]
+    lock = threading.Lock()
+
+    def meet() -> None:
+        with lock:
+            count[0] += 1
+            if count[0] == n:
+                gate.set()
+        with blocking():
+            assert gate.wait(30), "not every work got a worker"
+
+    try:
+        for _ in range(n):
+            assert wq.queue_work_on(cpu, Work(meet))
+        wq.flush()
+    finally:
+        del pool.sleepers_due
+    holds = [(slept, cutoff) for wait, slept, cutoff in decisions if wait > 0]
+    assert holds, "the first wave was not held: nothing tested"
+    for slept, cutoff in holds:
+        assert min(slept) > cutoff, "held while a sleeper was overdue and none had come back"
+    assert len(decisions) > len(holds), "creation never went on after the hold"
+
+
+def _pool_with_sleepers(slept_at: list[float], busy: int, avg: float, hold_max: float = 0.05,
+                        woke_at: float = 0.0) -> Any:
     """The fields sleepers_due() reads: ``busy`` busy workers, the first len(slept_at) asleep."""
     workers = [SimpleNamespace(flags=SLEEPING, slept_at=at) for at in slept_at]
     workers += [SimpleNamespace(flags=0, slept_at=0.0) for _ in range(busy - len(slept_at))]
     workers.append(SimpleNamespace(flags=IDLE, slept_at=0.0))
-    return SimpleNamespace(sleep_avg=avg, system=SimpleNamespace(config=SimpleNamespace(
+    return SimpleNamespace(sleep_avg=avg, woke_at=woke_at, system=SimpleNamespace(config=SimpleNamespace(
         create_hold_max=hold_max)), nr_workers=busy + 1, nr_idle=1, workers=workers)
 
 
 def test_sleepers_due_holds_while_half_the_busy_workers_are_young_sleepers() -> None:
     """The hold's arithmetic: young means asleep for less than twice the average sleep (capped);
-    the hold lasts until fewer than half of the busy workers (rounded up) are young."""
+    the hold lasts until fewer than half of the busy workers (rounded up) are young. The answer
+    comes when the oldest young sleeper turns overdue, which may end the hold (next test)."""
     due = WorkerPool.sleepers_due
     starts = [100.000, 100.001, 100.002, 100.003]
     assert due(_pool_with_sleepers(starts, 4, avg=0.0), 100.004) == 0.0  # nothing measured yet
     pool = _pool_with_sleepers(starts, 4, avg=0.010)  # window 20 ms; 2 young needed of 4 busy
-    assert due(pool, 100.004) == pytest.approx(100.022)  # the 2nd youngest turns 20 ms old
+    assert due(pool, 100.004) == pytest.approx(100.020)  # the oldest turns 20 ms old: ask again
+    pool.woke_at = 100.0205  # a sleeper came back meanwhile: the average is not stale
+    assert due(pool, 100.0205) == pytest.approx(100.022)  # the 2nd youngest turns 20 ms old
     assert due(pool, 100.0215) == pytest.approx(100.022)  # same answer with 2 young left
     assert due(pool, 100.0225) == 0.0  # one young sleeper left: create
-    assert due(_pool_with_sleepers(starts, 5, avg=0.010), 100.004) == pytest.approx(100.021)  # need 3
+    assert due(_pool_with_sleepers(starts, 5, avg=0.010), 100.004) == pytest.approx(100.020)  # need 3
     assert due(_pool_with_sleepers(starts[:1], 4, avg=0.010), 100.004) == 0.0  # 1 young of 4 busy
     capped = _pool_with_sleepers(starts, 4, avg=1.0, hold_max=0.05)  # window capped at 50 ms
-    assert due(capped, 100.004) == pytest.approx(100.052)
+    assert due(capped, 100.004) == pytest.approx(100.050)
+
+
+def test_sleepers_due_holds_nothing_once_a_sleeper_is_overdue_and_none_came_back() -> None:
+    """Sleepers that outlive the window while none returns (works waiting for each other) show
+    that the learned average is stale: no hold then, however many young sleepers there are; a
+    return within the window restores the hold for at most a window after that return."""
+    due = WorkerPool.sleepers_due
+    # one sleeper since 100.000 (overdue at 100.030), three young ones of a new wave; 4 busy
+    starts = [100.000, 100.025, 100.026, 100.027]
+    assert due(_pool_with_sleepers(starts, 4, avg=0.010, woke_at=99.999), 100.030) == 0.0
+    back = _pool_with_sleepers(starts, 4, avg=0.010, woke_at=100.015)
+    assert due(back, 100.030) == pytest.approx(100.035)  # the return ages past the window
+    assert due(back, 100.035) == 0.0
+    # without the overdue sleeper the same young wave is held, asked again when its oldest ages
+    young = _pool_with_sleepers(starts[1:], 4, avg=0.010, woke_at=99.999)
+    assert due(young, 100.030) == pytest.approx(100.045)
 
 
 def test_adoption_pacing_and_reaping_race_under_load(

@@ -34,7 +34,8 @@ class Config:
     create_interval: float = 0.0001
     #: ... and not while at least half of its busy workers went to sleep within twice the pool's
     #: average sleep, capped at this: those sleepers are due back and will take the waiting works.
-    #: Works that wait for each other wait at most this long (once per such wave) for a worker.
+    #: Works that wait for each other wait at most this long for a worker: a sleeper older than
+    #: that window with none back since ends the hold (see WorkerPool.sleepers_due).
     create_hold_max: float = 0.050
     #: Cap on worker threads of all pools together; reaching it counts as a failed creation.
     max_total_workers: int = 512

@@ -147,6 +147,7 @@ class WorkerPool:
         self.pace_timer: timer.Timer | None = None  # L: a paced creation is due when it fires
         self.pace_completed = 0  # L: nr_completed when it was armed
         self.sleep_avg = 0.0  # L: moving average of how long a blocking() sleep lasts here
+        self.woke_at = 0.0  # L: when a blocking() sleep here last ended
         # counters, L: read at scrape time
         self.nr_started = 0  # works started here
         self.nr_completed = 0  # works finished here
@@ -558,8 +559,12 @@ class WorkerPool:
         (``sleep_avg``, capped at ``create_hold_max``). While at least half of the busy workers are
         such young sleepers, the next wave of returns is near and will serve the waiting works: a
         burst of short waits then reuses the workers of the last burst instead of adding threads.
-        Works that wait for each other (or long sleeps) age past the window: creation then goes
-        on one per interval. Returns 0 (no wait) when no sleep was measured yet."""
+
+        The average only learns from sleeps that end. A sleeper older than the window that is not
+        followed by any return within the window shows that sleeps here are not short now (works
+        that wait for each other, long waits): then nothing is held, and creation goes on one per
+        interval however young the newest sleepers are. Returns 0 (no wait) when no sleep was
+        measured yet; otherwise the answer may come early (the caller asks again then)."""
         window = min(2 * self.sleep_avg, self.system.config.create_hold_max)
         if window <= 0:
             return 0.0
@@ -567,12 +572,24 @@ class WorkerPool:
         if need < 1:
             return 0.0
         cutoff = now - window
-        young = [at for w in self.workers if w.flags & SLEEPING and (at := w.slept_at) > cutoff]
+        young: list[float] = []
+        overdue = False
+        for worker in self.workers:
+            if worker.flags & SLEEPING:
+                if worker.slept_at > cutoff:
+                    young.append(worker.slept_at)
+                else:
+                    overdue = True
         if len(young) < need:
             return 0.0
-        # young sleepers stay at least `need` until the need-th youngest one ages past the window
         young.sort()
-        return young[len(young) - need] + window
+        # young sleepers stay at least `need` until the need-th youngest one ages past the window
+        until = young[len(young) - need] + window
+        if overdue:
+            if self.woke_at <= cutoff:
+                return 0.0  # an overdue sleeper and no return since: the average is stale
+            return min(until, self.woke_at + window)
+        return min(until, young[0] + window)  # then the oldest one is overdue: ask again
 
     def _create_worker_from_timer(self, locked: bool = False) -> None:
         if locked:

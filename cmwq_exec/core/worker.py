@@ -62,6 +62,7 @@ class WorkerPool(PoolCounters, Protocol):
     nr_started: int
     nr_completed: int
     sleep_avg: float
+    woke_at: float
     need_more_worker: Callable[[PoolCounters], bool]
     may_start_working: Callable[[PoolCounters], bool]
     keep_working: Callable[[PoolCounters], bool]
@@ -350,6 +351,7 @@ class Worker:
             depth = self.sleep_depth = self.sleep_depth - 1
             if depth == 0:
                 pool.sleep_avg += (now - self.slept_at - pool.sleep_avg) * SLEEP_AVG_WEIGHT
+                pool.woke_at = now
                 pool.worker_clr_flags(self, SLEEPING)
         if depth == 0 and self.sleeping_wq is not None:
             self.sleeping_wq._work_wakes(self)
