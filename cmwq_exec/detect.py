@@ -199,7 +199,10 @@ def _wrap(owner: Any, name: str) -> None:
     from .blocking import blocking
 
     def call_blocking(*args: Any, **kwargs: Any) -> Any:
-        if current.worker is None:
+        # only a work's own waits, as with sys.monitoring: a worker between works (a manager
+        # starting a thread waits on an Event) is not running, and its wait is no sleep to learn
+        worker = current.worker
+        if worker is None or worker.current_work is None:
             return original(*args, **kwargs)
         with blocking():
             return original(*args, **kwargs)

@@ -9,11 +9,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import cmwq_exec
 from cmwq_exec import CMWQExecutor, detect, get_system
+from cmwq_exec.core import worker as worker_module
+from cmwq_exec.core.worker import Worker, current_worker
 
 
 @pytest.fixture
@@ -163,3 +166,40 @@ def test_unbound_method_descriptors_count() -> None:
     assert detect.is_blocking_call(type(threading.Lock()).acquire)
     assert detect.is_blocking_call(socket.socket.__mro__[1].recv)
     assert not detect.is_blocking_call(type(threading.Lock()).release)
+
+
+def test_only_a_works_own_waits_count_as_sleeps(fresh_system: Any, monkeypatch: Any) -> None:
+    """A worker between works is not running: a manager starting a thread waits on an Event
+    inside ``Thread.start``, and that wait must neither mark it sleeping (it would count among the
+    young sleepers) nor feed the pool's average sleep. Both mechanisms, on fresh pools so that
+    managers do start threads while detection is on."""
+    system = fresh_system()
+    outside: list[Any] = []
+    by_managers: list[str] = []
+    sleep_begin = Worker.sleep_begin
+    start_thread = worker_module.start_thread
+
+    def spy_sleep(self: Worker) -> None:
+        if self.current_work is None:
+            outside.append(self)
+        sleep_begin(self)
+
+    def spy_start(target: Any, name: str) -> threading.Thread:
+        if current_worker() is not None:
+            by_managers.append(name)
+        return start_thread(target, name)
+
+    monkeypatch.setattr(Worker, "sleep_begin", spy_sleep)
+    monkeypatch.setattr(worker_module, "start_thread", spy_start)
+    cmwq_exec.detect_blocking()
+    try:
+        with CMWQExecutor() as ex:
+            for f in [ex.submit(time.sleep, 0.001) for _ in range(300)]:
+                f.result(timeout=30)
+    finally:
+        cmwq_exec.undetect_blocking()
+    assert by_managers, "no manager started a thread: nothing tested"
+    assert outside == []
+    for pool in system.pools:
+        with pool.lock:
+            assert all(w.sleep_depth == 0 for w in pool.workers)
