@@ -162,25 +162,33 @@ def test_pacing_lets_a_runner_that_comes_back_take_the_work(
     wq.flush()
 
 
+def _pool_that_learned(fresh_system: Callable[..., Any], sleep: float,
+                       learn: int) -> tuple[Any, int, WorkerPool, WorkQueue]:
+    """Fresh pools pacing from the third worker, with a long hold cap and no watchdog; ``learn``
+    works sleep ``sleep`` seconds in blocking() on one CPU pool, which learns that average."""
+    system = fresh_system(unpaced_workers=2, create_interval=0.001, create_hold_max=5.0,
+                          watchdog_tick=3600.0)
+    cpu = min(system.cpu_pools)
+    pool = system.cpu_pools[cpu]
+    wq = WorkQueue("learned")
+
+    def nap() -> None:
+        with blocking():
+            time.sleep(sleep)
+
+    for _ in range(learn):
+        assert wq.queue_work_on(cpu, Work(nap))
+    wq.flush()
+    return system, cpu, pool, wq
+
+
 def test_pacing_waits_for_sleepers_due_back_then_creates(
         fresh_system: Callable[..., Any], release: Callable[[threading.Event], threading.Event]) -> None:
     """A pool learns how long its sleeps last. While at least half of its busy workers fell asleep
     within twice that, it adds no thread (they are due back); works that wait for each other
     outlive the window and then get a worker each, one per interval, so nothing stalls."""
-    system = fresh_system(unpaced_workers=2, create_interval=0.001, create_hold_max=5.0,
-                          watchdog_tick=3600.0)
-    cpu = min(system.cpu_pools)
-    pool = system.cpu_pools[cpu]
-    wq = WorkQueue("hold")
-
-    def nap() -> None:
-        with blocking():
-            time.sleep(0.25)
-
     learn = 16
-    for _ in range(learn):
-        assert wq.queue_work_on(cpu, Work(nap))
-    wq.flush()
+    system, cpu, pool, wq = _pool_that_learned(fresh_system, 0.25, learn)
     with pool.lock:
         # every measured sleep lasted at least 0.25 s; the average started at 0
         assert pool.sleep_avg >= 0.25 * (1 - (1 - SLEEP_AVG_WEIGHT) ** learn) - 1e-9, pool.sleep_avg
@@ -218,19 +226,7 @@ def test_works_waiting_for_each_other_get_workers_without_a_hold_per_wave(
     stale: the workers created for the rest of the waiting works are not held again, however many
     of them are young sleepers (they wait for each other too). Checked on every decision the
     pacing timer takes, not on timing: a hold is decided only while no sleeper is overdue."""
-    system = fresh_system(unpaced_workers=2, create_interval=0.001, create_hold_max=5.0,
-                          watchdog_tick=3600.0)
-    cpu = min(system.cpu_pools)
-    pool = system.cpu_pools[cpu]
-    wq = WorkQueue("waves")
-
-    def nap() -> None:
-        with blocking():
-            time.sleep(0.1)
-
-    for _ in range(16):
-        assert wq.queue_work_on(cpu, Work(nap))
-    wq.flush()
+    system, cpu, pool, wq = _pool_that_learned(fresh_system, 0.1, 16)
     with pool.lock:
         workers = pool.nr_workers
 
