@@ -326,3 +326,39 @@ def test_rescuer_that_cannot_be_created_fails_the_workqueue_clearly(monkeypatch:
     monkeypatch.setattr(_worker, "start_thread", refuse_rescuers)
     with pytest.raises(RuntimeError, match="rescuer thread of workqueue 'fp-no-rescuer'"):
         WorkQueue("fp-no-rescuer", WQ.RESCUER)
+
+
+def test_paced_pool_at_the_cap_calls_its_rescuers_every_interval(fresh_system: Any) -> None:
+    """Beyond ``unpaced_workers`` the timer thread creates a pool's workers; at the cap it retries
+    only after ``create_cooldown``. Meanwhile the mayday timer calls the rescuers every
+    ``mayday_interval``, as the manager's own loop does: works that arrive after the first mayday
+    (the rescuer went back to sleep) are rescued within an interval, not a cooldown (60 s here).
+    Every pool starts with one worker: the cap of 3 leaves this pool two."""
+    system = fresh_system(unpaced_workers=2, max_total_workers=3, create_cooldown=60.0,
+                          mayday_initial_timeout=0.01, mayday_interval=0.01, watchdog_tick=3600.0)
+    cpu = min(system.cpu_pools)
+    pool = system.cpu_pools[cpu]
+    blockers = WorkQueue(f"fp-cap-blockers-{uuid.uuid4().hex[:6]}")
+    rescued = WorkQueue(f"fp-cap-rescued-{uuid.uuid4().hex[:6]}", WQ.RESCUER)
+    gate = threading.Event()
+
+    def hold() -> None:
+        with blocking():
+            assert gate.wait(60)
+
+    try:
+        for _ in range(2):
+            assert blockers.queue_work_on(cpu, Work(hold))
+        wait_for("both workers asleep in blocking()",
+                 lambda: pool.nr_workers == 2 and pool.nr_idle == 0 and not pool.nr_running)
+        for i in range(4):
+            done = threading.Event()
+            assert rescued.queue_work_on(cpu, Work(done.set))
+            assert done.wait(20), f"work {i} waited for the next creation attempt (create_cooldown)"
+            wait_for("the rescuer done with the pool", lambda: not rescued._rescuer.pools)
+        assert rescued.stats()["rescued"] >= 4
+        assert system.nr_threads <= 3
+    finally:
+        gate.set()
+        blockers.flush()
+        rescued.flush()

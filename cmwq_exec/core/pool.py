@@ -454,6 +454,7 @@ class WorkerPool:
                 return False
             self.start_worker(worker, adopted=True)
             return True
+        self._cancel_mayday_timer()  # one mayday chain per pool (the timer thread's may run)
         self.mayday_timer = timer.add_timer(config.mayday_initial_timeout, self.mayday_timeout)
         try:
             while not self.add_worker(rogue=not self.online):
@@ -602,6 +603,8 @@ class WorkerPool:
         """L: held (dropped while creating). Runs with create_pending set."""
         if self.nr_idle or self.managing or (self.dying and not self.worklist):
             self.create_pending = False
+            if not self.managing:  # a manager runs its own mayday chain and ends it
+                self._cancel_mayday_timer()
             return
         self.managing = True
         try:
@@ -612,6 +615,7 @@ class WorkerPool:
                 self.trustee_cond.notify_all()
         if added:
             self.create_pending = False
+            self._cancel_mayday_timer()
             if self.need_more_worker(self):
                 self.wake_up_worker()  # works may be waiting (a pool handed back by its trustee)
             return
@@ -619,6 +623,11 @@ class WorkerPool:
         if self.worklist:
             self.nr_mayday += 1
             self.send_mayday()
+        # Until a retry succeeds, call the rescuers every mayday_interval as the manager's loop
+        # does, not once per create_cooldown: a rescuer stops as soon as its pool has an idle
+        # worker, and works that keep arriving would otherwise wait a whole cooldown for it.
+        if self.mayday_timer is None:
+            self.mayday_timer = timer.add_timer(self.system.config.mayday_interval, self.mayday_timeout)
         timer.add_timer(self.system.config.create_cooldown, self._create_worker_from_timer)
 
     def shutdown(self) -> None:
