@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from statistics import median
 
@@ -27,8 +28,9 @@ import cmwq_exec
 from cmwq_exec import Work, WorkQueue, blocking
 
 
-def meet_all(queue: object, n: int) -> list[float]:
-    """Queue ``n`` calls that wait for all of them to run; return when each started (s, sorted)."""
+def meet_all(run_all: Callable[[Callable[[], None], int], None], n: int) -> list[float]:
+    """Run ``n`` calls that wait for all of them to run (``run_all(call, n)`` queues them and
+    returns once they are done); return when each started (s, sorted)."""
     barrier = threading.Barrier(n)
     starts: list[float] = []
     t0 = time.monotonic()
@@ -38,14 +40,7 @@ def meet_all(queue: object, n: int) -> list[float]:
         with blocking():
             barrier.wait(60)
 
-    if isinstance(queue, ThreadPoolExecutor):
-        for f in [queue.submit(meet) for _ in range(n)]:
-            f.result()
-    else:
-        wq, cpu = queue  # type: ignore[misc]
-        for _ in range(n):
-            wq.queue_work_on(cpu, Work(meet))
-        wq.flush()
+    run_all(meet, n)
     return sorted(starts)
 
 
@@ -68,6 +63,16 @@ def main() -> None:
         with blocking():
             time.sleep(args.learn_ms / 1000)
 
+    def on_the_pool(call: Callable[[], None], n: int) -> None:
+        for _ in range(n):
+            wq.queue_work_on(cpu, Work(call))
+        wq.flush()
+
+    def on_a_tpe(call: Callable[[], None], n: int) -> None:
+        with ThreadPoolExecutor(n) as tpe:
+            for f in [tpe.submit(call) for _ in range(n)]:
+                f.result()
+
     results: dict[str, list[float]] = {"cmwq": [], "tpe": []}
     for run in range(args.runs):
         for _ in range(16):
@@ -76,10 +81,9 @@ def main() -> None:
         with pool.lock:
             workers, avg = pool.nr_workers, pool.sleep_avg
         n = 2 * workers + args.extra
-        starts = meet_all((wq, cpu), n)
+        starts = meet_all(on_the_pool, n)
         results["cmwq"].append(starts[-1])
-        with ThreadPoolExecutor(n) as tpe:
-            results["tpe"].append(meet_all(tpe, n)[-1])
+        results["tpe"].append(meet_all(on_a_tpe, n)[-1])
         window = min(2 * avg, args.hold_max)
         gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
         waves = 1 + sum(gap > window / 2 for gap in gaps[workers:])

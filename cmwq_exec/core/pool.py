@@ -583,14 +583,14 @@ class WorkerPool:
                     overdue = True
         if len(young) < need:
             return 0.0
+        if not overdue:
+            return min(young) + window  # then the oldest one is overdue: ask again
+        if self.woke_at <= cutoff:
+            return 0.0  # an overdue sleeper and no return since: the average is stale
+        # held until the return ages past the window, or fewer than `need` sleepers are young:
+        # that is when the need-th youngest one ages past it
         young.sort()
-        # young sleepers stay at least `need` until the need-th youngest one ages past the window
-        until = young[len(young) - need] + window
-        if overdue:
-            if self.woke_at <= cutoff:
-                return 0.0  # an overdue sleeper and no return since: the average is stale
-            return min(until, self.woke_at + window)
-        return min(until, young[0] + window)  # then the oldest one is overdue: ask again
+        return min(young[len(young) - need], self.woke_at) + window
 
     def _create_worker_from_timer(self, locked: bool = False) -> None:
         if locked:

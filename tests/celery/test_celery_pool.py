@@ -152,11 +152,8 @@ def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_w
     stats = worker.stats()
     assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 1 * 4
     # a task's result is stored before its worker counts it completed: wait for the count
-    deadline = time.monotonic() + 10
-    while stats["pool"]["workqueue"]["completed"] < 15 and time.monotonic() < deadline:
-        time.sleep(0.05)
-        stats = worker.stats()
-    assert stats["pool"]["workqueue"]["completed"] >= 15
+    wait_for(lambda: worker.stats()["pool"]["workqueue"]["completed"] >= 15, 10,
+             "the workqueue to count the group's 15 tasks completed")
 
     # the command line users run
     cli = subprocess.run([CELERY, "-A", "app", "inspect", "stats", "-d", worker.name, "--json"],
