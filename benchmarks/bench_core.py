@@ -255,9 +255,18 @@ def run_many(executor: Executor, fn: Callable[..., Any], args: tuple[Any, ...], 
     with Sampler(threads) as sampler:
         start = time.perf_counter()
         futures = [executor.submit(fn, *args) for _ in range(n)]
-        results = [f.result() for f in futures]
+        submitted_cpu = time.thread_time()
+        blocked = 0
+        results = []
+        for future in futures:
+            blocked += not future.done()
+            results.append(future.result())
+        waits_cpu = time.thread_time() - submitted_cpu
         wall = time.perf_counter() - start
     out = {"wall_s": wall, "peak_process_threads": sampler.peak_process,
+           # the submitting thread's side of the run: results it had to sleep for (each one a
+           # wake-up and a GIL hand-off from a worker) and the CPU time its waiting loop took
+           "waits_that_blocked": blocked, "waits_cpu_s": waits_cpu,
            "peak_executor_threads": sampler.peak_executor, "results": results,
            # every thread beyond the process's start but the sampler: for cmwq its workers and its
            # service threads (the timer thread, rescuers); a ThreadPoolExecutor starts only
@@ -457,6 +466,15 @@ class Bench:
                              f"CPU time inside the calls: cmwq {cc * 1000:,.0f} ms, TPE {tc * 1000:,.0f} ms "
                              f"({tc / cc:.2f}×); wall minus it: cmwq {(c - cc) * 1000:,.0f} ms, "
                              f"TPE {(t - tc) * 1000:,.0f} ms"))
+        # What the wall time beyond the calls is made of: one runner finishes the calls in order,
+        # one every ~cpu_ms, so the submitting thread sleeps for most results, and each wake takes
+        # the GIL from the runner; TPE's threads finish calls in bunches (docs/benchmarks.md).
+        c_slept, t_slept = (median([x["waits_that_blocked"] for x in r[k]]) for k in ("cmwq", "tpe"))
+        c_waits, t_waits = (median([x["waits_cpu_s"] for x in r[k]]) * 1000 for k in ("cmwq", "tpe"))
+        self.rows.append(Row("  … submitting thread: results it slept for; CPU of its waits",
+                             f"{c_slept:.0f}; {c_waits:.1f} ms", f"{t_slept:.0f}; {t_waits:.1f} ms",
+                             "", "", None,
+                             "each sleep a wake-up and a GIL hand-off from the runner (medians)"))
         cw = max(x["peak_executor_threads"] for x in r["cmwq"])
         tw = max(x["peak_executor_threads"] for x in r["tpe"])
         cran = max(x["threads_that_ran_tasks"] for x in r["cmwq"])
