@@ -73,9 +73,11 @@ class _Waiters(list):  # type: ignore[type-arg]
 
 #: A future makes its Condition only when someone waits on it or adds a callback: a private
 #: Condition costs eight garbage-collected objects, and the collector's passes over them dominated the
-#: submit path. Until then it is claimed under one of these small locks (striped by identity, never
-#: held while taking another lock, so no lock order can be violated) and finished by its claimer.
+#: submit path. Until then it is claimed and finished under one of these small locks (never held
+#: while taking another lock, so no lock order can be violated). A future takes the next stripe in
+#: turn and keeps its index: cheaper than hashing its identity (a large int) on every use.
 _STRIPES = tuple(make_lock("stripe") for _ in range(64))
+_next_stripe = itertools.cycle(range(len(_STRIPES))).__next__
 _NO_CALLBACKS: tuple[Any, ...] = ()
 
 
@@ -88,7 +90,8 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
 
     _reusable: ClassVar[bool] = False
     __slots__ = ("_cond", "_state", "_result", "_exception", "_waiter_list", "_done_callbacks",
-                 "_fn", "_args", "_kwargs", "_pwq", "_color", "_queued_at", "_counted", "_where")
+                 "_fn", "_args", "_kwargs", "_pwq", "_color", "_queued_at", "_counted", "_where",
+                 "_stripe")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Future.__init__, inlined (the submit path is hot)
@@ -106,13 +109,14 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         self._queued_at = 0.0
         self._counted = False  # holds a max_active slot of its workqueue (set under its _lock)
         self._where = NOWHERE  # for the rescuer and for reading (see cmwq_exec.core.pending)
+        self._stripe = _next_stripe()  # index of its lock in _STRIPES
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
         """The future's Condition, made on first use (what Future's own methods take)."""
         cond = self._cond
         if cond is None:
-            with _STRIPES[id(self) >> 4 & 63]:
+            with _STRIPES[self._stripe]:
                 cond = self._cond
                 if cond is None:
                     cond = self._cond = threading.Condition()
@@ -200,7 +204,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         """PENDING -> RUNNING for whoever runs it (a worker, or a helper). False if cancelled or
         already claimed."""
         if self._cond is None:  # nobody waits: a stripe lock is enough against a racing cancel()
-            with _STRIPES[id(self) >> 4 & 63]:
+            with _STRIPES[self._stripe]:
                 if self._cond is None:
                     if self._state != PENDING:
                         return False  # nobody waited, so a cancelled one needs no notification
@@ -217,15 +221,16 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
 
     def _run(self) -> BaseException | None:
         """Run the claimed call and finish the future with its outcome: RUNNING -> FINISHED by
-        whoever claimed it. Nobody else may change a running future's state, so no lock is taken
-        while nobody waits.
+        whoever claimed it.
 
-        The outcome is stored before the state, and the state before ``_cond`` is read. A waiter
-        makes ``_cond`` before it reads the state under it (``_condition``, ``_get``), so either
-        this reads the waiter's Condition and notifies under it, or the waiter reads FINISHED
-        (the interpreter runs one thread's bytecodes at a time, so one of the two orders holds).
-        Done callbacks are read after the Condition is released: ``add_done_callback`` appends
-        under it only while the state is not FINISHED."""
+        Once the future has a Condition, FINISHED is written under it and its waiters are told in
+        the same hold: ``concurrent.futures.wait`` and ``as_completed`` read the state and install
+        their waiter under it, and a waiter that read FINISHED counted the future done, so it must
+        not hear of it again (``wait`` would return with calls still running). Until then the
+        state is written under the stripe lock that makes the Condition, so no waiter can come
+        between reading ``_cond`` and writing the state. The outcome is stored before the state.
+        Done callbacks are read after the lock is released: ``add_done_callback`` appends under
+        the Condition only while the state is not FINISHED."""
         fn, args, kwargs = self._fn, self._args, self._kwargs
         self._fn = self._args = self._kwargs = None  # type: ignore[assignment]
         exception: BaseException | None = None
@@ -236,11 +241,20 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             exception = exc
         self._result = result
         self._exception = exception
-        self._state = FINISHED
         cond = self._cond
-        if cond is not None:
-            with cond:
-                self._notify_waiters_locked(exception)
+        if cond is None:
+            # a worker's or a helper's thread (see _execute: no with-block needed)
+            stripe = _STRIPES[self._stripe]
+            stripe.acquire()
+            cond = self._cond
+            if cond is None:
+                self._state = FINISHED
+                stripe.release()
+                return exception  # no Condition, so no waiter and no done callback
+            stripe.release()
+        with cond:
+            self._state = FINISHED
+            self._notify_waiters_locked(exception)
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
         return exception
@@ -251,7 +265,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             # Called on a worker's thread: no KeyboardInterrupt reaches it, and a Celery time limit
             # is raised only inside the call, so the stripe is taken with plain calls, not a
             # with-block (whose __enter__/__exit__ cost twice as much as acquire/release here).
-            stripe = _STRIPES[id(self) >> 4 & 63]
+            stripe = _STRIPES[self._stripe]
             stripe.acquire()
             try:
                 if self._cond is None:

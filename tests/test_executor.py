@@ -495,6 +495,72 @@ def test_wait_and_as_completed_mixed_with_other_futures(executor: CMWQExecutor) 
         assert not not_done
 
 
+class _GatedCondition(threading.Condition):
+    """A future's Condition whose ``with`` holds one thread (the worker finishing the call) at a
+    gate: ``reached`` is set when it gets there, and it goes on once ``gate`` is set."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__()
+        self.held = held
+        self.reached = threading.Event()
+        self.gate = threading.Event()
+
+    def __enter__(self) -> bool:
+        if threading.get_ident() == self.held and not self.gate.is_set():
+            self.reached.set()
+            assert self.gate.wait(30), "the gate never opened"
+        return super().__enter__()
+
+
+class _OpensOnAppend(list):  # type: ignore[type-arg]
+    """A future's waiter list that opens a gate once a waiter is installed."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def append(self, waiter: Any) -> None:
+        super().append(waiter)
+        self.gate.set()
+
+
+@pytest.mark.parametrize("how", ["wait", "as_completed"])
+def test_a_waiter_installed_while_a_call_finishes_hears_of_it_once(executor: CMWQExecutor,
+                                                                    release: Release, how: str) -> None:
+    """wait() and as_completed() read a future's state and install their waiter under its Condition;
+    the run that finishes the future changes the state under that Condition too. Had it written
+    FINISHED first and notified after, a waiter that counted the future done already would hear of
+    it again: wait(ALL_COMPLETED) returned while another call still ran, as_completed saw it twice.
+    The worker is held just before it takes the Condition, the waiter installed meanwhile."""
+    later = release(threading.Event())
+    go = release(threading.Event())
+    ident: list[int] = []
+
+    def call() -> str:
+        ident.append(threading.get_ident())
+        assert go.wait(30)
+        return "first"
+
+    first = executor.submit(call)
+    second = executor.submit(later.wait, 30)
+    wait_for("the first call running", lambda: bool(ident))
+    cond = _GatedCondition(ident[0])
+    first._cond = cond  # nobody waits on it yet
+    first._waiter_list = _OpensOnAppend(cond.gate)  # type: ignore[assignment]
+    go.set()
+    assert cond.reached.wait(30)
+    # the second call finishes a moment after the waiter is in
+    threading.Thread(target=lambda: (cond.gate.wait(30), time.sleep(0.2), later.set())).start()
+    if how == "wait":
+        done, not_done = cf.wait([first, second], timeout=30)
+        assert not not_done, f"wait() returned with {not_done} not done"
+        assert done == {first, second}
+    else:
+        seen = list(cf.as_completed([first, second], timeout=30))
+        assert sorted(map(id, seen)) == sorted(map(id, [first, second]))
+    assert first.result() == "first" and second.result() is True
+
+
 DEADLOCK_SCRIPT = """
     import concurrent.futures as cf, os, random, sys, threading, time
     from cmwq_exec import CMWQExecutor
