@@ -150,7 +150,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         """Future.set_result/set_exception, by someone who may not have claimed the future (a
         broken executor failing its calls, or code using the Future API): refused once it is done.
-        A run's own outcome is stored by :meth:`_run`, without a lock."""
+        A run's own outcome is stored by :meth:`_run`."""
         with self._condition:
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
                 raise InvalidStateError(f"{self._state}: {self!r}")
@@ -230,7 +230,10 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         state is written under the stripe lock that makes the Condition, so no waiter can come
         between reading ``_cond`` and writing the state. The outcome is stored before the state.
         Done callbacks are read after the lock is released: ``add_done_callback`` appends under
-        the Condition only while the state is not FINISHED."""
+        the Condition only while the state is not FINISHED.
+
+        A future that ``set_result``/``set_exception`` finished while its call ran keeps that
+        outcome; the call's is dropped with a warning (its waiters and callbacks heard once)."""
         fn, args, kwargs = self._fn, self._args, self._kwargs
         self._fn = self._args = self._kwargs = None  # type: ignore[assignment]
         exception: BaseException | None = None
@@ -239,20 +242,26 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         except BaseException as exc:
             result = None
             exception = exc
-        self._result = result
-        self._exception = exception
         cond = self._cond
         if cond is None:
             # a worker's or a helper's thread (see _execute: no with-block needed)
             stripe = _STRIPES[self._stripe]
             stripe.acquire()
             cond = self._cond
-            if cond is None:
+            if cond is None:  # nobody waits, and no set_result came (it makes the Condition)
+                self._result = result
+                self._exception = exception
                 self._state = FINISHED
                 stripe.release()
-                return exception  # no Condition, so no waiter and no done callback
+                return exception
             stripe.release()
         with cond:
+            if self._state == FINISHED:
+                _LOGGER.warning("%r was finished by set_result/set_exception while its call ran; "
+                                "the call's own outcome is dropped", self)
+                return exception
+            self._result = result
+            self._exception = exception
             self._state = FINISHED
             self._notify_waiters_locked(exception)
         if self._done_callbacks:

@@ -124,6 +124,50 @@ def test_cancel_a_pending_future(make_executor: Make, release: Release) -> None:
     assert ran == []
 
 
+@pytest.mark.parametrize("how", ["set_result", "set_exception"])
+def test_set_result_on_a_running_future_wins_and_is_heard_once(executor: CMWQExecutor, release: Release,
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             how: str) -> None:
+    """Future.set_result/set_exception on a running call's future finish it (as with any Future);
+    the call's own outcome is dropped with a warning, and waiters and done callbacks hear of the
+    future once. (ThreadPoolExecutor's worker raises InvalidStateError there and its thread ends.)"""
+    gate = release(threading.Event())
+    started = threading.Event()
+
+    def hold() -> str:
+        started.set()
+        gate.wait(30)
+        return "the call's own"
+
+    future = executor.submit(hold)
+    assert started.wait(10), "the call never started"
+    later = release(threading.Event())
+    other = executor.submit(later.wait, 30)
+    calls: list[Any] = []
+    future.add_done_callback(calls.append)
+    if how == "set_result":
+        future.set_result("set by hand")
+    else:
+        future.set_exception(KeyError("set by hand"))
+    assert calls == [future]
+    done, not_done = cf.wait([future, other], timeout=0.2)
+    assert done == {future} and not_done == {other}
+    with caplog.at_level("WARNING", logger="concurrent.futures"):
+        # the held call ends while wait() waits, the other call after it
+        threading.Timer(0.1, gate.set).start()
+        threading.Timer(0.3, later.set).start()
+        done, not_done = cf.wait([future, other], timeout=30)
+        assert not not_done, "wait() heard of the finished future again and returned early"
+        wait_for("the warning", lambda: "the call's own outcome is dropped" in caplog.text)
+    assert calls == [future]
+    if how == "set_result":
+        assert future.result() == "set by hand"
+    else:
+        with pytest.raises(KeyError, match="set by hand"):
+            future.result()
+    assert executor.submit(lambda: "still works").result(timeout=10) == "still works"
+
+
 # -- map ----------------------------------------------------------------------------------------------
 
 
