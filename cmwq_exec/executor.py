@@ -215,8 +215,10 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             if state == PENDING:
                 self._state = RUNNING
                 return True
-        if state == CANCELLED:
-            return self.set_running_or_notify_cancel()  # notifies waiters, returns False
+            if state == CANCELLED:
+                # in the same hold (the Condition's lock is reentrant): of two claimers (a worker
+                # and a helper), only the first tells the waiters; the second sees it told
+                return self.set_running_or_notify_cancel()  # notifies waiters, returns False
         return False
 
     def _run(self) -> BaseException | None:

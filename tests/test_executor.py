@@ -168,6 +168,52 @@ def test_set_result_on_a_running_future_wins_and_is_heard_once(executor: CMWQExe
     assert executor.submit(lambda: "still works").result(timeout=10) == "still works"
 
 
+def test_two_claimers_of_a_cancelled_future_tell_its_waiters_once() -> None:
+    """A cancelled future can be claimed twice: by the worker that takes it off the worklist and by
+    a worker that waits for it and helps. The first tells the waiters it was cancelled, in the
+    hold where it read CANCELLED; the second gets False. (Told outside that hold, the second found
+    it told already: set_running_or_notify_cancel raised RuntimeError on a worker's thread.) The
+    first claimer is held just after it read the state, until the second is through or 0.5 s."""
+    reached = threading.Event()
+    second_through = threading.Event()
+
+    class Held(CMWQFuture):
+        __slots__ = ()
+
+        def set_running_or_notify_cancel(self) -> bool:
+            if threading.current_thread().name == "first":
+                reached.set()
+                second_through.wait(0.5)
+            return super().set_running_or_notify_cancel()
+
+    future = Held(int, (), {})
+    assert future.cancel()
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.append(cf.wait([future], timeout=30)))
+    waiter.start()
+    wait_for("the waiter installed", lambda: bool(future._waiter_list))
+    outcomes: dict[str, Any] = {}
+
+    def claim() -> None:
+        try:
+            outcomes[threading.current_thread().name] = future._claim()
+        except BaseException as exc:
+            outcomes[threading.current_thread().name] = exc
+        if threading.current_thread().name == "second":
+            second_through.set()
+
+    first = threading.Thread(target=claim, name="first")
+    first.start()
+    assert reached.wait(10)
+    second = threading.Thread(target=claim, name="second")
+    second.start()
+    for thread in (first, second, waiter):
+        thread.join(30)
+    assert outcomes == {"first": False, "second": False}
+    assert waited[0].done == {future} and not waited[0].not_done
+    assert future.cancelled()
+
+
 # -- map ----------------------------------------------------------------------------------------------
 
 
