@@ -150,15 +150,20 @@ def test_set_result_on_a_running_future_wins_and_is_heard_once(executor: CMWQExe
     else:
         future.set_exception(KeyError("set by hand"))
     assert calls == [future]
-    done, not_done = cf.wait([future, other], timeout=0.2)
-    assert done == {future} and not_done == {other}
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.append(cf.wait([future, other], timeout=30)))
     with caplog.at_level("WARNING", logger="concurrent.futures"):
-        # the held call ends while wait() waits, the other call after it
-        threading.Timer(0.1, gate.set).start()
-        threading.Timer(0.3, later.set).start()
-        done, not_done = cf.wait([future, other], timeout=30)
-        assert not not_done, "wait() heard of the finished future again and returned early"
+        # wait() counts the future done and waits for the other call; the held call ends, and
+        # only once it is through does the other call end
+        waiter.start()
+        wait_for("wait() waiting on the other call", lambda: bool(other._waiter_list))
+        gate.set()
         wait_for("the warning", lambda: "the call's own outcome is dropped" in caplog.text)
+        later.set()
+        waiter.join(30)
+    done, not_done = waited[0]
+    assert not not_done, "wait() heard of the finished future again and returned early"
+    assert done == {future, other}
     assert calls == [future]
     if how == "set_result":
         assert future.result() == "set by hand"
@@ -613,6 +618,11 @@ class _OpensOnAppend(list):  # type: ignore[type-arg]
         super().append(waiter)
         self.gate.set()
 
+    def told(self, future: Any) -> bool:
+        """Whether the installed waiter has heard that ``future`` finished (or took what it heard
+        and left, as as_completed does)."""
+        return self.gate.is_set() and all(future in waiter.finished_futures for waiter in self)
+
 
 @pytest.mark.parametrize("how", ["wait", "as_completed"])
 def test_a_waiter_installed_while_a_call_finishes_hears_of_it_once(executor: CMWQExecutor,
@@ -636,11 +646,17 @@ def test_a_waiter_installed_while_a_call_finishes_hears_of_it_once(executor: CMW
     wait_for("the first call running", lambda: bool(ident))
     cond = _GatedCondition(ident[0])
     first._cond = cond  # nobody waits on it yet
-    first._waiter_list = _OpensOnAppend(cond.gate)  # type: ignore[assignment]
+    waiters = first._waiter_list = _OpensOnAppend(cond.gate)  # type: ignore[assignment]
     go.set()
     assert cond.reached.wait(30)
-    # the second call finishes a moment after the waiter is in
-    threading.Thread(target=lambda: (cond.gate.wait(30), time.sleep(0.2), later.set())).start()
+
+    def end_the_second_once_the_first_is_told() -> None:
+        deadline = time.monotonic() + 30
+        while not waiters.told(first) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        later.set()
+
+    threading.Thread(target=end_the_second_once_the_first_is_told).start()
     if how == "wait":
         done, not_done = cf.wait([first, second], timeout=30)
         assert not not_done, f"wait() returned with {not_done} not done"
