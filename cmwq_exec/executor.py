@@ -154,16 +154,16 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         with self._condition:
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
                 raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._exception = exception
-            self._state = FINISHED
-            self._notify_waiters_locked(exception)
+            self._finish_locked(result, exception)
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
 
-    def _notify_waiters_locked(self, exception: BaseException | None) -> None:
-        """The future just finished: tell ``concurrent.futures.wait``'s waiters and wake
+    def _finish_locked(self, result: Any, exception: BaseException | None) -> None:
+        """Store the outcome, then FINISHED; tell ``concurrent.futures.wait``'s waiters and wake
         ``result()``. _condition held."""
+        self._result = result
+        self._exception = exception
+        self._state = FINISHED
         for waiter in self._waiter_list or ():
             if exception is None:
                 waiter.add_result(self)
@@ -262,10 +262,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
                 _LOGGER.warning("%r was finished by set_result/set_exception while its call ran; "
                                 "the call's own outcome is dropped", self)
                 return exception
-            self._result = result
-            self._exception = exception
-            self._state = FINISHED
-            self._notify_waiters_locked(exception)
+            self._finish_locked(result, exception)
         if self._done_callbacks:
             self._invoke_callbacks()  # type: ignore[attr-defined]
         return exception
