@@ -93,6 +93,14 @@ def cmwq_worker_destroyed(pool: Any, worker: Any, reason: str) -> None:
 
 
 @hookspec
+def cmwq_worker_adopted(pool: Any, worker: Any, donor: Any) -> None:
+    """An idle worker of ``donor`` moved to ``pool``, which took it instead of creating a thread
+    (``cmwq_worker_created`` is not called for it). With ``cmwq_worker_created`` and
+    ``cmwq_worker_destroyed`` it accounts for every worker of every pool: a count of each pool's
+    workers moves this one from ``donor`` to ``pool``."""
+
+
+@hookspec
 def cmwq_worker_create_failed(pool: Any, error: BaseException) -> None:
     """Creating a worker for ``pool`` failed (thread limit, cap, fault): the manager will retry."""
 

@@ -100,6 +100,68 @@ def test_a_pool_adopts_spare_idle_workers_instead_of_creating_threads(
         assert all(os.sched_getaffinity(w.native_id) == {cpu} for w in workers), pool
 
 
+def test_life_cycle_events_account_for_every_worker_of_every_pool(
+        fresh_system: Callable[..., Any], quiesce: Callable[..., None],
+        release: Callable[[threading.Event], threading.Event]) -> None:
+    """A plugin that counts each pool's workers from ``cmwq_worker_created``,
+    ``cmwq_worker_destroyed`` and ``cmwq_worker_adopted`` agrees with every pool once idle workers
+    moved between pools: an adoption says from which pool to which."""
+    need_two_cpus()
+
+    class Counts:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.workers: dict[Any, int] = {}  # pool -> workers, from the events alone
+            self.adopted: list[tuple[Any, Any]] = []  # (pool, donor)
+
+        def add(self, pool: Any, n: int) -> None:
+            with self.lock:
+                self.workers[pool] = self.workers.get(pool, 0) + n
+
+        @hookimpl
+        def cmwq_worker_created(self, pool: Any, worker: Any) -> None:
+            self.add(pool, 1)
+
+        @hookimpl
+        def cmwq_worker_destroyed(self, pool: Any, worker: Any, reason: str) -> None:
+            self.add(pool, -1)
+
+        @hookimpl
+        def cmwq_worker_adopted(self, pool: Any, worker: Any, donor: Any) -> None:
+            assert worker.pool is pool and donor is not pool
+            self.add(donor, -1)
+            self.add(pool, 1)
+            with self.lock:
+                self.adopted.append((pool, donor))
+
+    with registered(Counts(), "counts") as counts:
+        system = fresh_system(idle_timeout=600.0)  # nothing reaped: only adoption moves workers
+        pool0, pool1 = system.cpu_pools[0], system.cpu_pools[1]
+        wq = WorkQueue("accounted")
+        first, second = release(threading.Event()), release(threading.Event())
+        seen0: list[tuple[int, frozenset[int]]] = []
+        seen1: list[tuple[int, frozenset[int]]] = []
+        hold_on(wq, 0, 12, first, seen0)
+        wait_for("12 works running on cpu0", lambda: len(seen0) == 12)
+        first.set()
+        wq.flush()
+        quiesce()
+        hold_on(wq, 1, 8, second, seen1)
+        wait_for("8 works running on cpu1", lambda: len(seen1) == 8)
+        second.set()
+        wq.flush()
+        quiesce()
+        with counts.lock:
+            adopted = list(counts.adopted)
+            workers = dict(counts.workers)
+        for pool in system.pools:
+            with pool.lock:
+                assert workers.get(pool, 0) == pool.nr_workers, pool.name
+        with pool1.lock:
+            assert pool1.nr_adopted >= 8
+            assert adopted == [(pool1, pool0)] * pool1.nr_adopted
+
+
 def test_pacing_still_gives_every_work_a_worker_when_none_comes_back(
         fresh_system: Callable[..., Any], quiesce: Callable[..., None]) -> None:
     """Works that only finish once all of them run at once: every worker sleeps until the last

@@ -274,6 +274,8 @@ def test_every_event_hook_logs_its_fields(event_records: _Records) -> None:
     try:
         calls = [
             ("worker_destroyed", dict(pool=pool, worker=worker, reason="idle"), logging.DEBUG),
+            ("worker_adopted", dict(pool=pool, worker=worker, donor=cmwq_exec.get_system().online_pools[0]),
+             logging.DEBUG),
             ("worker_create_failed", dict(pool=pool, error=RuntimeError("can't start new thread")),
              logging.WARNING),
             ("manager_ran", dict(pool=pool, created=1, destroyed=0), logging.DEBUG),
@@ -300,6 +302,9 @@ def test_every_event_hook_logs_its_fields(event_records: _Records) -> None:
         if "work" in kwargs:
             assert record.cmwq_work.endswith("some_work")
     assert mine["worker_destroyed"][0].cmwq_reason == "idle"
+    donor = cmwq_exec.get_system().online_pools[0].name
+    adopted = mine["worker_adopted"][0]
+    assert adopted.cmwq_donor == donor and adopted.getMessage().endswith(f"adopted from {donor}")
     assert mine["trustee_state"][0].cmwq_state == "IN_CHARGE"
     assert "can't start new thread" in mine["worker_create_failed"][0].cmwq_error
     stall = mine["stall"][0]
@@ -325,8 +330,8 @@ def test_event_log_implements_the_event_hooks_exactly() -> None:
     from cmwq_exec import hookspecs
 
     hooks = [name for name in dir(cmwq_event_log) if name.startswith("cmwq_")]
-    assert {"cmwq_worker_created", "cmwq_worker_destroyed", "cmwq_manager_ran", "cmwq_mayday",
-            "cmwq_work_rescued", "cmwq_trustee_state", "cmwq_cpu_intensive"} <= set(hooks)
+    assert {"cmwq_worker_created", "cmwq_worker_destroyed", "cmwq_worker_adopted", "cmwq_manager_ran",
+            "cmwq_mayday", "cmwq_work_rescued", "cmwq_trustee_state", "cmwq_cpu_intensive"} <= set(hooks)
     assert "cmwq_work_started" not in hooks  # per-work hooks would tax the hot path
     for name in hooks:
         spec = inspect.signature(getattr(hookspecs, name))

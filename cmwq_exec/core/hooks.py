@@ -32,6 +32,7 @@ POLICY_NAMES = (
 EVENT_NAMES = (
     "worker_created",
     "worker_destroyed",
+    "worker_adopted",
     "worker_create_failed",
     "manager_ran",
     "mayday",
@@ -67,6 +68,7 @@ class Events:
     def __init__(self) -> None:
         self.worker_created: EventCaller = None
         self.worker_destroyed: EventCaller = None
+        self.worker_adopted: EventCaller = None
         self.worker_create_failed: EventCaller = None
         self.manager_ran: EventCaller = None
         self.mayday: EventCaller = None

@@ -321,6 +321,7 @@ class WorkerPool:
 
     def start_worker(self, worker: Worker, adopted: bool = False) -> None:
         """Account a freshly created (or ``adopted``) worker and make it idle. L: held."""
+        donor = worker.pool
         if adopted:
             worker.pool = self
             self.bind_adopted(worker)
@@ -332,9 +333,14 @@ class WorkerPool:
         self.workers.add(worker)
         self.nr_workers += 1
         self.worker_enter_idle(worker)
-        created = hooks.events.worker_created
-        if created is not None and not adopted:
-            created(pool=self, worker=worker)
+        if adopted:
+            moved = hooks.events.worker_adopted
+            if moved is not None:
+                moved(pool=self, worker=worker, donor=donor)
+        else:
+            created = hooks.events.worker_created
+            if created is not None:
+                created(pool=self, worker=worker)
 
     def bind_adopted(self, worker: Worker) -> None:
         """Bind an adopted worker's thread to this pool's CPU (or every usable CPU), as its own

@@ -3,9 +3,9 @@
 Each event becomes one ``logging`` record on the logger ``cmwq_exec.events``
 whose ``extra=`` fields say what happened: ``cmwq_event`` (the hook's name
 without ``cmwq_``: ``worker_created``, ``worker_destroyed``,
-``worker_create_failed``, ``manager_ran``, ``mayday``, ``work_rescued``,
+``worker_adopted``, ``worker_create_failed``, ``manager_ran``, ``mayday``, ``work_rescued``,
 ``trustee_state``, ``cpu_intensive``, ``worker_blocked``, ``stall``) and the
-details as ``cmwq_pool``, ``cmwq_worker``, ``cmwq_workqueue``, ``cmwq_work``,
+details as ``cmwq_pool``, ``cmwq_worker``, ``cmwq_donor``, ``cmwq_workqueue``, ``cmwq_work``,
 ``cmwq_reason``, ``cmwq_state``, ``cmwq_created``, ``cmwq_destroyed``,
 ``cmwq_error``, ``cmwq_seconds``, ``cmwq_stacks`` as they apply.
 
@@ -125,6 +125,13 @@ def cmwq_worker_destroyed(pool: Any, worker: Any, reason: str) -> None:
     pool_name, worker_name = _pool_name(pool), _worker_name(worker)
     _emit(logging.DEBUG, "worker_destroyed", f"{pool_name}: worker {worker_name} destroyed ({reason})",
           pool=pool_name, worker=worker_name, reason=reason)
+
+
+@hookimpl
+def cmwq_worker_adopted(pool: Any, worker: Any, donor: Any) -> None:
+    pool_name, worker_name, donor_name = _pool_name(pool), _worker_name(worker), _pool_name(donor)
+    _emit(logging.DEBUG, "worker_adopted", f"{pool_name}: worker {worker_name} adopted from {donor_name}",
+          pool=pool_name, worker=worker_name, donor=donor_name)
 
 
 @hookimpl
