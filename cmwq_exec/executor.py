@@ -30,7 +30,7 @@ from concurrent.futures._base import (
     RUNNING,
 )
 from concurrent.futures.thread import BrokenThreadPool
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from . import detect
 from .core import workqueue as _workqueue
@@ -81,6 +81,47 @@ _next_stripe = itertools.cycle(range(len(_STRIPES))).__next__
 _NO_CALLBACKS: tuple[Any, ...] = ()
 
 
+class _FinishedCondition:
+    """What ``_condition`` gives for a future that finished before anyone asked for its Condition.
+
+    FINISHED is final: no state, outcome or callback list of that future changes any more, and
+    whoever takes its Condition (``wait``, ``as_completed``, ``add_done_callback``, ``cancel``,
+    ``set_result``, ``result``, ``repr``) only reads, or refuses. So there is nothing to exclude or
+    to wait for, and a Condition made only to be acquired and released costs ~4 µs a future
+    (eight collected objects): ``concurrent.futures.wait`` on 100k finished futures took 0.43 s.
+    Acquiring this one succeeds at once, and it is in no lock order: ``wait`` takes the
+    Conditions of all its futures, so a shared real lock could deadlock two waiters."""
+
+    __slots__ = ()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True  # nothing left to happen; callers loop on the state, which is final
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+        return predicate()
+
+    def notify(self, n: int = 1) -> None:
+        pass
+
+    def notify_all(self) -> None:
+        pass
+
+
+_FINISHED_CONDITION = cast(threading.Condition, _FinishedCondition())
+
+
 class CMWQFuture(Future):  # type: ignore[type-arg]
     """A submitted call: the future users hold and the one-shot work the pools run.
 
@@ -113,12 +154,16 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
-        """The future's Condition, made on first use (what Future's own methods take)."""
+        """The future's Condition, made on first use (what Future's own methods take); none for
+        a future that finished without one (see _FinishedCondition). Read under the stripe lock
+        that ``_run`` writes FINISHED under while there is no Condition."""
         cond = self._cond
         if cond is None:
             with _STRIPES[self._stripe]:
                 cond = self._cond
                 if cond is None:
+                    if self._state == FINISHED:
+                        return _FINISHED_CONDITION
                     cond = self._cond = threading.Condition()
         return cond
 
@@ -126,7 +171,11 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
     def _waiters(self) -> _Waiters:  # type: ignore[override]  # used by concurrent.futures.wait/as_completed, under _condition
         waiters = self._waiter_list
         if waiters is None:
-            waiters = self._waiter_list = _Waiters()
+            # under the stripe lock: two waiters of a finished future hold no common Condition
+            with _STRIPES[self._stripe]:
+                waiters = self._waiter_list
+                if waiters is None:
+                    waiters = self._waiter_list = _Waiters()
         return waiters
 
     def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:

@@ -935,3 +935,84 @@ def test_asyncio_default_executor() -> None:
         assert asyncio.run(main()) == 6
     finally:
         executor.shutdown()
+
+
+# -- a future that finished before anyone asked for its Condition ------------------------------------
+
+
+def test_a_finished_future_gets_no_condition_and_keeps_the_future_contract(executor: CMWQExecutor) -> None:
+    """Nothing of a FINISHED future changes any more, so whatever takes its Condition gets one
+    that excludes nothing, and the future answers as before."""
+    ok = executor.submit(lambda: 7)
+    bad = executor.submit(lambda: 1 / 0)
+    wait_for("both calls finished", lambda: ok._state == bad._state == "FINISHED")  # done() would make one
+    assert ok._cond is None and bad._cond is None  # nobody waited while they ran
+    done, not_done = cf.wait([ok, bad], timeout=10)
+    assert done == {ok, bad} and not not_done
+    assert set(cf.as_completed([ok, bad], timeout=10)) == {ok, bad}
+    heard: list[cf.Future[Any]] = []
+    ok.add_done_callback(heard.append)  # runs at once, on this thread
+    assert heard == [ok]
+    assert not ok.cancel() and not ok.cancelled() and ok.done() and not ok.running()
+    with pytest.raises(cf.InvalidStateError):
+        ok.set_result(8)
+    with pytest.raises(cf.InvalidStateError):
+        bad.set_exception(ValueError())
+    assert ok.result(timeout=0) == 7 and ok.exception(timeout=0) is None
+    with pytest.raises(ZeroDivisionError):
+        bad.result(timeout=0)
+    assert isinstance(bad.exception(timeout=0), ZeroDivisionError)
+    assert "finished returned int" in repr(ok) and "raised ZeroDivisionError" in repr(bad)
+    assert asyncio.run(_await_wrapped(ok)) == 7
+    assert ok._cond is None and bad._cond is None  # none of that made a Condition
+
+
+async def _await_wrapped(future: cf.Future[Any]) -> Any:
+    return await asyncio.wrap_future(future)
+
+
+def test_waiters_sharing_finished_and_running_futures_all_return(make_executor: Make,
+                                                                  release: Release) -> None:
+    """Many threads wait at once on overlapping sets of finished and running futures, in
+    different orders: none fails on another's waiter (the finished futures' waiter lists are
+    shared without a Condition) and none deadlocks (``wait`` takes the Conditions of all its
+    futures, the finished ones' among them)."""
+    executor = make_executor()
+    finished = [executor.submit(int, i) for i in range(40)]
+    wait_for("40 calls finished", lambda: all(f._state == "FINISHED" for f in finished))
+    assert all(f._cond is None for f in finished)
+    gate = release(threading.Event())
+
+    def held() -> None:
+        with blocking():
+            assert gate.wait(30), "gate never opened"
+
+    running = [executor.submit(held) for _ in range(4)]
+    errors: list[BaseException] = []
+    returned = []
+
+    def waiter(i: int) -> None:
+        fs = finished[i % 7::3] + [running[i % 4], running[(i + 1) % 4]]
+        fs = fs[::-1] if i % 2 else fs
+        try:
+            if i % 3 == 0:
+                got = list(cf.as_completed(fs, timeout=30))
+                assert len(got) == len(set(fs))
+            else:
+                done, not_done = cf.wait(fs, timeout=30)
+                assert not not_done and done == set(fs)
+            returned.append(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=waiter, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    wait_for("every waiter waiting on its running calls",
+             lambda: all(f._waiter_list and len(f._waiter_list) >= 2 for f in running))
+    gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    assert sorted(returned) == list(range(24))
+    assert all(not f._waiter_list for f in finished + running)  # every waiter took itself off
