@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures import wait as futures_wait
+from functools import partial
 from typing import Any
 
 import cmwq_exec
@@ -211,8 +213,9 @@ def fib_plain(n: int) -> int:
 # -- cases --------------------------------------------------------------------------------------
 
 
-def run_noop_throughput(make: Callable[[], Executor], n: int) -> float:
-    """Submit ``n`` no-op calls, then wait for all; tasks per second."""
+def run_noop_throughput(make: Callable[[], Executor], n: int, wait_all: bool = False) -> float:
+    """Submit ``n`` no-op calls, then wait for all (each ``result()`` in turn, or with
+    ``concurrent.futures.wait`` if ``wait_all``); tasks per second."""
     executor = make()
     try:
         for f in [executor.submit(noop) for _ in range(1000)]:  # warm up: workers exist
@@ -220,8 +223,11 @@ def run_noop_throughput(make: Callable[[], Executor], n: int) -> float:
         gc.collect()
         start = time.perf_counter()
         futures = [executor.submit(noop) for _ in range(n)]
-        for f in futures:
-            f.result()
+        if wait_all:
+            futures_wait(futures)
+        else:
+            for f in futures:
+                f.result()
         elapsed = time.perf_counter() - start
     finally:
         executor.shutdown()
@@ -433,6 +439,19 @@ class Bench:
         self.rows.append(Row(f"no-op tasks/s ({n // 1000}k submitted, then all waited)", _fmt(c),
                              _fmt(t), f"{c / t:.2f}× cmwq/TPE", "≥ 3× on every run", min(ratios) >= 3,
                              "runs: " + _runs(ratios)))
+        # the same calls waited for another way, and on executors of a fixed size
+        for label, key, make_c, make_t, wait_all in (
+                ("  … waited with concurrent.futures.wait(futures)", "noop_wait", CMWQExecutor,
+                 ThreadPoolExecutor, True),
+                ("  … max_workers=8 (vs ThreadPoolExecutor(8))", "noop_max_workers_8",
+                 partial(CMWQExecutor, max_workers=8), partial(ThreadPoolExecutor, max_workers=8), False)):
+            r = alternate({"cmwq": lambda m=make_c, w=wait_all: run_noop_throughput(m, n, w),
+                           "tpe": lambda m=make_t, w=wait_all: run_noop_throughput(m, n, w)}, self.p.repeats)
+            c, t = median(r["cmwq"]), median(r["tpe"])
+            ratios = [a / b for a, b in zip(r["cmwq"], r["tpe"], strict=True)]
+            self.raw[key] = {**r, "ratios": ratios}
+            self.rows.append(Row(label, _fmt(c), _fmt(t), f"{c / t:.2f}× cmwq/TPE", "", None,
+                                 "runs: " + _runs(ratios)))
 
     def round_trip(self) -> None:
         n = self.p.rt_iters
