@@ -21,19 +21,27 @@ from cmwq_exec.core.worker import IDLE, SLEEP_AVG_WEIGHT, SLEEPING
 pytestmark = pytest.mark.timeout(60)
 
 
-def hold_on(wq: WorkQueue, cpu: int, n: int, gate: threading.Event,
-            seen: list[tuple[int, frozenset[int]]]) -> list[Work]:
+def hold_on(wq: WorkQueue, cpu: int, n: int, gate: threading.Event) -> list[tuple[int, frozenset[int]]]:
     """Queue ``n`` works on ``cpu``'s pool that note their thread and the CPUs it may run on, then
-    wait in blocking() for ``gate``."""
+    wait in blocking() for ``gate``; return their notes once all ``n`` run."""
+    seen: list[tuple[int, frozenset[int]]] = []
+
     def hold() -> None:
         seen.append((threading.get_ident(), frozenset(os.sched_getaffinity(0))))
         with blocking():
             assert gate.wait(30), "gate never opened"
 
-    works = [Work(hold) for _ in range(n)]
-    for work in works:
-        assert wq.queue_work_on(cpu, work)
-    return works
+    for _ in range(n):
+        assert wq.queue_work_on(cpu, Work(hold))
+    wait_for(f"{n} works running on cpu{cpu}", lambda: len(seen) == n)
+    return seen
+
+
+def let_go(wq: WorkQueue, gate: threading.Event, quiesce: Callable[..., None]) -> None:
+    """Open ``gate``, wait for the workqueue's works, and for the pools to settle."""
+    gate.set()
+    wq.flush()
+    quiesce()
 
 
 def test_a_pool_adopts_spare_idle_workers_instead_of_creating_threads(
@@ -44,14 +52,8 @@ def test_a_pool_adopts_spare_idle_workers_instead_of_creating_threads(
     pool0, pool1 = system.cpu_pools[0], system.cpu_pools[1]
     wq = WorkQueue("adopt")
     first, second = release(threading.Event()), release(threading.Event())
-    seen0: list[tuple[int, frozenset[int]]] = []
-    seen1: list[tuple[int, frozenset[int]]] = []
-
-    hold_on(wq, 0, 12, first, seen0)
-    wait_for("12 works running on cpu0", lambda: len(seen0) == 12)
-    first.set()
-    wq.flush()
-    quiesce()
+    seen0 = hold_on(wq, 0, 12, first)
+    let_go(wq, first, quiesce)
     threads = system.nr_threads
     with pool0.lock:
         spare = pool0.nr_idle - 2
@@ -73,8 +75,7 @@ def test_a_pool_adopts_spare_idle_workers_instead_of_creating_threads(
                 self.seen.append(f"manager_ran created={created} {pool.name}")
 
     with registered(Creations(), "creations") as creations:
-        hold_on(wq, 1, 8, second, seen1)
-        wait_for("8 works running on cpu1", lambda: len(seen1) == 8)
+        seen1 = hold_on(wq, 1, 8, second)
     assert creations.seen == []  # adopting is not creating
     # cpu1's pool needed 8 busy workers and a spare idle one: it took them from cpu0's idle ones
     assert system.nr_threads == threads
@@ -89,9 +90,7 @@ def test_a_pool_adopts_spare_idle_workers_instead_of_creating_threads(
     assert {cpus for _, cpus in seen0} == {frozenset({0})}
     assert {cpus for _, cpus in seen1} == {frozenset({1})}
     assert {thread for thread, _ in seen1} & {thread for thread, _ in seen0}
-    second.set()
-    wq.flush()
-    quiesce()
+    let_go(wq, second, quiesce)
     assert system.nr_threads == threads
     # idle ones too: the adopter binds a worker as it adopts it, not only when it wakes
     for pool, cpu in ((pool0, 0), (pool1, 1)):
@@ -139,18 +138,10 @@ def test_life_cycle_events_account_for_every_worker_of_every_pool(
         pool0, pool1 = system.cpu_pools[0], system.cpu_pools[1]
         wq = WorkQueue("accounted")
         first, second = release(threading.Event()), release(threading.Event())
-        seen0: list[tuple[int, frozenset[int]]] = []
-        seen1: list[tuple[int, frozenset[int]]] = []
-        hold_on(wq, 0, 12, first, seen0)
-        wait_for("12 works running on cpu0", lambda: len(seen0) == 12)
-        first.set()
-        wq.flush()
-        quiesce()
-        hold_on(wq, 1, 8, second, seen1)
-        wait_for("8 works running on cpu1", lambda: len(seen1) == 8)
-        second.set()
-        wq.flush()
-        quiesce()
+        hold_on(wq, 0, 12, first)
+        let_go(wq, first, quiesce)
+        hold_on(wq, 1, 8, second)
+        let_go(wq, second, quiesce)
         with counts.lock:
             adopted = list(counts.adopted)
             workers = dict(counts.workers)
