@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="The Linux kernel's concurrency-managed workqueue as a Python executor.")
     parser.add_argument("--version", action="version", version=f"{PROG} {cmwq_exec.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
         "demo", help="run a mixed workload on CMWQExecutor and ThreadPoolExecutor side by side",
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                       help=f"seconds each executor gets (default: {FULL_WORKLOAD.timeout:g}, "
                            f"{QUICK_WORKLOAD.timeout:g} with --quick)")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, parser=demo)
 
     # bench and top take their own options: everything after the word is passed through
     bench = sub.add_parser("bench", add_help=False,
@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.set_defaults(func=cmd_top, passthrough=True)
 
     version = sub.add_parser("version", help="print the version")
-    version.set_defaults(func=cmd_version)
+    version.set_defaults(func=cmd_version, parser=version)
     return parser
 
 
@@ -434,10 +434,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cmwq-exec`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command is None:  # a bare ``cmwq-exec``: what it can do, not an error
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.print_help()
+        return 0
     if getattr(args, "passthrough", False):
         return int(args.func(args, extra))
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # the command's own usage: ``demo --quik`` shows demo's options
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

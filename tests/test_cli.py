@@ -82,12 +82,28 @@ def test_version():
     assert proc.stdout.startswith(f"cmwq_exec {cmwq_exec.__version__} ")
 
 
-@pytest.mark.parametrize("argv", [["bogus"], [], ["demo", "--no-such-option"], ["demo", "--timeout", "-1"],
+@pytest.mark.parametrize("argv", [["bogus"], ["--bogus"], ["demo", "--no-such-option"],
+                                  ["demo", "--timeout", "-1"],
                                   ["version", "extra"]])
 def test_bad_usage_exits_2_with_a_message(argv):
     proc = run(*argv, timeout=30)
     assert proc.returncode == 2
     assert "cmwq-exec" in proc.stderr and "error:" in proc.stderr
+
+
+def test_a_bare_command_prints_the_help():
+    proc = run(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: cmwq-exec")
+    assert "demo" in proc.stdout and "top" in proc.stdout and proc.stderr == ""
+
+
+@pytest.mark.parametrize("argv", [["demo", "--quik"], ["version", "--json"]])
+def test_a_mistyped_option_shows_its_commands_usage(argv):
+    proc = run(*argv, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"usage: cmwq-exec {argv[0]}"), proc.stderr
+    assert f"unrecognized arguments: {argv[1]}" in proc.stderr
 
 
 def test_main_in_process(capsys):
