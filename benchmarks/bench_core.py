@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -726,23 +727,32 @@ def markdown(rows: list[Row], head: tuple[str, str]) -> str:
 
 
 def print_tables(bench: Bench, info: dict[str, Any]) -> None:
+    """The rows as tables that fit a terminal: the long notes are numbered footnotes under each."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    for title, rows, head in (("cmwq_exec vs ThreadPoolExecutor (medians)", bench.rows, ("cmwq", "TPE")),
+    console = Console(width=min(shutil.get_terminal_size((100, 24)).columns, 120))
+    for title, rows, head in (("cmwq_exec vs ThreadPoolExecutor (TPE; medians)", bench.rows, ("cmwq", "TPE")),
                               ("cmwq_exec settings", bench.side_rows, ("A", "B"))):
         table = Table(title=title, title_justify="left")
         for col in ("figure", head[0], head[1], "ratio", "target", "met?", "note"):
             table.add_column(col, overflow="fold")
+        notes: list[str] = []
         for r in rows:
             met = _met(r.met)
             style = {"yes": "green", "NO": "bold red"}.get(met, "")
             cell = f"[{style}]{met}[/]" if style else met
-            table.add_row(r.figure, r.a, r.b, r.ratio, r.target, cell, r.note)
+            mark = ""
+            if r.note:
+                notes.append(r.note)
+                mark = f"[{len(notes)}]"
+            table.add_row(r.figure, r.a, r.b, r.ratio, r.target, cell, mark)
         console.print(table)
+        for i, note in enumerate(notes, 1):
+            console.print(f"  [{i}] {note}", markup=False, highlight=False)
     console.print(f"machine: {info['ncpu']} CPUs ({info['cpu_model']}), {info['implementation']} "
-                  f"{info['python']}, Linux {info['kernel']}; TPE() = {info['tpe_default_workers']} workers")
+                  f"{info['python']}, Linux {info['kernel']}; TPE() = ThreadPoolExecutor() with its default "
+                  f"{info['tpe_default_workers']} workers")
 
 
 def main(argv: list[str] | None = None) -> int:
