@@ -24,6 +24,12 @@ Debug mode: with ``CMWQ_LOCKDEP=1`` in the environment when the package is impor
 a :class:`CheckedLock` that checks the order on every blocking acquisition, records a violation in
 :data:`violations` and raises :class:`LockOrderError` instead of taking the lock. Without it,
 :func:`make_lock` returns a plain ``threading.Lock`` and costs nothing.
+
+A function documented as called with a lock held begins with ``assert_held(lock)``, as the kernel's
+begin with ``lockdep_assert_held(&pool->lock)``. In debug mode it raises :class:`LockNotHeldError`
+(and records it in :data:`violations`) when the calling thread does not hold ``lock`` (a lock from
+:func:`make_lock`, or a ``threading.Condition`` over one); otherwise :func:`assert_held` is a function
+that does nothing, chosen once at import.
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ class LockOrderError(AssertionError):
     """A lock was about to be taken against the documented order (debug mode only)."""
 
 
+class LockNotHeldError(AssertionError):
+    """A function documented as called with a lock held was called without it (debug mode only)."""
+
+
 class _Held(threading.local):
     stack: list[CheckedLock] = []  # noqa: RUF012 (a per-thread default, replaced on first push)
 
@@ -78,7 +88,7 @@ class CheckedLock:
         for held in _held.stack:
             if held.rank >= self.rank:
                 message = (f"lock order violated: taking {self.name!r} (rank {self.rank}) while holding "
-                           f"{held.name!r} (rank {held.rank}); see cmwq_exec/lockdep.py")
+                           f"{held.name!r} (rank {held.rank}); see cmwq_exec/core/lockdep.py")
                 violations.append(message)
                 raise LockOrderError(message)
 
@@ -137,6 +147,28 @@ def make_lock(name: str) -> Any:
     if ENABLED:
         return CheckedLock(name)
     return threading.Lock()
+
+
+def _assert_held_checked(lock: Any) -> None:
+    """Raise :class:`LockNotHeldError` unless this thread holds ``lock`` (debug mode)."""
+    # A CheckedLock knows its holders; a Condition asks its lock (Condition._is_owned delegates).
+    # A plain Lock does not know its owner: being locked by someone is all that can be checked.
+    is_owned = getattr(lock, "_is_owned", None)
+    held = is_owned() if is_owned is not None else lock.locked()
+    if not held:
+        inner = getattr(lock, "_lock", None)  # a Condition's lock
+        name = getattr(lock, "name", None) or getattr(inner, "name", None) or repr(lock)
+        message = f"lock {name!r} not held by thread {threading.current_thread().name!r}"
+        violations.append(message)
+        raise LockNotHeldError(message)
+
+
+def _assert_held_noop(lock: Any) -> None:
+    """Does nothing: debug mode is off (see :data:`ENABLED`)."""
+
+
+#: ``assert_held(lock)``: in debug mode, raise :class:`LockNotHeldError` unless this thread holds ``lock``.
+assert_held = _assert_held_checked if ENABLED else _assert_held_noop
 
 
 def _after_fork_in_child() -> None:

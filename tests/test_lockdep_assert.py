@@ -1,0 +1,95 @@
+"""``lockdep.assert_held``: a function documented as called with a lock held checks it in debug mode.
+
+With ``CMWQ_LOCKDEP=1`` it raises when the calling thread does not hold the lock (held by nobody, or
+by another thread); without it, it is a function that does nothing, chosen once at import.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from cmwq_exec.core import lockdep
+
+
+@pytest.fixture
+def forget_violations() -> Iterator[None]:
+    """The violations these tests provoke on purpose are not the suite's lock-order failures."""
+    before = len(lockdep.violations)
+    yield
+    del lockdep.violations[before:]
+
+
+def test_a_lock_nobody_holds_fails_naming_the_lock(forget_violations: None) -> None:
+    lock = lockdep.CheckedLock("pool")
+    with pytest.raises(lockdep.LockNotHeldError, match="lock 'pool' not held by thread 'MainThread'"):
+        lockdep._assert_held_checked(lock)
+    assert lockdep.violations[-1].startswith("lock 'pool' not held")
+
+
+def test_a_lock_held_by_this_thread_passes() -> None:
+    lock = lockdep.CheckedLock("workqueue")
+    with lock:
+        lockdep._assert_held_checked(lock)
+    cond = threading.Condition(lockdep.CheckedLock("pool"))
+    with cond:
+        lockdep._assert_held_checked(cond)  # a Condition asks its lock
+
+
+def test_a_lock_held_by_another_thread_fails(forget_violations: None) -> None:
+    lock = lockdep.CheckedLock("pool")
+    cond = threading.Condition(lock)
+    taken, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            taken.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=holder, name="holder")
+    thread.start()
+    try:
+        assert taken.wait(60)
+        with pytest.raises(lockdep.LockNotHeldError, match="'pool' not held by thread 'MainThread'"):
+            lockdep._assert_held_checked(lock)
+        with pytest.raises(lockdep.LockNotHeldError, match="'pool' not held"):
+            lockdep._assert_held_checked(cond)
+    finally:
+        done.set()
+        thread.join(60)
+
+
+def _probe(lockdep_env: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "CMWQ_LOCKDEP"}
+    if lockdep_env is not None:
+        env["CMWQ_LOCKDEP"] = lockdep_env
+    code = (
+        "from cmwq_exec.core import lockdep\n"
+        "lock = lockdep.make_lock('pool')\n"
+        "print(lockdep.assert_held.__name__)\n"
+        "try:\n"
+        "    lockdep.assert_held(lock)\n"
+        "except lockdep.LockNotHeldError as e:\n"
+        "    print('raised', e)\n"
+        "else:\n"
+        "    print('passed')\n"
+        "with lock:\n"
+        "    lockdep.assert_held(lock)\n"
+        "print('held ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_debug_mode_checks_and_the_default_is_the_no_op() -> None:
+    assert _probe("1") == ("_assert_held_checked\nraised lock 'pool' not held by thread 'MainThread'\n"
+                           "held ok\n")
+    # without the checker: the no-op, chosen at import, does not look at the lock at all
+    assert _probe(None) == "_assert_held_noop\npassed\nheld ok\n"
+    assert _probe("0") == "_assert_held_noop\npassed\nheld ok\n"
