@@ -50,12 +50,18 @@ APP_DIR = ROOT / "tests" / "celery"
 sys.path[:0] = [str(APP_DIR), str(ROOT)]
 
 import redis  # noqa: E402
-from app import DEFAULT_BACKEND, make_app  # noqa: E402
+from app import make_app  # noqa: E402
 from celery_harness import Worker, children_names  # noqa: E402
 
 from cmwq_exec.celery_processes import processes_wanted  # noqa: E402
 
-BROKERS = {"redis": "redis://127.0.0.1:6379/12", "amqp": "amqp://guest:guest@127.0.0.1:5672//"}
+REDIS = "redis://127.0.0.1:6379"
+#: The Redis databases the benchmark writes to unless told otherwise (--redis-broker-db,
+#: --redis-backend-db): 12 is the broker of ``--broker redis``, 14 the result store (the Celery
+#: tests' results db: tests/celery/app.py). Each batch's counter key is deleted after it.
+REDIS_BROKER_DB, REDIS_BACKEND_DB = 12, 14
+AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+BROKERS = ("amqp", "redis")
 CPU_ITERATIONS = 20_000  # ~1.5 ms of pure Python on this machine's cores
 #: the children CMWQ_PROCESSES=auto starts (one per usable CPU): cmwq procs's and prefork's processes
 PROCESSES = processes_wanted(None, {"CMWQ_PROCESSES": "auto"})
@@ -243,12 +249,14 @@ def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: 
     return Result(setup.config, workload, n, done, seconds, peak_threads, peak_rss, cpu_seconds)
 
 
-def start(config: Config, broker: str, logs: Path) -> Setup:
+def start(config: Config, broker: str, backend: str, logs: Path) -> Setup:
     """Start ``config``'s worker on a queue of its own (it answers once it is up)."""
     queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
-    app = make_app(broker, queue=queue)
+    app = make_app(broker, backend=backend, queue=queue)
     via = "custom" if config.pool == "cmwq" else config.pool
-    env = {"CMWQ_PROCESSES": "auto"} if config.processes else None
+    env = {"CMWQ_TEST_BACKEND": backend}
+    if config.processes:
+        env["CMWQ_PROCESSES"] = "auto"
     worker = Worker(app, broker, queue, logs / f"bench-{config.slug}.log", concurrency=config.concurrency,
                     via=via, env=env, loglevel="warning")
     nodes = children_names(worker, config.processes) if config.processes else [worker.name]
@@ -269,12 +277,20 @@ def main() -> int:
     parser.add_argument("--logs", default="/tmp", help="where worker logs go")
     parser.add_argument("--io-ms", type=float, default=10.0,
                         help="how long an io task waits, in ms (default 10)")
-    parser.add_argument("--broker", choices=sorted(BROKERS), default="amqp",
+    parser.add_argument("--broker", choices=BROKERS, default="amqp",
                         help="the broker every pool is fed from (default amqp: kombu's Redis transport "
                              "costs ~2 ms of CPU per task here and caps every pool near 500 tasks/s)")
+    parser.add_argument("--redis-broker-db", type=int, default=REDIS_BROKER_DB, metavar="N",
+                        help=f"the Redis database of --broker redis (default {REDIS_BROKER_DB})")
+    parser.add_argument("--redis-backend-db", type=int, default=REDIS_BACKEND_DB, metavar="N",
+                        help=f"the Redis database of the results and counters (default {REDIS_BACKEND_DB})")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write the conditions and every run's figures (all repeats) to PATH")
     args = parser.parse_args()
+    for option in ("redis_broker_db", "redis_backend_db"):
+        if not 0 <= getattr(args, option) <= 15:
+            parser.error(f"--{option.replace('_', '-')} must be a Redis database number 0-15 (Redis's "
+                         f"default 'databases 16'), got {getattr(args, option)}")
 
     scale = 1 if args.quick else 2
     sizes = {"io": 1500 * scale, "cpu": 400 * scale, "mix": 1000 * scale}
@@ -299,9 +315,10 @@ def main() -> int:
         configs = [config for config in configs if config.label in wanted]
     repeat = args.repeat or (1 if args.quick else 3)
     workloads = [w for w in args.workloads.split(",") if w]
-    store = redis.Redis.from_url(DEFAULT_BACKEND)
+    backend = f"{REDIS}/{args.redis_backend_db}"
+    store = redis.Redis.from_url(backend)
     store.ping()
-    broker = BROKERS[args.broker]
+    broker = AMQP if args.broker == "amqp" else f"{REDIS}/{args.redis_broker_db}"
     load_started, started = os.getloadavg()[0], time.strftime("%Y-%m-%dT%H:%M:%S%z")
     print(f"broker {broker}, {os.cpu_count()} CPUs ({cpus} usable), Python {sys.version.split()[0]}, "
           f"load average {load_started:.2f}; io = {args.io_ms:g} ms sleep, cpu = {CPU_ITERATIONS} "
@@ -314,7 +331,7 @@ def main() -> int:
     runs: list[tuple[int, Result]] = []
     try:
         for config in configs:
-            setup = start(config, broker, Path(args.logs))
+            setup = start(config, broker, backend, Path(args.logs))
             setups.append(setup)
             wait_nodes_ready(setup, timeout=60)
             control_every_node(setup, "cancel_consumer")
