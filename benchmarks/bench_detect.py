@@ -41,15 +41,28 @@ def mixed(i: int) -> None:
         time.sleep(0.01)
 
 
+def executor_threads(executor: Executor) -> Callable[[], int]:
+    """How many threads ``executor`` has now: a cmwq executor's are the shared pools' workers and
+    rescuers (named ``cmwq/...``), a ThreadPoolExecutor's carry its name prefix."""
+    if isinstance(executor, ThreadPoolExecutor):
+        prefix = executor._thread_name_prefix  # set by its __init__ when not given
+    else:
+        prefix = "cmwq/"
+    return lambda: sum(1 for t in threading.enumerate() if t.name.startswith(prefix))
+
+
 class PeakThreads:
-    def __init__(self) -> None:
-        self.peak = threading.active_count()
+    """The most threads ``count()`` saw while the block ran (sampled every millisecond)."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self.count = count
+        self.peak = count()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, threading.active_count())
+            self.peak = max(self.peak, self.count())
 
     def __enter__(self) -> PeakThreads:
         self._thread.start()
@@ -58,10 +71,11 @@ class PeakThreads:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.peak = max(self.peak, self.count())
 
 
 def timed(executor: Executor, fn: Callable[..., object], n: int, indexed: bool = False) -> tuple[float, int]:
-    with PeakThreads() as peak:
+    with PeakThreads(executor_threads(executor)) as peak:
         start = time.perf_counter()
         wait([executor.submit(fn, i) if indexed else executor.submit(fn) for i in range(n)])
         elapsed = time.perf_counter() - start
@@ -96,6 +110,8 @@ def main() -> int:
     cmwq_exec.undetect_blocking()
     m = {k: median_of(v) for k, v in rows.items()}
     print(f"python {sys.version.split()[0]}, detection mechanism: {mechanism}, median of {args.repeat}")
+    print("peak thr: the most threads the executor itself had during the case (TPE: ThreadPoolExecutor();\n"
+          "cmwq idle workers of an earlier case count until they are reaped, idle_timeout 10 s)")
     print(f"{'case':44} {'seconds':>8} {'peak thr':>8} {'ratio':>8}  target")
     tpe_sleep = m["sleep TPE"][0]
     lines = [
