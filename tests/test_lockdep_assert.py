@@ -93,3 +93,39 @@ def test_debug_mode_checks_and_the_default_is_the_no_op() -> None:
     # without the checker: the no-op, chosen at import, does not look at the lock at all
     assert _probe(None) == "_assert_held_noop\npassed\nheld ok\n"
     assert _probe("0") == "_assert_held_noop\npassed\nheld ok\n"
+
+
+def _probe_decorator(lockdep_env: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "CMWQ_LOCKDEP"}
+    if lockdep_env is not None:
+        env["CMWQ_LOCKDEP"] = lockdep_env
+    code = (
+        "from cmwq_exec.core import lockdep\n"
+        "class Pool:\n"
+        "    def __init__(self):\n"
+        "        self.lock = lockdep.make_lock('pool')\n"
+        "    def plain(self, x):\n"
+        "        return x + 1\n"
+        "    checked = lockdep.must_hold('lock')(plain)\n"
+        "pool = Pool()\n"
+        "print(Pool.checked is Pool.plain)\n"
+        "try:\n"
+        "    print(pool.checked(1))\n"
+        "except lockdep.LockNotHeldError as e:\n"
+        "    print('raised', e)\n"
+        "with pool.lock:\n"
+        "    print(pool.checked(2))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_must_hold_checks_in_debug_mode_and_is_the_method_itself_otherwise() -> None:
+    assert _probe_decorator("1") == "False\nraised lock 'pool' not held by thread 'MainThread'\n3\n"
+    assert _probe_decorator(None) == "True\n2\n3\n"
+
+
+def test_must_hold_refuses_a_path_that_is_not_an_attribute_name() -> None:
+    with pytest.raises(ValueError, match=r"path must be a dotted attribute name, got 'pool\.'"):
+        lockdep.must_hold("pool.")
