@@ -7,8 +7,9 @@ allocates one object.
 Waiting on a CMWQ future from inside a worker tells the pool the worker sleeps (another worker takes
 over), and first *helps*: a future whose work has not started yet is claimed and run inline on the
 waiting thread (Java ForkJoinPool's join helping), so nested submit-and-wait cannot deadlock on a
-worker limit. ``concurrent.futures.wait`` and ``as_completed`` get the sleep notification (their
-waiter's event is swapped for one that reports) but do not help.
+worker limit; the helped call runs in a context of its own, not the caller's (see
+:mod:`cmwq_exec.inline_context`). ``concurrent.futures.wait`` and ``as_completed`` get the sleep
+notification (their waiter's event is swapped for one that reports) but do not help.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from concurrent.futures._base import (
 from concurrent.futures.thread import BrokenThreadPool
 from typing import Any, ClassVar, cast
 
-from . import detect
+from . import detect, inline_context
 from .core import workqueue as _workqueue
 from .core.interfaces import QueueState
 from .core.lockdep import make_lock
@@ -351,12 +352,15 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
             return
         _help.depth = depth + 1
         try:
-            self._run_claimed()
+            self._run_helped()
         finally:
             _help.depth = depth
 
-    def _run_claimed(self) -> BaseException | None:
-        return self._run()
+    def _run_helped(self) -> BaseException | None:
+        """Run the claimed call for the worker waiting on it, in a context of its own, as if a
+        worker thread of its own ran it: nothing of the caller's context reaches it or changes
+        (see cmwq_exec.inline_context)."""
+        return inline_context.run_fresh(self._run)
 
     def result(self, timeout: float | None = None) -> Any:
         if self._state == FINISHED and self._exception is None:
@@ -392,10 +396,21 @@ class _InitFuture(CMWQFuture):
         return self._run_claimed()
 
     def _run_claimed(self) -> BaseException | None:
-        executor = self._executor
-        if not executor._prepare_thread(self):
+        if not self._executor._prepare_thread(self):
             return None
-        prefix = executor._thread_name_prefix
+        return self._run_named()
+
+    def _run_helped(self) -> BaseException | None:
+        executor = self._executor
+        if not executor._prepare_thread(self):  # in the thread's own context, as on a worker
+            return None
+        base = getattr(executor._initialized, "context", None)
+        if base is None:
+            return inline_context.run_fresh(self._run_named)
+        return inline_context.run_in_copy(base, self._run_named)
+
+    def _run_named(self) -> BaseException | None:
+        prefix = self._executor._thread_name_prefix
         if not prefix:
             return self._run()
         thread = threading.current_thread()
@@ -543,11 +558,13 @@ class CMWQExecutor(ThreadPoolExecutor):
         try:
             self._initializer(*self._initargs)
         except BaseException as exc:
+            _LOGGER.critical("Exception in initializer:", exc_info=True)  # as ThreadPoolExecutor's
             self._break("A thread initializer failed, the thread pool is not usable anymore")
             future.set_exception(BrokenThreadPool(self._broken))
             future.exception().__cause__ = exc  # type: ignore[union-attr]
             return False
         self._initialized.done = True
+        self._initialized.context = inline_context.snapshot()  # for the calls it helps inline
         return True
 
     def _break(self, reason: str) -> None:
