@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
+import logging
 import os
 import re
 import signal
@@ -438,6 +439,19 @@ def test_failing_initializer_breaks_the_executor(make_executor: Make) -> None:
     assert isinstance(futures[0].exception().__cause__, OSError)
     with pytest.raises(cf.BrokenExecutor):
         executor.submit(int)
+
+
+def test_failing_initializer_is_logged_critical_as_by_thread_pool_executor(
+        make_executor: Make, caplog: pytest.LogCaptureFixture) -> None:
+    def bad_init() -> None:
+        raise OSError("no init for you")
+
+    executor = make_executor(max_workers=1, initializer=bad_init)
+    with caplog.at_level(logging.CRITICAL, logger="concurrent.futures"):
+        assert isinstance(executor.submit(int).exception(timeout=10), cf.BrokenExecutor)
+    records = [r for r in caplog.records if r.name == "concurrent.futures"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [(logging.CRITICAL, "Exception in initializer:")]
+    assert records[0].exc_info is not None and isinstance(records[0].exc_info[1], OSError)
 
 
 def test_thread_name_prefix_visible_inside_tasks(make_executor: Make) -> None:
