@@ -6,6 +6,8 @@ hurt the process's timer thread; the end-to-end tests use the real one through t
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import math
 import os
@@ -13,11 +15,15 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from helpers import log_messages, wait_for
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from cmwq_exec import DelayedWork, WorkQueue
 from cmwq_exec.core import timer
@@ -370,3 +376,229 @@ def test_an_exception_raised_as_a_lock_is_taken_never_leaves_the_timer_lock_held
     assert fired(wheel)
     wheel.unwatch(object())
     assert not wheel.lock.locked()
+
+
+# -- a cancelled timer costs nothing ---------------------------------------------------------------
+
+
+class Owner:
+    """Something a callback holds (a job, a work, a pool): it must die with its last user's reference."""
+
+    def __init__(self) -> None:
+        self.fired = threading.Event()
+
+    def fire(self) -> None:
+        self.fired.set()
+
+
+def collected(ref: weakref.ref[Any]) -> bool:
+    gc.collect()
+    return ref() is None
+
+
+def test_a_cancelled_timer_drops_its_callback(wheel: Any) -> None:
+    owner = Owner()
+    ref = weakref.ref(owner)
+    tm = wheel.add(3600, owner.fire)  # the bound method holds the owner
+    del owner
+    assert not collected(ref), "the pending timer must keep its callback's objects"
+    assert tm.cancel()
+    assert collected(ref), "a cancelled timer (still in the heap) keeps its callback's objects alive"
+    assert tm.callback is None and not tm.pending and not tm.cancel()
+
+
+def test_a_fired_timer_drops_its_callback(wheel: Any) -> None:
+    owner = Owner()
+    ref = weakref.ref(owner)
+    fired_event = owner.fired
+    tm = wheel.add(0, owner.fire)
+    del owner
+    assert fired_event.wait(5)
+    wait_for("the fired timer to let its callback go", lambda: collected(ref))
+    assert tm.callback is None and not tm.pending and not tm.cancel()
+
+
+def test_the_heap_stays_bounded_over_many_add_cancel_pairs(wheel: Any) -> None:
+    live = [wheel.add(3600 + i, lambda: None) for i in range(1000)]
+    longest = 0
+    for _ in range(100_000):
+        wheel.add(3600, lambda: None).cancel()
+        longest = max(longest, len(wheel.heap))
+    # cancelled entries are never more than max(_COMPACT_MIN_CANCELLED, the live ones)
+    assert longest <= 2 * len(live) + 1, longest
+    for tm in live:
+        assert tm.cancel()
+    assert len(wheel.heap) <= timer._COMPACT_MIN_CANCELLED + 1, len(wheel.heap)
+    assert fired(wheel), "the thread no longer serves the rebuilt heap"
+
+
+def test_a_rebuilt_heap_still_fires_its_live_timers_in_order(wheel: Any) -> None:
+    """Cancel most of a heap whose live timers are due soon: the rebuild keeps them all and they fire
+    by deadline (then order of adding)."""
+    order: list[int] = []
+    done = threading.Event()
+    gate = threading.Event()
+    wheel.add(0, lambda: gate.wait(10))  # hold the thread while the heap is built and cut
+    timers = [wheel.add(3600, lambda: None) for _ in range(3 * timer._COMPACT_MIN_CANCELLED)]
+    for i in range(20):
+        wheel.add(0.001 * (i % 5), lambda i=i: order.append(i))
+    wheel.add(0.01, done.set)
+    for tm in timers:
+        assert tm.cancel()
+    assert len(wheel.heap) <= 22 + timer._COMPACT_MIN_CANCELLED
+    gate.set()
+    assert done.wait(5)
+    assert sorted(order, key=lambda i: (i % 5, i)) == order and len(order) == 20
+
+
+def test_a_cancelled_delayed_work_is_let_go(fresh_system: Any) -> None:
+    """End to end through queue_delayed_work: the cancelled work's timer no longer holds the work
+    (nor its function), and the process's heap does not grow with queue + cancel pairs."""
+    fresh_system()
+    wq = WorkQueue(f"timer-cancel-{uuid.uuid4().hex[:6]}")
+    try:
+        owner = Owner()
+        owner_ref = weakref.ref(owner)
+        dw = DelayedWork(owner.fire)
+        work_ref = weakref.ref(dw)
+        assert wq.queue_delayed_work(dw, 3600)
+        assert dw.cancel()
+        del dw, owner
+        assert collected(work_ref) and collected(owner_ref)
+        before = len(timer._wheel.heap)
+        dw = DelayedWork(lambda: None)
+        for _ in range(5000):
+            assert wq.queue_delayed_work(dw, 3600)
+            assert dw.cancel()
+        assert len(timer._wheel.heap) <= before + timer._COMPACT_MIN_CANCELLED + 1
+    finally:
+        wq.destroy()
+
+
+# -- cancel and fire race -------------------------------------------------------------------------
+
+
+def test_cancel_and_fire_race_each_timer_fires_at_most_once(wheel: Any) -> None:
+    """Timers due now are cancelled by two threads while the timer thread fires them, among far ones
+    whose cancels rebuild the heap meanwhile: a timer fires once exactly when no cancel() returned
+    True, one cancel() at most returns True, and none fires twice."""
+    n = 3000
+    counts = [0] * n
+    lock = threading.Lock()
+
+    def bump(i: int) -> None:
+        with lock:
+            counts[i] += 1
+
+    barrier = threading.Barrier(2)
+    timers = [wheel.add(0 if i % 2 else 3600, functools.partial(bump, i)) for i in range(n)]
+    won: list[list[int]] = [[], []]
+
+    def canceller(k: int, indices: range) -> None:
+        barrier.wait(5)
+        for i in indices:
+            if timers[i].cancel():
+                won[k].append(i)
+
+    threads = [threading.Thread(target=canceller, args=(0, range(n))),
+               threading.Thread(target=canceller, args=(1, range(n - 1, -1, -1)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    cancelled = won[0] + won[1]
+    assert len(cancelled) == len(set(cancelled)), "two cancel() calls returned True for one timer"
+    assert set(range(0, n, 2)) <= set(cancelled)  # the far ones cannot have fired
+    marker = threading.Event()
+    wheel.add(0.001, marker.set)
+    assert marker.wait(5)
+    wait_for("every uncancelled timer to fire",
+             lambda: all(counts[i] == 1 for i in set(range(n)) - set(cancelled)))
+    assert all(counts[i] == 0 for i in cancelled)
+    assert max(counts) <= 1
+    assert all(tm.callback is None for tm in timers)
+
+
+# -- a model of add, cancel and fire --------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimerModel(RuleBasedStateMachine):
+    """add/cancel/advance the clock against a wheel run by hand (no thread: run_next on this thread)
+    and a plain list: timers fire in (deadline, order of adding), once, never after a cancel; the
+    heap holds every pending timer and at most max(_COMPACT_MIN_CANCELLED, live) cancelled ones."""
+
+    timers = Bundle("timers")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.wheel = timer._Wheel()
+        self.wheel.clock = self.clock
+        self.wheel.thread = threading.current_thread()  # alive: add() starts no thread
+        self.pending: dict[int, tuple[float, int]] = {}  # index -> (deadline, order)
+        self.fired: list[int] = []
+        self.objects: list[Any] = []
+        self.count = 0
+
+    @rule(target=timers, delay=st.sampled_from([0.0, 1.0, 2.0, 5.0, 3600.0]))
+    def add(self, delay: float) -> Any:
+        i = self.count
+        self.count += 1
+        tm = self.wheel.add(delay, lambda: self.fired.append(i))
+        self.pending[i] = (self.clock.now + delay, i)
+        self.objects.append(tm)
+        return i
+
+    @rule(i=timers)
+    def cancel(self, i: int) -> None:
+        expected = i in self.pending
+        assert self.objects[i].cancel() is expected
+        self.pending.pop(i, None)
+
+    @rule(repeat=st.integers(1, 40))
+    def add_and_cancel_many(self, repeat: int) -> None:
+        for _ in range(repeat):
+            assert self.wheel.add(7.0, lambda: self.fired.append(-1)).cancel()
+
+    @rule(step=st.sampled_from([0.0, 0.5, 1.0, 3.0, 4000.0]))
+    def advance(self, step: float) -> None:
+        self.clock.now += step
+        due = sorted((deadline, order) for deadline, order in self.pending.values()
+                     if deadline <= self.clock.now)
+        for _, i in due:
+            assert any(e[2].state == 0 and e[0] <= self.clock.now for e in self.wheel.heap)
+            assert self.wheel.run_next(self.wheel.thread)
+            assert self.fired[-1] == i, (self.fired, due)
+            del self.pending[i]
+
+    @invariant()
+    def heap_matches(self) -> None:
+        heap = self.wheel.heap
+        in_heap = [e[2] for e in heap]
+        assert {id(self.objects[i]) for i in self.pending} <= {id(tm) for tm in in_heap}
+        states = [tm.state for tm in in_heap]
+        assert 1 not in states, "a fired timer is still in the heap"
+        live = states.count(0)
+        assert live == len(self.pending)
+        assert len(heap) - live <= max(timer._COMPACT_MIN_CANCELLED, live), (len(heap), live)
+        for i, tm in enumerate(self.objects):
+            assert (tm.callback is not None) is (i in self.pending)
+
+    def teardown(self) -> None:
+        self.wheel.thread = None
+
+
+def test_timer_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(timer, "_COMPACT_MIN_CANCELLED", 2)  # rebuilds in short runs
+    run_state_machine_as_test(TimerModel, settings=settings(
+        max_examples=150, stateful_step_count=40, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow]))

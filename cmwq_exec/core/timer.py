@@ -18,6 +18,14 @@ Every pool depends on that one thread, so nothing may end it but :func:`shutdown
   failure of the loop itself;
 * if the thread is dead anyway, the next :func:`add_timer` starts a new one;
 * in a child process, the wheel starts afresh (new lock, no timers, no thread) at fork.
+
+A cancelled timer costs nothing but its small ``Timer`` object: ``cancel()`` drops the callback (a
+bound method or partial holding a job, a work, a workqueue), and a fired timer drops it too once
+taken. Its heap entry stays until the thread pops it or the heap is rebuilt without the cancelled
+entries, which :meth:`_Wheel.compact_locked` does once they are more than half of the heap and
+more than ``_COMPACT_MIN_CANCELLED`` (asyncio's event loop does the same for ``call_later``): a
+process that arms an hour's timer per task and cancels it when the task ends keeps a heap as long
+as its live timers, and add and cancel stay O(log n) amortised.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ log = logging.getLogger("cmwq_exec.timer")
 MAX_DELAY = min(365 * 24 * 3600.0, threading.TIMEOUT_MAX)
 #: After the loop itself failed (it should not), pause this long before going on.
 _LOOP_FAILURE_PAUSE = 0.01
+#: Rebuild the heap once it holds more cancelled entries than this and than live ones. Arbitrary,
+#: as asyncio's ``_MIN_SCHEDULED_TIMER_HANDLES`` is: small heaps are not worth the rebuild.
+_COMPACT_MIN_CANCELLED = 100
 
 
 def check_delay(where: str, delay: object) -> float:
@@ -65,15 +76,21 @@ class Timer:
 
     def __init__(self, deadline: float, callback: Callable[[], None], wheel: _Wheel) -> None:
         self.deadline = deadline  # I
-        self.callback = callback  # I
+        # L: the wheel's lock; None once fired or cancelled, so that neither a cancelled entry
+        # waiting in the heap nor a Timer its owner keeps holds the callback's objects
+        self.callback: Callable[[], None] | None = callback
         self.state = 0  # 0 pending, 1 fired, 2 cancelled; L: the wheel's lock
         self.wheel = wheel  # I
 
     def cancel(self) -> bool:
-        with self.wheel.lock:
+        wheel = self.wheel
+        with wheel.lock:
             if self.state != 0:
                 return False
             self.state = 2
+            self.callback = None
+            wheel.cancelled += 1
+            wheel.compact_locked()
             return True
 
     @property
@@ -97,7 +114,12 @@ class _Wheel:
         # is C, so the with block owns the lock from the instruction it is taken in.
         self.lock = make_lock("timer")
         self.cond = threading.Condition(self.lock)  # the timer thread waits on it, under lock
+        self.clock: Callable[[], float] = time.monotonic  # I; a test may give a wheel its own
         self.heap: list[tuple[float, int, Timer]] = []  # L: lock
+        # L: lock; cancels since the heap was last rebuilt, popped ones taken off: never fewer than
+        # the cancelled entries in the heap (a timer shutdown dropped counts too when cancelled,
+        # which can only bring a rebuild forward)
+        self.cancelled = 0
         self.seq = itertools.count()  # L: lock
         self.thread: threading.Thread | None = None  # L: lock; the thread serving the heap
         self.watched: tuple[Any, Callable[[], None]] | None = None  # L: lock; (socket, on_ready)
@@ -109,7 +131,7 @@ class _Wheel:
         if delay != delay:
             raise ValueError(f"add_timer(delay, callback): delay is NaN (callback {callback!r})")
         delay = min(max(delay, 0.0), MAX_DELAY)
-        timer = Timer(time.monotonic() + delay, callback, self)
+        timer = Timer(self.clock() + delay, callback, self)
         with self.lock:
             self.start_locked()  # first: a timer is queued only if a thread will serve it
             head = self.heap[0][0] if self.heap else None
@@ -118,6 +140,23 @@ class _Wheel:
                 self.cond.notify()
                 self.poke_locked()
         return timer
+
+    def compact_locked(self) -> None:
+        """Once cancelled entries are more than half of the heap (and more than
+        _COMPACT_MIN_CANCELLED), rebuild it with the live ones only; called after a cancel and after
+        a live timer left the heap, so that the cancelled entries never outnumber the live ones
+        beyond that minimum. A rebuild costs O(len) < O(2 * cancelled), each cancel is counted by
+        one rebuild at most: O(1) amortised per cancel. L: lock.
+
+        The new heap is complete before it replaces the old one in one step (a slice assignment,
+        C code): an exception injected into a task thread that cancels leaves one or the other."""
+        heap = self.heap
+        if self.cancelled <= _COMPACT_MIN_CANCELLED or 2 * self.cancelled <= len(heap):
+            return
+        live = [entry for entry in heap if entry[2].state != 2]
+        heapq.heapify(live)
+        heap[:] = live
+        self.cancelled = 0
 
     def poke_locked(self) -> None:
         """Wake the thread out of select, if it is there. L: lock."""
@@ -183,10 +222,14 @@ class _Wheel:
                 heap = self.heap
                 while heap and heap[0][2].state == 2:
                     heapq.heappop(heap)
-                now = time.monotonic()
+                    if self.cancelled:
+                        self.cancelled -= 1
+                now = self.clock()
                 if heap and heap[0][0] <= now:
                     timer = heapq.heappop(heap)[2]
                     timer.state = 1
+                    callback, timer.callback = timer.callback, None
+                    self.compact_locked()
                     break
                 timeout = min(heap[0][0] - now, MAX_DELAY) if heap else None
                 watched = self.watched
@@ -201,10 +244,11 @@ class _Wheel:
             assert watched is not None
             self.select_once(watched, wake_r, timeout)
             return True
+        assert callback is not None  # a pending timer has its callback
         try:
-            timer.callback()
+            callback()
         except BaseException:
-            log.exception("cmwq_exec timer callback %r raised", timer.callback)
+            log.exception("cmwq_exec timer callback %r raised", callback)
         return True
 
     def select_once(self, watched: tuple[Any, Callable[[], None]], wake_r: int | None,
@@ -247,6 +291,7 @@ class _Wheel:
         with self.lock:
             thread, self.thread = self.thread, None
             self.heap.clear()
+            self.cancelled = 0
             self.watched = None
             self.cond.notify_all()
             self.poke_locked()
@@ -262,6 +307,7 @@ class _Wheel:
         self.lock = make_lock("timer")
         self.cond = threading.Condition(self.lock)
         self.heap = []
+        self.cancelled = 0
         self.thread = None
         self.watched = None
         self.selecting = False
