@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import hooks, timer
 from .cpus import usable_cpus
+from .lockdep import assert_held
 from .pool import (
     TRUSTEE_BUTCHER,
     TRUSTEE_DONE,
@@ -128,7 +129,7 @@ class Trustee:
     """Governs a pool whose CPU went down until it is drained (or the CPU is back)."""
 
     def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
+        self.pool = pool  # I
 
     def run(self) -> None:
         pool = self.pool
@@ -184,8 +185,9 @@ class Trustee:
 
     def drain_pass(self) -> None:
         """Wake an idle worker per pending work, create a rogue one if none is idle, call the
-        rescuers. L: held (dropped while creating)."""
+        rescuers. P: held (dropped while creating)."""
         pool = self.pool
+        assert_held(pool.lock)
         left = len(pool.worklist)
         for idle in reversed(list(pool.idle)):
             if left <= 0:
@@ -205,11 +207,11 @@ class HotplugMonitor:
     polling timer, so :meth:`sync` always runs there, one call at a time."""
 
     def __init__(self, system: System) -> None:
-        self.system = system
-        self.stopping = False
-        self.sock: socket.socket | None = None
-        self.poll_timer: timer.Timer | None = None
-        self.seen = set(system.usable)  # the usable CPUs at the last look
+        self.system = system  # I
+        self.stopping = False  # set once by stop(); read by the timer thread, which then stops
+        self.sock: socket.socket | None = None  # X: the timer thread (set by start() before it serves it)
+        self.poll_timer: timer.Timer | None = None  # X: likewise
+        self.seen = set(system.usable)  # X: the timer thread; the usable CPUs at the last look
 
     def start(self) -> None:
         """Open the uevent socket and start polling; RuntimeError if the timer thread cannot be

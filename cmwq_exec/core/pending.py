@@ -46,9 +46,9 @@ class WorkFlush:
     def __init__(self) -> None:
         # ``with self.lock``, never ``with self.cond``: Condition.__enter__ is a Python function,
         # and an exception raised as it returns (a Ctrl-C, a Celery time limit) would keep the lock
-        self.lock = make_lock("flush")
-        self.cond = threading.Condition(self.lock)
-        self.waiters = 0  # lock; read without it by notifiers (see notify)
+        self.lock = make_lock("flush")  # I: the F of waiters
+        self.cond = threading.Condition(self.lock)  # I
+        self.waiters = 0  # F; read without it by notifiers (see notify)
 
     def notify(self) -> None:
         """A work's run ended or its pending state was released. Callers test ``waiters`` first,

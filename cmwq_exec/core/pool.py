@@ -6,7 +6,7 @@ work wakes an idle worker only when ``nr_running`` is 0; a running worker keeps 
 is the only runner. When the last idle worker is about to start working it first becomes the manager
 and creates another worker, so an idle worker is always ready for the next time a runner blocks.
 
-Invariants (``L:`` fields, under ``lock``; checked by :meth:`check_invariants` in the tests):
+Invariants (``P:`` fields, under ``lock``; checked by :meth:`check_invariants` in the tests):
 
 * ``nr_workers == len(workers)``, every worker is idle, busy, or the manager;
 * ``nr_idle == len(idle)`` and ``0 <= nr_running <= nr_workers - nr_idle``;
@@ -23,7 +23,8 @@ Growth. A pool that needs a worker first adopts a spare idle worker of another p
 (:meth:`pace_create_worker`), and not while most of its sleepers are due back
 (:meth:`sleepers_due`).
 
-Field ownership: ``I:`` set at init; ``L:`` under ``lock``; ``T:`` the trustee's while it is in charge.
+Field ownership: the letters of the core's legend (:mod:`cmwq_exec.core.lockdep`): ``I:`` set at init,
+``P:`` under ``lock``.
 
 Interruptions. A ``KeyboardInterrupt`` (or any asynchronous exception) is raised only where the
 interpreter checks for one: when a call returns and on a backward jump, never between two stores.
@@ -47,7 +48,7 @@ from . import hooks, timer
 from . import policy as _policy
 from . import worker as _worker
 from .cpus import Placed
-from .lockdep import make_lock
+from .lockdep import assert_held, make_lock, must_hold
 from .worker import DIE, IDLE, NOT_RUNNING, ROGUE, SLEEPING, Worker
 
 if TYPE_CHECKING:
@@ -125,30 +126,30 @@ class WorkerPool:
         self.cpu = cpu  # I: None for the unbound pool
         self.index = index  # I: position in system.pools, indexes each workqueue's pwqs
         self.name = "unbound" if cpu is None else f"cpu{cpu}"  # I
-        self.lock = make_lock("pool")
+        self.lock = make_lock("pool")  # I
         self.unlocked = Unlocked(self.lock)  # I
-        self.worklist: deque[Any] = deque()  # L: pending works, FIFO
-        self.idle: dict[Worker, None] = {}  # L: idle workers; the last inserted is woken first (LIFO)
-        self.workers: set[Worker] = set()  # L: every worker of the pool
-        self.nr_workers = 0  # L
-        self.nr_idle = 0  # L
-        self.nr_woken = 0  # L: idle workers already woken (on their way out of the idle list)
-        self.nr_running = 0  # L
-        self.managing = False  # L: a worker (or the trustee) holds the manager role
-        self.manage_requested = False  # L: GCWQ_MANAGE_WORKERS
-        self.online = True  # L: serves its CPU; False once the CPU went down (trustee in charge)
-        self.trustee_state = TRUSTEE_DONE  # L
-        self.trustee_cond = threading.Condition(self.lock)  # trustee_wait
-        self.dying = False  # L: System.shutdown(): workers exit as they go idle
-        self.mayday_timer: timer.Timer | None = None  # L
-        self.idle_timer: timer.Timer | None = None  # L
-        self.next_worker_id = 0  # L
-        self.create_pending = False  # L: the timer thread is to create a worker (no worker can)
-        self.pace_timer: timer.Timer | None = None  # L: a paced creation is due when it fires
-        self.pace_completed = 0  # L: nr_completed when it was armed
-        self.sleep_avg = 0.0  # L: moving average of how long a blocking() sleep lasts here
-        self.woke_at = 0.0  # L: when a blocking() sleep here last ended
-        # counters, L: read at scrape time
+        self.worklist: deque[Any] = deque()  # P: pending works, FIFO
+        self.idle: dict[Worker, None] = {}  # P: idle workers; the last inserted is woken first (LIFO)
+        self.workers: set[Worker] = set()  # P: every worker of the pool
+        self.nr_workers = 0  # P
+        self.nr_idle = 0  # P
+        self.nr_woken = 0  # P: idle workers already woken (on their way out of the idle list)
+        self.nr_running = 0  # P
+        self.managing = False  # P: a worker (or the trustee) holds the manager role
+        self.manage_requested = False  # P: GCWQ_MANAGE_WORKERS
+        self.online = True  # P: serves its CPU; False once the CPU went down (trustee in charge)
+        self.trustee_state = TRUSTEE_DONE  # P
+        self.trustee_cond = threading.Condition(self.lock)  # I: trustee_wait, over lock
+        self.dying = False  # P: System.shutdown(): workers exit as they go idle
+        self.mayday_timer: timer.Timer | None = None  # P
+        self.idle_timer: timer.Timer | None = None  # P
+        self.next_worker_id = 0  # P
+        self.create_pending = False  # P: the timer thread is to create a worker (no worker can)
+        self.pace_timer: timer.Timer | None = None  # P: a paced creation is due when it fires
+        self.pace_completed = 0  # P: nr_completed when it was armed
+        self.sleep_avg = 0.0  # P: moving average of how long a blocking() sleep lasts here
+        self.woke_at = 0.0  # P: when a blocking() sleep here last ended
+        # counters, P: read at scrape time
         self.nr_started = 0  # works started here
         self.nr_completed = 0  # works finished here
         self.nr_paced = 0  # creations put off: a runner came back within a pacing interval, or
@@ -158,10 +159,10 @@ class WorkerPool:
         self.cm_wakeups = 0  # wakeups by concurrency management (a runner slept, or was found stuck)
         self.cpu_intensive = 0  # workers found hogging the CPU by the watchdog
         self.nr_mayday = 0  # mayday timer found the pool unable to get a worker
-        self.watchdog_armed = False  # L: the watchdog looks at this pool while it has pending works
-        self.wd_started = 0  # L: nr_started at the watchdog's last sign of progress
-        self.wd_progress_at = time.monotonic()  # L: when that was
-        self.stall_warned = False  # L: the current stall was reported
+        self.watchdog_armed = False  # P: the watchdog looks at this pool while it has pending works
+        self.wd_started = 0  # P: nr_started at the watchdog's last sign of progress
+        self.wd_progress_at = time.monotonic()  # P: when that was
+        self.stall_warned = False  # P: the current stall was reported
         self.read_policy()
 
     # -- policy -----------------------------------------------------------------------------------
@@ -182,15 +183,17 @@ class WorkerPool:
 
     # -- waking -----------------------------------------------------------------------------------
 
+    @must_hold("lock")
     def wake_up_worker(self) -> bool:
-        """Wake the first idle worker. L: held. Returns False if none is idle (the manager is at it)."""
+        """Wake the first idle worker. P: held. Returns False if none is idle (the manager is at it)."""
         if not self.idle:
             return False
         self.wake_worker(next(reversed(self.idle)))
         return True
 
+    @must_hold("lock")
     def wake_worker(self, worker: Worker) -> None:
-        """Wake an idle worker unless it was woken already. L: held.
+        """Wake an idle worker unless it was woken already. P: held.
 
         A worker parks by acquiring its ``park`` lock, which is held while it is idle; waking
         releases it, at most once per idle period (``woken``), so a wakeup that comes before the
@@ -201,32 +204,36 @@ class WorkerPool:
                 self.nr_woken += 1
             worker.park.release()
 
+    @must_hold("lock")
     def prepare_insert(self) -> None:
-        """Before works are appended to the worklist: arm the watchdog. L: held.
+        """Before works are appended to the worklist: arm the watchdog. P: held.
 
         The calls that may fail come before the worklist changes (see "Interruptions")."""
         if not self.watchdog_armed:
             self.system.watchdog.arm(self)
 
+    @must_hold("lock")
     def kick(self) -> None:
         """After works were appended: wake a worker if the policy says so, or have one created if
-        the pool has nobody to wake and nobody who could create one. L: held."""
+        the pool has nobody to wake and nobody who could create one. P: held."""
         if self.need_more_worker(self) and not self.wake_up_worker():
             if not self.nr_workers:
                 self.schedule_create_worker()
             elif not self.managing:
                 self.pace_create_worker()  # every worker asleep and the pool beyond unpaced_workers
 
+    @must_hold("lock")
     def insert_work(self, work: Any) -> None:
-        """Append a work whose accounting is done to the worklist, and wake a worker. L: held."""
+        """Append a work whose accounting is done to the worklist, and wake a worker. P: held."""
         self.prepare_insert()
         self.worklist.append(work)
         self.kick()
 
     # -- worker state transitions (the kernel's worker_set_flags / worker_clr_flags) ---------------
 
+    @must_hold("lock")
     def worker_set_flags(self, worker: Worker, flags: int, wakeup: bool) -> None:
-        """Set ``flags``; a worker that stops running leaves ``nr_running``. L: held.
+        """Set ``flags``; a worker that stops running leaves ``nr_running``. P: held.
 
         With ``wakeup``, a worker that was the last runner hands over: an idle worker is woken if
         works are pending (concurrency management's whole point).
@@ -242,15 +249,17 @@ class WorkerPool:
                         self.pace_create_worker()
         worker.flags |= flags
 
+    @must_hold("lock")
     def worker_clr_flags(self, worker: Worker, flags: int) -> None:
-        """Clear ``flags``; a worker that runs again re-enters ``nr_running``. L: held."""
+        """Clear ``flags``; a worker that runs again re-enters ``nr_running``. P: held."""
         oflags = worker.flags
         worker.flags = oflags & ~flags
         if flags & NOT_RUNNING and oflags & NOT_RUNNING and not worker.flags & NOT_RUNNING:
             self.nr_running += 1
 
+    @must_hold("lock")
     def worker_enter_idle(self, worker: Worker) -> None:
-        """L: held."""
+        """P: held."""
         worker.flags |= IDLE
         worker.woken = False
         worker.last_active = time.monotonic()
@@ -263,8 +272,9 @@ class WorkerPool:
         elif self.idle_timer is None and self.too_many_workers(self):
             self.idle_timer = timer.add_timer(self.system.config.idle_timeout, self.idle_worker_timeout)
 
+    @must_hold("lock")
     def worker_leave_idle(self, worker: Worker) -> None:
-        """L: held."""
+        """P: held."""
         worker.flags &= ~IDLE
         del self.idle[worker]
         self.nr_idle -= 1
@@ -275,10 +285,11 @@ class WorkerPool:
 
     def add_worker(self, rogue: bool = False) -> bool:
         """Create one worker, start its thread and make it idle; False if that failed (the
-        ``cmwq_worker_create_failed`` event says why). L: held, dropped while the thread starts.
+        ``cmwq_worker_create_failed`` event says why). P: held, dropped while the thread starts.
 
         Every worker of a pool is made here: by the manager, by the timer for a pool that has
         nobody to manage it, and by the trustee (``rogue``: unbound, for a pool whose CPU left)."""
+        assert_held(self.lock)
         with self.unlocked:
             worker = None if rogue else self.system.adopt_idle_worker(self)
             adopted = worker is not None
@@ -320,7 +331,8 @@ class WorkerPool:
         return worker
 
     def start_worker(self, worker: Worker, adopted: bool = False) -> None:
-        """Account a freshly created (or ``adopted``) worker and make it idle. L: held."""
+        """Account a freshly created (or ``adopted``) worker and make it idle. P: held."""
+        assert_held(self.lock)
         donor = worker.pool
         if adopted:
             worker.pool = self
@@ -344,9 +356,10 @@ class WorkerPool:
 
     def bind_adopted(self, worker: Worker) -> None:
         """Bind an adopted worker's thread to this pool's CPU (or every usable CPU), as its own
-        thread would on start. L: held, as the trustee holds it to re-bind workers. A thread that
+        thread would on start. P: held, as the trustee holds it to re-bind workers. A thread that
         has not bound itself yet (no ``native_id``) binds to this pool itself: it binds under the
         lock of the pool it is in (Worker.thread_main)."""
+        assert_held(self.lock)
         config = self.system.config
         if self.cpu is None or config.pin_workers:
             cpus = self.system.usable
@@ -356,11 +369,12 @@ class WorkerPool:
 
     def give_idle_worker(self) -> Worker | None:
         """Take an idle worker this pool can spare off its lists, for another pool that needs one
-        (:meth:`System.adopt_idle_worker`); None if it has none to spare. L: held.
+        (:meth:`System.adopt_idle_worker`); None if it has none to spare. P: held.
 
         It spares only beyond ``SPARE_IDLE`` idle workers not yet woken, and only while online with
         no trustee or manager at work. The one given is the longest idle (the pool wakes the most
         recent first). It stays parked until its new pool wakes it."""
+        assert_held(self.lock)
         if (self.nr_idle - self.nr_woken <= SPARE_IDLE or not self.online or self.dying
                 or self.managing or self.trustee_state != TRUSTEE_DONE):
             return None
@@ -374,7 +388,8 @@ class WorkerPool:
         return worker
 
     def destroy_worker(self, worker: Worker, reason: str) -> None:
-        """Make an idle, not yet woken worker exit. L: held."""
+        """Make an idle, not yet woken worker exit. P: held."""
+        assert_held(self.lock)
         assert worker.flags & IDLE and not worker.woken
         self.worker_leave_idle(worker)
         self.workers.discard(worker)
@@ -410,7 +425,8 @@ class WorkerPool:
     # -- the manager ------------------------------------------------------------------------------
 
     def send_mayday(self) -> None:
-        """Summon the rescuers of every workqueue with works pending here. L: held."""
+        """Summon the rescuers of every workqueue with works pending here. P: held."""
+        assert_held(self.lock)
         seen = set()
         for work in self.worklist:
             wq = work._pwq.wq
@@ -436,19 +452,21 @@ class WorkerPool:
             self.mayday_timer = timer.add_timer(self.system.config.mayday_interval, self.mayday_timeout)
 
     def _cancel_mayday_timer(self) -> None:
-        """L: held."""
+        """P: held."""
+        assert_held(self.lock)
         if self.mayday_timer is not None:
             self.mayday_timer.cancel()
             self.mayday_timer = None
 
     def maybe_create_worker(self) -> bool:
-        """Create workers until one is idle. Called by the manager with the lock held; drops it.
+        """Create workers until one is idle. Called by the manager, P: held; dropped meanwhile.
 
         On return need_to_create_worker() is False. While creation fails the mayday timer summons
         rescuers and the manager retries after ``create_cooldown``. At interpreter exit no thread
         can be started (Python 3.12+ refuses): the manager gives up at once and runs the works
         itself (False: nothing was created), so the exit's flush finishes on the workers there are.
         """
+        assert_held(self.lock)
         if not self.need_to_create_worker(self):
             return False
         config = self.system.config
@@ -482,10 +500,11 @@ class WorkerPool:
         log.debug("pool %s: %s", self.name, exc)
 
     def manage_workers(self, worker: Worker | None) -> bool:
-        """Take the manager role (if free) and create a worker if needed. L: held, may be dropped.
+        """Take the manager role (if free) and create a worker if needed. P: held, may be dropped.
 
         Returns False if no action was taken and the lock stayed held throughout.
         """
+        assert_held(self.lock)
         if self.managing:
             return False
         self.manage_requested = False
@@ -513,7 +532,8 @@ class WorkerPool:
     def schedule_create_worker(self, now: bool = False) -> None:
         """A pool without an idle worker and without anyone to be its manager (no worker at all, or
         its workers gone): the timer thread creates one, sends mayday while works wait, and retries
-        after ``create_cooldown``. With ``now``, the calling thread tries first. L: held."""
+        after ``create_cooldown``. With ``now``, the calling thread tries first. P: held."""
+        assert_held(self.lock)
         if self.create_pending:
             return
         self.create_pending = True
@@ -525,7 +545,7 @@ class WorkerPool:
     def pace_create_worker(self, delay: float = 0.0) -> None:
         """Every worker is busy and none runs, works wait, and the pool already has
         ``unpaced_workers``: create the next worker after ``create_interval`` unless a work finished
-        meanwhile (a runner came back and takes the next work). L: held.
+        meanwhile (a runner came back and takes the next work). P: held.
 
         Creating a thread whenever the last runner sleeps sizes the pool to every work of a burst
         that blocks at once; a runner coming back serves the burst as well without a new thread.
@@ -533,6 +553,7 @@ class WorkerPool:
         no runner came back for a whole interval: a pending work waits at most one interval per
         worker it needs, and never for a worker that exists (idle workers are woken at once).
         ``delay``: fire no sooner than this (sleepers due back)."""
+        assert_held(self.lock)
         if self.pace_timer is None and not self.create_pending:
             self.pace_completed = self.nr_completed
             self.pace_timer = timer.add_timer(max(delay, self.system.config.create_interval),
@@ -560,7 +581,8 @@ class WorkerPool:
                 self.pace_create_worker()
 
     def sleepers_due(self, now: float) -> float:
-        """Until when (monotonic time) a paced creation waits for sleepers to come back. L: held.
+        """Until when (monotonic time) a paced creation waits for sleepers to come back. Reads ``P``
+        fields: its caller holds the lock (a function of them alone, which the tests call on plain objects).
 
         A sleep counts as expected back while it is younger than twice this pool's average sleep
         (``sleep_avg``, capped at ``create_hold_max``). While at least half of the busy workers are
@@ -606,7 +628,8 @@ class WorkerPool:
                 self._create_worker_locked()
 
     def _create_worker_locked(self) -> None:
-        """L: held (dropped while creating). Runs with create_pending set."""
+        """P: held (dropped while creating). Runs with create_pending set."""
+        assert_held(self.lock)
         if self.nr_idle or self.managing or (self.dying and not self.worklist):
             self.create_pending = False
             if not self.managing:  # a manager runs its own mayday chain and ends it
@@ -693,7 +716,8 @@ class WorkerPool:
             }
 
     def check_invariants(self) -> None:
-        """Assert the invariants written in the module docstring. L: held by the caller."""
+        """Assert the invariants written in the module docstring. P: held by the caller."""
+        assert_held(self.lock)
         busy = [w for w in self.workers if not w.flags & IDLE]
         running = [w for w in busy if not w.flags & NOT_RUNNING]
         assert self.nr_workers == len(self.workers), (self.nr_workers, len(self.workers))

@@ -28,24 +28,26 @@ class System:
 
     def __init__(self, config: Config) -> None:
         self.config = config  # I
-        self.lock = make_lock("system")  # workqueues, online_pools changes
-        self.threads_lock = make_lock("threads")  # nr_threads (a leaf: taken under a pool lock)
-        self.nr_threads = 0  # threads_lock: worker threads of all pools (the cap counts these)
-        self.stopped = False  # lock: shutdown() ran
-        self.timing = False  # per-work timestamps for the histograms
+        self.lock = make_lock("system")  # I: the S of the fields below
+        self.threads_lock = make_lock("threads")  # I: the N of nr_threads (a leaf: taken under a pool lock)
+        self.nr_threads = 0  # N: worker threads of all pools (the cap counts these)
+        self.stopped = False  # S: shutdown() ran
+        # I, then set once by enable_timing; read racily (a work that misses it is not timed)
+        self.timing = False
+        # S: replaced, never mutated; read without it (a stale set only binds a thread wider)
         self.usable = usable_cpus()
         cpus = sorted(set(possible_cpus()) | self.usable)
-        self.pools: list[WorkerPool] = [WorkerPool(self, cpu, i) for i, cpu in enumerate(cpus)]
-        self.unbound_pool = WorkerPool(self, None, len(self.pools))
+        self.pools: list[WorkerPool] = [WorkerPool(self, cpu, i) for i, cpu in enumerate(cpus)]  # I
+        self.unbound_pool = WorkerPool(self, None, len(self.pools))  # I
         self.pools.append(self.unbound_pool)
-        self.cpu_pools = {pool.cpu: pool for pool in self.pools if pool.cpu is not None}
+        self.cpu_pools = {pool.cpu: pool for pool in self.pools if pool.cpu is not None}  # I
         for pool in self.cpu_pools.values():
             pool.online = pool.cpu in self.usable
-        self.online_pools = [p for p in self.cpu_pools.values() if p.online]  # replaced, never mutated
-        self._workqueues: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._unbound_started = False
-        self.watchdog = Watchdog(self)
-        self.hotplug: Any = None
+        self.online_pools = [p for p in self.cpu_pools.values() if p.online]  # S: replaced, never mutated
+        self._workqueues: weakref.WeakSet[Any] = weakref.WeakSet()  # S
+        self._unbound_started = False  # S
+        self.watchdog = Watchdog(self)  # I
+        self.hotplug: Any = None  # S: the monitor, once started
         hooks.on_policy_change(self._read_policy)
         self._read_policy()
 

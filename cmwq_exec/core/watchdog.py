@@ -39,7 +39,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import hooks, timer
-from .lockdep import make_lock
+from .lockdep import assert_held, make_lock
 from .pool import WorkerPool
 from .worker import CPU_INTENSIVE, HOG_SEEN, IDLE, NOT_RUNNING, STUCK, thread_cpu_ns
 
@@ -89,16 +89,17 @@ class Watchdog:
     """One for the whole system; per-pool state lives on the pools."""
 
     def __init__(self, system: System) -> None:
-        self.system = system
-        self.lock = make_lock("watchdog")
-        self.load_at = time.monotonic()  # lock: last CPU-load window
-        self.load_cpu = time.process_time()
-        self.load = 0.0  # cores the process used over the last window
+        self.system = system  # I
+        self.lock = make_lock("watchdog")  # I: the D of the fields below
+        self.load_at = time.monotonic()  # D: start of the current CPU-load window
+        self.load_cpu = time.process_time()  # D: the process's CPU time then
+        self.load = 0.0  # D: cores the process used over the last window
         cores = _PARALLEL_CORES or max(1, len(system.usable))
-        self.saturation = SATURATION * cores
+        self.saturation = SATURATION * cores  # I
 
     def arm(self, pool: WorkerPool) -> None:
-        """Start looking at ``pool`` (it has pending works). L: pool.lock held."""
+        """Start looking at ``pool`` (it has pending works). P: held."""
+        assert_held(pool.lock)
         timer.add_timer(self.system.config.watchdog_tick, lambda: self.check(pool))
         pool.wd_started = pool.nr_started
         pool.wd_progress_at = time.monotonic()

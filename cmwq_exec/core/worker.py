@@ -10,7 +10,8 @@ A rescuer belongs to one workqueue. Summoned by a pool that cannot get a worker 
 that pool and runs the workqueue's works there one at a time, so a workqueue that reserved one always
 makes progress even when no thread can be created.
 
-Worker fields: ``I:`` set at creation; ``L:`` under the pool lock; ``X:`` the worker's own thread.
+Fields say who may touch them with the core's legend (:mod:`cmwq_exec.core.lockdep`): ``I:`` set at
+creation, ``P:`` under the pool lock, ``R:`` under the rescuer's lock, ``X:`` the worker's own thread.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from . import hooks
 from .cpus import Placed, set_batch_policy
 from .interfaces import QueueState, ReusableWork, WorkItem, WorkQueueOps
-from .lockdep import make_lock
+from .lockdep import assert_held, make_lock, must_hold
 from .pending import NOWHERE, SCHEDULED, work_flush
 from .policy import PoolCounters
 
@@ -144,25 +145,25 @@ class Worker:
     )
 
     def __init__(self, pool: WorkerPool, worker_id: int) -> None:
-        self.pool = pool  # L: changed only while idle and parked (adoption); X for a rescuer
-        self.id = worker_id  # I
-        self.thread: threading.Thread | None = None  # I
+        self.pool = pool  # P: changed only while idle and parked (adoption); X for a rescuer
+        self.id = worker_id  # P: renumbered by the pool that adopts it
+        self.thread: threading.Thread | None = None  # I: set before the pool publishes it
         self.native_id = 0  # X: set by the thread itself
-        self.flags = PREP  # L
-        self.park = threading.Lock()  # parked on while idle; released to wake it
+        self.flags = PREP  # P
+        self.park = threading.Lock()  # I: parked on while idle; released (under P) to wake it
         self.park.acquire()
-        self.woken = False  # L: park released and not yet consumed
-        self.last_active = time.monotonic()  # L
-        self.current_work: WorkItem | None = None  # L
-        self.current_pwq: QueueState | None = None  # L
-        self.current_counted = False  # L: the current work holds a slot of its workqueue
-        self.scheduled: deque[WorkItem] = deque()  # L: works that collided with the one we run
+        self.woken = False  # P: park released and not yet consumed
+        self.last_active = time.monotonic()  # P
+        self.current_work: WorkItem | None = None  # P
+        self.current_pwq: QueueState | None = None  # P
+        self.current_counted = False  # P: the current work holds a slot of its workqueue
+        self.scheduled: deque[WorkItem] = deque()  # P: works that collided with the one we run
         self.sleep_depth = 0  # X: nesting of blocking()
-        self.slept_at = 0.0  # L: when the outermost blocking() began
-        self.sleeping_wq: WorkQueueOps | None = None  # wq._lock: whose running count our sleep lowered
-        self.waiting_wq: WorkQueueOps | None = None  # wq._lock: whose active count our wait lowered
-        self.work_seq = 0  # L: bumped per work; the watchdog tells works apart with it
-        self.cpu_sample: tuple[int, int, int, float] | None = None  # L: the watchdog's last look:
+        self.slept_at = 0.0  # P: when the outermost blocking() began
+        self.sleeping_wq: WorkQueueOps | None = None  # W (its own): whose running count our sleep lowered
+        self.waiting_wq: WorkQueueOps | None = None  # W (its own): whose active count our wait lowered
+        self.work_seq = 0  # P: bumped per work; the watchdog tells works apart with it
+        self.cpu_sample: tuple[int, int, int, float] | None = None  # P: the watchdog's last look:
         # (work_seq, CPU ns at its first look at that work, CPU ns now, when)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -206,8 +207,9 @@ class Worker:
                 pool.worker_leave_idle(self)
                 self.work_until_idle()
 
+    @must_hold("pool.lock")
     def work_until_idle(self) -> None:
-        """The kernel's worker_thread body, from leaving idle to going idle again. L: held
+        """The kernel's worker_thread body, from leaving idle to going idle again. P: held
         (dropped while a work runs or the manager creates a worker)."""
         pool = self.pool
         while True:  # recheck
@@ -238,6 +240,7 @@ class Worker:
             break
         pool.worker_enter_idle(self)
 
+    @must_hold("pool.lock")
     def process_one_work(self, work: WorkItem) -> None:
         """Run one work. Called and returns with the pool lock held; drops it while the work runs.
 
@@ -373,8 +376,9 @@ class Worker:
         if began and wq is not None:
             wq._work_stops_waiting(self)
 
+    @must_hold("pool.lock")
     def count_cm_wakeup(self) -> None:
-        """A wakeup happened because this worker stopped running. L: held."""
+        """A wakeup happened because this worker stopped running. P: held."""
         pwq = self.current_pwq
         if pwq is not None:
             pwq.nr_cm_wakeups += 1
@@ -394,8 +398,8 @@ class Rescuer:
     def __init__(self, wq: WorkQueueOps, system: PoolSystem) -> None:
         self.wq_ref = weakref.ref(wq)
         self.name = wq.name
-        self.lock = make_lock("rescuer")
-        self.pools: deque[WorkerPool] = deque()  # lock: pools that sent mayday
+        self.lock = make_lock("rescuer")  # I: the R of pools
+        self.pools: deque[WorkerPool] = deque()  # R: pools that sent mayday
         self.stopping = False  # set once, read by the rescuer after a signal
         self.closing = False  # likewise: stop once the workqueue has no works in flight
         # The rescuer sleeps on ``wake``, a lock used as a binary semaphore (held: no signal).
@@ -418,7 +422,8 @@ class Rescuer:
             pass  # a signal is pending already
 
     def summon(self, pool: WorkerPool) -> None:
-        """Mayday from ``pool``. Called with ``pool.lock`` held (lock order: pool, then rescuer)."""
+        """Mayday from ``pool``. P: held (lock order: pool, then rescuer)."""
+        assert_held(pool.lock)
         with self.lock:
             if pool in self.pools:
                 return
