@@ -319,7 +319,7 @@ class TaskPool(BasePool):
         if self._processes:
             hostname = (self.options.get("initargs") or (None, None))[1]
             supervisor = celery_processes.Supervisor(default_nodename(hostname), self._processes,
-                                                     self._metrics_address())
+                                                     self._metrics_address(), app=self.app)
             supervisor.run()  # raises WorkerShutdown / WorkerTerminate once the children are gone
         if self._child is not None:
             celery_processes.become_child(self._child)  # pinned before the engine reads its CPUs

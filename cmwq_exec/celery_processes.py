@@ -37,18 +37,32 @@ The supervisor
       mask is not just that CPU is pinned to it again. Meanwhile the child's own
       concurrency-managed pools follow the CPUs as in any process (a trustee drains the pool of
       the CPU that left);
+    * checks the configuration a child would check at its start (the core's settings from the
+      environment: :func:`check_configuration`) before it starts any child: a bad value stops the
+      worker with the error a single process gives, naming the variable;
     * a child that dies (a signal, an exit code other than 0) while the worker is not stopping is
       replaced by a new process with the same index, name and CPU, after a pause that doubles from
-      0.5 s up to 10 s while replacements keep dying within 10 s of their start. A child that
-      exits with 0 by itself (the ``shutdown`` control command) is not replaced; the supervisor
-      exits when no child is left. With ``acks_late`` a killed child's unacknowledged tasks go
-      back to the broker, which delivers them to another child (RabbitMQ at once; Redis after
-      its ``visibility_timeout``);
+      0.5 s up to 10 s while replacements keep dying within 10 s of their start. After
+      MAX_YOUNG_DEATHS such deaths in a row the worker stops (exit status 1), saying which child
+      and how it died: a child that cannot stay up is a fault a restart does not fix. A child that
+      exits with EX_CONFIG (78: it found a configuration error before consuming) stops the worker
+      at once. A child that exits with 0 by itself (the ``shutdown`` control command) is not
+      replaced; the supervisor exits when no child is left;
+    * the tasks a dead child had started: each child keeps a ledger of its started tasks
+      (:mod:`cmwq_exec.celery_process_ledger`); when a child dies by a signal or an exit code
+      other than 0 (and not in a cold shutdown the supervisor asked for), every task of its ledger
+      is recorded FAILURE ``WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL) Child:
+      ...')`` in the result backend, as prefork records its dead child's job. Tasks with
+      ``acks_late`` are not in the ledger: their messages go back to the broker, which delivers
+      them to another child (RabbitMQ at once; Redis after its ``visibility_timeout``), as do the
+      tasks the child had received and not started (not acknowledged yet, whatever ``acks_late``
+      says);
     * metrics: with ``cmwq_metrics_port`` / ``CMWQ_METRICS_PORT`` set, the supervisor serves the
-      one endpoint of the whole worker. Each child serves its own metrics on a free loopback port
-      it writes into a status file of the supervisor; a scrape of the supervisor reads every
-      child's and adds a ``child`` label, and adds ``cmwq_celery_children`` (live children) and
-      ``cmwq_celery_child_restarts_total``.
+      one endpoint of the whole worker (:mod:`cmwq_exec.celery_process_metrics`). Each child
+      serves its own metrics on a free loopback port it writes into a status file of the
+      supervisor; a scrape of the supervisor answers from the children's metrics read at most a
+      second before, each labelled ``child``, and adds ``cmwq_celery_children`` (live children)
+      and ``cmwq_celery_child_restarts_total``.
 
 This needs the worker to be started by the ``celery ... worker`` command line (the children run
 it again); an embedded worker (``app.Worker(...)``, ``worker_main``) gets a clear error.
@@ -64,28 +78,38 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery.exceptions import ImproperlyConfigured, WorkerShutdown, WorkerTerminate
-from celery.utils.nodenames import nodesplit
 from celery.worker import state as _worker_state
 
+from . import celery_process_ledger as ledger
+from .celery_process_command import child_command, child_nodename, is_worker_command
+from .celery_process_metrics import ChildrenCollector, serve
+from .core import system as _core_system
+from .core.config import from_environment
 from .core.cpus import online_cpus
 
-__all__ = ["CHILD", "Supervisor", "child_command", "child_index", "processes_wanted"]
+__all__ = ["CHILD", "Supervisor", "child_command", "child_index", "child_nodename", "is_worker_command",
+           "processes_wanted"]
 
 log = logging.getLogger("cmwq_exec.celery")
 
-#: environment of a child: its index, its CPU, and where it writes its metrics port
+#: environment of a child: its index, its CPU, where it writes its metrics port and its ledger
 CHILD, CHILD_CPU, CHILD_STATUS = "CMWQ_CHILD", "CMWQ_CHILD_CPU", "CMWQ_CHILD_STATUS"
+CHILD_LEDGER = "CMWQ_CHILD_LEDGER"
 
 _ALLOWED = "unset, '' or 0 (one process), 'auto' (one child per usable CPU) or a whole number N >= 1"
 
 #: respawn pauses: doubling from the first while children die young, up to the last
 RESPAWN_PAUSE, RESPAWN_PAUSE_MAX, YOUNG = 0.5, 10.0, 10.0
+#: a child that dies young this many times in a row stops the worker (~30 s of restarts)
+MAX_YOUNG_DEATHS = 5
+#: a child's exit status for a configuration error found before it consumed (sysexits' EX_CONFIG)
+EX_CONFIG = 78
 #: how often the supervisor looks at its children and the shutdown flags
 TICK = 0.1
 #: how often it checks that every thread of every child is still pinned to the child's CPU
@@ -137,82 +161,13 @@ def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-# -- the children's command line -------------------------------------------------------------------
-
-#: options of ``celery`` (before the subcommand) that take a value, so ``worker`` after one is that value
-_GLOBAL_WITH_VALUE = {"-A", "--app", "-b", "--broker", "--result-backend", "--loader", "--config",
-                      "--workdir"}
-#: worker options: dropped with their value, dropped alone, kept in child 0 only
-_DROP_WITH_VALUE = {"-n", "--hostname", "--pidfile"}
-_DROP_FLAGS = {"-D", "--detach"}
-_BEAT_FLAGS = {"-B", "--beat"}
-_STATEDB = {"-S", "--statedb"}
-
-
-def _worker_position(argv: Sequence[str]) -> int:
-    """Index of the ``worker`` subcommand in ``argv`` (a celery command line), or -1."""
-    for i, arg in enumerate(argv):
-        if arg == "worker" and (i == 0 or argv[i - 1] not in _GLOBAL_WITH_VALUE):
-            return i
-    return -1
-
-
-def is_worker_command(argv: Sequence[str]) -> bool:
-    """Is ``argv`` (``sys.argv``) the ``celery ... worker`` command line?"""
-    if not argv:
-        return False
-    program = os.path.basename(argv[0])
-    main = argv[0].replace("\\", "/").endswith("celery/__main__.py")  # python -m celery
-    is_celery = program in ("celery", "celery.exe") or main
-    return is_celery and _worker_position(argv) > 0
-
-
-def child_command(orig_argv: Sequence[str], executable: str, nodename: str, index: int) -> list[str]:
-    """The command line of child ``index``: ``orig_argv`` (``sys.orig_argv``, interpreter options
-    included) run by ``executable``, with the worker's ``-n`` replaced by ``nodename``, no
-    ``--pidfile`` or ``--detach``, ``-B`` only in child 0, and ``--statedb F`` as ``F.index``."""
-    argv = list(orig_argv)
-    start = _worker_position(argv)
-    if start < 0:
-        raise ValueError(f"not a celery worker command line: {argv!r}")
-    out = [executable, *argv[1:start + 1]]
-    rest = argv[start + 1:]
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        name, eq, value = arg.partition("=")
-        if arg == "--":
-            out.extend(rest[i:])
-            break
-        if name in _DROP_WITH_VALUE:
-            i += 1 if eq else 2
-            continue
-        if arg.startswith("-n") and not arg.startswith("--") and len(arg) > 2:
-            i += 1  # -nNAME
-            continue
-        if arg in _DROP_FLAGS or (arg in _BEAT_FLAGS and index != 0):
-            i += 1
-            continue
-        if name in _STATEDB:
-            if eq:
-                out.append(f"{name}={value}.{index}")
-                i += 1
-            else:
-                out.append(arg)
-                if i + 1 < len(rest):
-                    out.append(f"{rest[i + 1]}.{index}")
-                i += 2
-            continue
-        out.append(arg)
-        i += 1
-    out += ["-n", nodename]
-    return out
-
-
-def child_nodename(nodename: str, index: int) -> str:
-    """``name@host`` -> ``name.index@host``."""
-    name, host = nodesplit(nodename)
-    return f"{name}.{index}@{host}" if name else f"{host}.{index}"
+def check_configuration() -> None:
+    """Raise ValueError naming the first ``CMWQ_<NAME>`` variable (or ``cmwq_exec.configure()``
+    setting) whose value the core would refuse when its pools start, as a child does at its start.
+    The supervisor checks before it starts a child, so a bad value stops the worker instead of
+    killing every child it starts."""
+    # the configuration configure() left, with the environment over it: what get_system() reads
+    from_environment(_core_system._config).validate()
 
 
 # -- a child's side --------------------------------------------------------------------------------
@@ -221,8 +176,14 @@ _PR_SET_PDEATHSIG = 1
 
 
 def become_child(index: int, environ: Mapping[str, str] = os.environ) -> None:
-    """Called in a child before its pool starts: stay on our CPU, die with the supervisor (warm),
-    and leave Ctrl-C to it."""
+    """Called in a child before its pool starts: check the configuration (a bad value exits with
+    EX_CONFIG, which the supervisor does not restart), stay on our CPU, die with the supervisor
+    (warm), leave Ctrl-C to it, and keep the ledger of the tasks we start."""
+    try:
+        check_configuration()
+    except ValueError as exc:
+        log.critical("cmwq_exec child %s: configuration error: %s", index, exc)
+        raise SystemExit(EX_CONFIG) from exc
     cpu = environ.get(CHILD_CPU)
     if cpu not in (None, ""):
         try:
@@ -238,6 +199,9 @@ def become_child(index: int, environ: Mapping[str, str] = os.environ) -> None:
     if parent and os.getppid() != int(parent):
         os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before we could ask to follow it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    path = environ.get(CHILD_LEDGER)
+    if path:
+        ledger.keep_ledger(path)
 
 
 def pin_threads(pid: int, cpu: int) -> int:
@@ -312,17 +276,20 @@ def remove_stale_status_dirs(tmp: str | None = None) -> list[str]:
 class Child:
     """One child process slot: its index, CPU and node name stay; its process is replaced."""
 
-    def __init__(self, index: int, cpu: int, nodename: str, status_path: str) -> None:
+    def __init__(self, index: int, cpu: int, nodename: str, status_path: str, ledger_path: str) -> None:
         self.index = index  # I
         self.cpu = cpu  # I
         self.nodename = nodename  # I
         self.status_path = status_path  # I
+        self.ledger_path = ledger_path  # I: the tasks its process started (celery_process_ledger)
         self.proc: subprocess.Popen[bytes] | None = None  # S: the supervisor's thread
         self.started_at = 0.0  # S
         self.restarts = 0  # S: read by scrapes (an int: a torn read cannot happen)
         self.pause = RESPAWN_PAUSE  # S
         self.respawn_at: float | None = None  # S: when to start it again
+        self.young_deaths = 0  # S: deaths within YOUNG of the start, in a row
         self.done = False  # S: exited with 0 by itself, not replaced
+        self.reaped: int | None = None  # S: pid of the last process whose death was handled
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -340,18 +307,24 @@ class Supervisor:
 
     Runs on the worker's main thread, inside the pool's ``on_start``, which it never leaves
     normally: it raises Celery's WorkerShutdown or WorkerTerminate when the worker is to stop,
-    after its children have exited."""
+    after its children have exited, or the error that stops the worker (a configuration error,
+    a child that keeps dying young)."""
 
     def __init__(self, nodename: str, count: int, metrics: tuple[int, str] | None = None,
-                 argv: Sequence[str] | None = None) -> None:
+                 argv: Sequence[str] | None = None, app: Any = None) -> None:
         given = argv
         argv = list(sys.argv if argv is None else argv)
         if not is_worker_command(argv):
             raise ImproperlyConfigured(
                 "cmwq_processes / CMWQ_PROCESSES needs the worker to be started by the `celery ... "
                 f"worker` command line (each child runs it again); this process was started as {argv!r}")
+        try:
+            check_configuration()
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"cmwq_exec: {exc}") from exc
         cpus = usable_cpus()
         self.nodename = nodename  # I
+        self.app = app  # I: whose result backend hears of a dead child's tasks (None: current_app)
         # I: what the children run again (interpreter options included); a given argv, as run by us
         self.orig_argv = list(sys.orig_argv) if given is None else [sys.executable, *argv]
         remove_stale_status_dirs()
@@ -359,11 +332,14 @@ class Supervisor:
         # directory if we are killed before we can (SIGKILL)
         self.dir = tempfile.mkdtemp(prefix=f"{STATUS_DIR_PREFIX}{os.getpid()}-")
         self.children = [Child(i, cpus[i % len(cpus)], child_nodename(nodename, i),
-                               os.path.join(self.dir, f"child{i}.port")) for i in range(count)]  # I
+                               os.path.join(self.dir, f"child{i}.port"),
+                               os.path.join(self.dir, f"child{i}.tasks")) for i in range(count)]  # I
         self.metrics = metrics  # I: (port, addr) of the worker's endpoint
         self._server: Any = None
         self.stopping = False  # S
+        self.cold = False  # S: SIGQUIT sent: the children's tasks end as in a cold shutdown
         self.pin_check_at = 0.0  # S: when _keep_pinned runs next
+        self._reports: list[threading.Thread] = []  # S: threads recording dead children's tasks
 
     # -- running --
 
@@ -397,19 +373,21 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         environ = dict(os.environ)
-        environ.update({CHILD: str(child.index), CHILD_CPU: str(child.cpu),
-                        CHILD_STATUS: child.status_path, "CMWQ_CHILD_PARENT": str(os.getpid())})
+        environ.update({CHILD: str(child.index), CHILD_CPU: str(child.cpu), CHILD_STATUS: child.status_path,
+                        CHILD_LEDGER: child.ledger_path, "CMWQ_CHILD_PARENT": str(os.getpid())})
         command = child_command(self.orig_argv, sys.executable, child.nodename, child.index)
-        try:
-            os.unlink(child.status_path)
-        except FileNotFoundError:
-            pass
+        for path in (child.status_path, child.ledger_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         try:
             child.proc = subprocess.Popen(command, env=environ, close_fds=True)
         except OSError as exc:
             log.error("cmwq_exec: cannot start child %s (%s): %s", child.index, child.nodename, exc)
             child.proc = None
             child.started_at = time.monotonic()  # a start that failed died young: back off
+            self._count_death(child, str(exc))
             self._schedule_respawn(child)
             return
         try:
@@ -435,14 +413,31 @@ class Supervisor:
             code = None if proc is None else proc.poll()
             if code is None:
                 continue
+            self._reap(child)
             if code == 0:
                 log.info("cmwq_exec: child %s (%s) exited by itself", child.index, child.nodename)
                 child.done = True
                 continue
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            how = _human_status(code)
+            if code == EX_CONFIG:
+                raise ImproperlyConfigured(
+                    f"cmwq_exec: child {child.index} ({child.nodename}) found a configuration error at its "
+                    f"start (exit status {EX_CONFIG}; its log above names the setting): the worker stops")
+            self._count_death(child, how)
             log.warning("cmwq_exec: child %s (%s, pid %s) died with %s; starting a new one",
                         child.index, child.nodename, proc.pid if proc else "?", how)
             self._schedule_respawn(child)
+
+    def _count_death(self, child: Child, how: str) -> None:
+        """Count a death of ``child``'s process; raise RuntimeError to stop the worker when it is
+        the MAX_YOUNG_DEATHS-th in a row within YOUNG seconds of a start."""
+        young = time.monotonic() - child.started_at < YOUNG
+        child.young_deaths = child.young_deaths + 1 if young else 0
+        if child.young_deaths >= MAX_YOUNG_DEATHS:
+            raise RuntimeError(
+                f"cmwq_exec: child {child.index} ({child.nodename}) died {child.young_deaths} times in a "
+                f"row within {YOUNG:g} s of its start (the last with {how}): restarting it does not "
+                "help, the worker stops (the child's log above says why it died)")
 
     def _keep_pinned(self) -> None:
         """Pin every thread of every live child whose CPU is online back to that CPU (see the
@@ -463,11 +458,42 @@ class Supervisor:
         child.pause = min(RESPAWN_PAUSE_MAX, child.pause * 2) if young else RESPAWN_PAUSE
         child.respawn_at = now + (child.pause if young else 0.0)
 
+    # -- a dead child's tasks --
+
+    def _reap(self, child: Child) -> None:
+        """Once per exited process: if it died (not exit code 0, not in a cold shutdown we asked
+        for), record the tasks of its ledger as failed with WorkerLostError, on a thread of its
+        own (a slow result backend must not stop the watching)."""
+        proc = child.proc
+        if proc is None or proc.returncode is None or child.reaped == proc.pid:
+            return
+        child.reaped = proc.pid
+        records = ledger.read_ledger(child.ledger_path)
+        try:
+            os.unlink(child.ledger_path)
+        except FileNotFoundError:
+            pass
+        if proc.returncode == 0 or self.cold or not records:
+            return
+        exc = ledger.lost_error(proc.returncode, f"{child.index} ({child.nodename}, pid {proc.pid})")
+        log.error("cmwq_exec: child %s (%s) died with %s while running %s tasks: recording them as failed",
+                  child.index, child.nodename, _human_status(proc.returncode), len(records))
+        app = self.app
+        if app is None:
+            from celery import current_app
+
+            app = current_app._get_current_object()
+        thread = threading.Thread(target=ledger.report_lost, args=(app, records, exc),
+                                  name=f"cmwq-lost-child{child.index}", daemon=True)
+        thread.start()
+        self._reports.append(thread)
+
     # -- stopping --
 
     def stop(self, cold: bool) -> None:
         """Tell every child to stop (SIGTERM warm, SIGQUIT cold) and wait until all have exited;
-        a cold shutdown asked for while waiting for a warm one is passed on."""
+        a cold shutdown asked for while waiting for a warm one is passed on. Then wait (up to
+        REPORT_WAIT seconds) for the failures of dead children's tasks to be recorded."""
         if not self.stopping:
             self.stopping = True
             log.info("cmwq_exec: %s shutdown of %s children", "cold" if cold else "warm", len(self.children))
@@ -480,6 +506,11 @@ class Supervisor:
                 escalated = True
                 self._signal_all(signal.SIGQUIT)
             time.sleep(TICK)
+        for child in self.children:
+            self._reap(child)  # one killed while the worker stopped
+        deadline = time.monotonic() + REPORT_WAIT
+        for thread in self._reports:
+            thread.join(max(0.0, deadline - time.monotonic()))
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -487,6 +518,8 @@ class Supervisor:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _signal_all(self, signum: int) -> None:
+        if signum == signal.SIGQUIT:
+            self.cold = True
         for child in self.children:
             if child.alive():
                 assert child.proc is not None
@@ -500,66 +533,30 @@ class Supervisor:
     def _start_metrics(self) -> None:
         if self.metrics is None:
             return
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
         port, addr = self.metrics
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ImproperlyConfigured(f"cmwq_metrics_port / CMWQ_METRICS_PORT must be a TCP port number "
+                                       f"from 0 to 65535 (0 picks a free port), got {port!r}")
         registry = CollectorRegistry()
-        registry.register(ChildrenCollector(self))
+        registry.register(ChildrenCollector(self.children))
         try:
-            self._server, _ = start_http_server(port, addr=addr, registry=registry)
+            self._server = serve(port, addr, registry)
         except OSError as exc:
             raise ImproperlyConfigured(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
         log.info("cmwq_exec: serving the children's Prometheus metrics on http://%s:%s/metrics", addr, port)
 
 
-class ChildrenCollector:
-    """The supervisor's metrics: every child's, labelled ``child``, and the children's own."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-
-    def describe(self) -> Iterator[Any]:
-        return iter(())  # families depend on what the children export: collected, not described
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-        from prometheus_client.parser import text_string_to_metric_families
-
-        children = self.supervisor.children
-        alive = GaugeMetricFamily("cmwq_celery_children", "Child processes of the worker alive now")
-        alive.add_metric([], sum(1 for child in children if child.alive()))
-        yield alive
-        restarts = CounterMetricFamily("cmwq_celery_child_restarts", "Times a child process was replaced",
-                                       labels=["child"])
-        for child in children:
-            restarts.add_metric([str(child.index)], child.restarts)
-        yield restarts
-        merged: dict[str, Any] = {}
-        for child in children:
-            text = _scrape(child)
-            if text is None:
-                continue
-            for family in text_string_to_metric_families(text):
-                if family.name.startswith("cmwq_celery_child"):
-                    continue
-                into = merged.get(family.name)
-                if into is None:
-                    into = merged[family.name] = Metric(family.name, family.documentation, family.type,
-                                                        family.unit)
-                for sample in family.samples:
-                    into.add_sample(sample.name, {"child": str(child.index), **sample.labels},
-                                    sample.value, sample.timestamp)
-        yield from merged.values()
+#: seconds a stopping supervisor waits for the failures of dead children's tasks to be recorded
+REPORT_WAIT = 30.0
 
 
-def _scrape(child: Child) -> str | None:
-    port = child.metrics_port() if child.alive() else None
-    if port is None:
-        return None
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            return response.read().decode()
-    except OSError as exc:
-        log.debug("cmwq_exec: child %s does not answer on port %s: %s", child.index, port, exc)
-        return None
-
+def _human_status(code: int) -> str:
+    """``signal 9 (SIGKILL)`` or ``exit code 1`` for a Popen return code."""
+    if code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"

@@ -146,7 +146,7 @@ def test_the_supervisor_endpoint_merges_the_children_with_a_child_label(tmp_path
             assert time.monotonic() < deadline, "the children never reported their metrics ports"
             time.sleep(0.05)
         registry = CollectorRegistry()
-        registry.register(cp.ChildrenCollector(supervisor))
+        registry.register(cp.ChildrenCollector(supervisor.children))
         text = generate_latest(registry).decode()
     finally:
         for proc in procs:
