@@ -31,7 +31,7 @@ from concurrent.futures._base import (
     RUNNING,
 )
 from concurrent.futures.thread import BrokenThreadPool
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 
 from . import detect, inline_context
 from .core import workqueue as _workqueue
@@ -123,7 +123,11 @@ class _FinishedCondition:
 _FINISHED_CONDITION = cast(threading.Condition, _FinishedCondition())
 
 
-class CMWQFuture(Future):  # type: ignore[type-arg]
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+class CMWQFuture(Future[_T]):
     """A submitted call: the future users hold and the one-shot work the pools run.
 
     A ``concurrent.futures.Future`` in every way that ``wait``, ``as_completed`` and asyncio use; it
@@ -362,9 +366,10 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         (see cmwq_exec.inline_context)."""
         return inline_context.run_fresh(self._run)
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> _T:
         if self._state == FINISHED and self._exception is None:
-            return self._result  # FINISHED is final and its fields were written before it
+            # FINISHED is final and its fields were written before it (no cast(): hot path)
+            return self._result  # type: ignore[return-value]
         worker = current.worker
         if self._state != FINISHED and worker is not None:
             if self._state == PENDING:
@@ -383,7 +388,7 @@ class CMWQFuture(Future):  # type: ignore[type-arg]
         return self._get(timeout, False)  # type: ignore[no-any-return]
 
 
-class _InitFuture(CMWQFuture):
+class _InitFuture(CMWQFuture[_T]):
     """A future of an executor with an initializer or a thread name prefix."""
 
     __slots__ = ()
@@ -498,7 +503,7 @@ class CMWQExecutor(ThreadPoolExecutor):
         """The workqueue behind this executor."""
         return self._wq
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CMWQFuture:
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> CMWQFuture[_T]:
         # No lock here: shutdown() closes the workqueue to calls (refuse_calls) before it waits, so
         # a submit racing with it either is queued before the wait or raises.
         if self._broken:
@@ -513,12 +518,14 @@ class CMWQExecutor(ThreadPoolExecutor):
 
     submit.__doc__ = Executor.submit.__doc__
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
-        """Like ``Executor.map``; ``chunksize`` > 1 sends that many calls per work."""
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
-        if chunksize == 1:
+    def map(self, fn: Callable[..., _T], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[_T]:
+        """Like ``Executor.map``; an int ``chunksize`` > 1 sends that many calls per work.
+
+        Any other ``chunksize`` runs one call per work, as ``ThreadPoolExecutor.map``, which takes
+        the argument and ignores it, does for every value.
+        """
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize <= 1:
             return super().map(fn, *iterables, timeout=timeout)
         chunks = _chunks(zip(*iterables, strict=False), chunksize)
         results = super().map(_run_chunk, itertools.repeat(fn), chunks, timeout=timeout)
@@ -586,7 +593,7 @@ def _chunks(iterable: Iterable[Any], size: int) -> Iterator[tuple[Any, ...]]:
         yield chunk
 
 
-def _run_chunk(fn: Callable[..., Any], chunk: tuple[tuple[Any, ...], ...]) -> list[Any]:
+def _run_chunk(fn: Callable[..., _T], chunk: tuple[tuple[Any, ...], ...]) -> list[_T]:
     return [fn(*args) for args in chunk]
 
 

@@ -259,10 +259,12 @@ def test_map_timeout(executor: CMWQExecutor, release: Release, chunksize: int) -
     gate.set()
 
 
-@pytest.mark.parametrize("chunksize", [0, -2, 1.5, True])
-def test_map_chunksize_checked(executor: CMWQExecutor, chunksize: Any) -> None:
-    with pytest.raises(ValueError, match="chunksize"):
-        executor.map(abs, [1], chunksize=chunksize)
+@pytest.mark.parametrize("chunksize", [0, -2, 1.5, True, None, "3"])
+def test_map_takes_every_chunksize_thread_pool_executor_takes(executor: CMWQExecutor, chunksize: Any) -> None:
+    # ThreadPoolExecutor.map accepts any chunksize and ignores it: so does this one, one call a work
+    with cf.ThreadPoolExecutor(2) as tpe:
+        assert list(tpe.map(abs, [-1, -2, 3], chunksize=chunksize)) == [1, 2, 3]
+    assert list(executor.map(abs, [-1, -2, 3], chunksize=chunksize)) == [1, 2, 3]
 
 
 # -- shutdown -----------------------------------------------------------------------------------------
