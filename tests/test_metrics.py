@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import threading
@@ -13,6 +12,7 @@ from typing import Any
 
 import prometheus_client
 import pytest
+from helpers import in_ci
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import DuplicateTimeseries
@@ -213,7 +213,7 @@ def test_real_workload_shows_in_the_exposition() -> None:
 def test_promtool_accepts_the_exposition() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail("promtool is missing in CI: .ci/install-prometheus.sh should install it")
         pytest.skip("promtool is not installed (run .ci/install-prometheus.sh)")
     wq = _run_works(f"promtool_test_{uuid.uuid4().hex[:8]}", 2)

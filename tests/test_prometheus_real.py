@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import in_ci
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 
@@ -96,7 +97,7 @@ def free_port() -> int:
 def prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail("the prometheus binary is missing in CI: .ci/install-prometheus.sh should install it")
         pytest.skip("the prometheus binary is not installed (run .ci/install-prometheus.sh)")
     return binary

@@ -26,7 +26,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from app import DEFAULT_BACKEND, make_app  # noqa: E402
-from celery_harness import BROKERS, Worker, broker_problem, under_ci  # noqa: E402
+from celery_harness import BROKERS, Worker, broker_problem  # noqa: E402
+from helpers import in_ci  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,7 +42,7 @@ def results_redis() -> Any:
 
     problem = broker_problem("redis")
     if problem:
-        if under_ci():
+        if in_ci():
             pytest.fail(f"{problem} (CI=true: brokers must run; see .ci/services.sh)")
         pytest.skip(f"{problem} (start it with .ci/services.sh)")
     return redis.Redis.from_url(DEFAULT_BACKEND)
@@ -52,7 +53,7 @@ def broker(request: pytest.FixtureRequest, results_redis: Any) -> str:
     """The broker URL, one test per broker."""
     problem = broker_problem(request.param)
     if problem:
-        if under_ci():
+        if in_ci():
             pytest.fail(f"{problem} (CI=true: brokers must run; see .ci/services.sh)")
         pytest.skip(f"{problem} (start it with .ci/services.sh)")
     return BROKERS[request.param]

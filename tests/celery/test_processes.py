@@ -30,10 +30,9 @@ from celery_harness import (
     cpus_allowed,
     process_gone,
     tcp_connections,
-    under_ci,
     wait_for,
 )
-from helpers import need_sysfs_hotplug, read_cpu1, write_cpu1
+from helpers import in_ci, need_sysfs_hotplug, read_cpu1, write_cpu1
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -46,7 +45,7 @@ def broker(results_redis: Any) -> str:
     """RabbitMQ only (see the module docstring)."""
     problem = broker_problem("amqp")
     if problem:
-        if under_ci():
+        if in_ci():
             pytest.fail(f"{problem} (CI=true: brokers must run; see .ci/services.sh)")
         pytest.skip(f"{problem} (start it with .ci/services.sh)")
     return BROKERS["amqp"]
