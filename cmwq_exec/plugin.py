@@ -8,10 +8,16 @@ attribute of the same name is ``None`` while no plugin implements the hook; call
 A hook implementation that raises (any ``BaseException``: ``KeyboardInterrupt`` and ``SystemExit``
 too, which would otherwise end the worker thread that called it) is logged once (with its plugin's
 name) and skipped: for a policy hook the next answer, in the end the kernel's, is used.
+
+Entry-point plugins are loaded one by one: one that fails to import or to register is logged, named
+by distribution and entry point, and skipped; the others load. One that finds its own setting
+invalid raises :class:`SettingError` (the core's, re-exported here for plugins), which stops the
+program as a bad core setting does.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 from collections.abc import Callable
@@ -21,6 +27,7 @@ import pluggy
 
 from . import hookspecs
 from .core import hooks, policy
+from .core.config import SettingError
 from .core.lockdep import make_lock
 from .core.policy import PoolCounters
 from .hookspecs import hookimpl
@@ -168,10 +175,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
             pm.add_hookspecs(hookspecs)
             pm.register(DefaultPolicy(), name=DEFAULT_POLICY)
             if not os.environ.get("CMWQ_EXEC_DISABLE_PLUGIN_AUTOLOAD"):
-                try:
-                    pm.load_setuptools_entrypoints("cmwq_exec")
-                except Exception as exc:
-                    log.error("loading cmwq_exec entry-point plugins failed: %s", exc, exc_info=exc)
+                _load_entry_points(pm)  # a SettingError leaves _pm unset: the next use fails alike
             _pm = pm
             created = True
         else:
@@ -179,6 +183,29 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if created:
         _rebuild()
     return _pm
+
+
+ENTRY_POINT_GROUP = "cmwq_exec"
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register the plugin of each ``cmwq_exec`` entry point, one by one (pluggy's
+    ``load_setuptools_entrypoints`` stops at the first that fails, and says neither which nor that
+    the others were skipped). A plugin that raises :class:`SettingError` while it loads stops the
+    program: its operator asked for something it cannot do."""
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.has_plugin(entry_point.name) or pm.is_blocked(entry_point.name):
+            continue
+        try:
+            pm.register(entry_point.load(), name=entry_point.name)
+        except SettingError:
+            raise
+        except Exception as exc:
+            dist = entry_point.dist
+            where = f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
+            log.error("cmwq_exec plugin %r (entry point %s = %s, distribution %s) failed to load and "
+                      "is skipped: %s: %s", entry_point.name, entry_point.name, entry_point.value, where,
+                      type(exc).__name__, exc, exc_info=exc)
 
 
 def register(plugin: object, name: str | None = None) -> str:

@@ -39,6 +39,11 @@ from typing import Any
 
 import pluggy
 
+try:
+    from cmwq_exec.plugin import SettingError
+except ImportError:  # pragma: no cover - without cmwq_exec nothing loads this module as a plugin
+    SettingError = ValueError  # type: ignore[misc,assignment]
+
 __all__ = ["JSONLinesFormatter", "LOGGER_NAME", "log"]
 
 hookimpl = pluggy.HookimplMarker("cmwq_exec")
@@ -194,7 +199,11 @@ def cmwq_stall(pool: Any, seconds: float, stacks: dict[int, str]) -> None:
 
 
 def _configure_from_env() -> None:
-    """Add a JSON-lines handler when ``CMWQ_EVENT_LOG`` names a file (``-``: stderr)."""
+    """Add a JSON-lines handler when ``CMWQ_EVENT_LOG`` names a file (``-``: stderr).
+
+    A file that cannot be opened for appending is a ``cmwq_exec.plugin.SettingError``: raised while
+    cmwq_exec loads this module, it stops the program instead of leaving it without the log asked for.
+    """
     target = os.environ.get("CMWQ_EVENT_LOG")
     if not target:
         return
@@ -202,7 +211,10 @@ def _configure_from_env() -> None:
     if target == "-":
         handler = logging.StreamHandler(sys.stderr)
     else:
-        handler = logging.FileHandler(target, encoding="utf-8")
+        try:
+            handler = logging.FileHandler(target, encoding="utf-8")
+        except OSError as exc:
+            raise SettingError(f"CMWQ_EVENT_LOG={target!r}: cannot append to that file: {exc}") from exc
     handler.setFormatter(JSONLinesFormatter())
     log.addHandler(handler)
     if log.level == logging.NOTSET or log.level > logging.DEBUG:

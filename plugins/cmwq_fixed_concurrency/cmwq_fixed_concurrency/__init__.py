@@ -36,6 +36,11 @@ from typing import Any
 
 import pluggy
 
+try:
+    from cmwq_exec.plugin import SettingError
+except ImportError:  # pragma: no cover - without cmwq_exec nothing loads this module as a plugin
+    SettingError = ValueError  # type: ignore[misc,assignment]
+
 __all__ = ["LIMIT", "FixedConcurrency", "configured_limit"]
 
 hookimpl = pluggy.HookimplMarker("cmwq_exec")
@@ -44,7 +49,9 @@ hookimpl = pluggy.HookimplMarker("cmwq_exec")
 def configured_limit() -> int | None:
     """The limit in ``CMWQ_FIXED_CONCURRENCY``, or None when it is unset or empty.
 
-    Raises ValueError for anything but a positive integer.
+    Raises ``cmwq_exec.plugin.SettingError`` (a ValueError) for anything but a positive integer:
+    raised while cmwq_exec loads this module, it stops the program, as a bad core setting does,
+    instead of running without the policy the operator asked for.
     """
     text = os.environ.get("CMWQ_FIXED_CONCURRENCY", "").strip()
     if not text:
@@ -54,7 +61,8 @@ def configured_limit() -> int | None:
     except ValueError:
         limit = 0
     if limit < 1:
-        raise ValueError(f"CMWQ_FIXED_CONCURRENCY must be a positive integer, not {text!r}")
+        raise SettingError(f"CMWQ_FIXED_CONCURRENCY must be a positive integer (the most busy workers "
+                           f"per pool) or unset, not {text!r}")
     return limit
 
 
