@@ -15,6 +15,7 @@ import pytest
 from helpers import invariants_sampled, need_two_cpus, registered, wait_for
 
 from cmwq_exec import Work, WorkQueue, blocking, hookimpl
+from cmwq_exec.core.pacing import sleepers_due
 from cmwq_exec.core.pool import WorkerPool
 from cmwq_exec.core.worker import IDLE, SLEEP_AVG_WEIGHT, SLEEPING
 
@@ -80,10 +81,10 @@ def test_a_pool_adopts_spare_idle_workers_instead_of_creating_threads(
     # cpu1's pool needed 8 busy workers and a spare idle one: it took them from cpu0's idle ones
     assert system.nr_threads == threads
     with pool1.lock:
-        assert pool1.nr_adopted >= 8
+        assert pool1.manager.nr_adopted >= 8
         pool1.check_invariants()
     with pool0.lock:
-        assert pool0.nr_given == pool1.nr_adopted
+        assert pool0.manager.nr_given == pool1.manager.nr_adopted
         assert pool0.nr_idle >= 2  # a pool keeps two idle workers of its own
         pool0.check_invariants()
     # an adopted worker binds itself to its new pool's CPU before it runs a work there
@@ -149,8 +150,8 @@ def test_life_cycle_events_account_for_every_worker_of_every_pool(
             with pool.lock:
                 assert workers.get(pool, 0) == pool.nr_workers, pool.name
         with pool1.lock:
-            assert pool1.nr_adopted >= 8
-            assert adopted == [(pool1, pool0)] * pool1.nr_adopted
+            assert pool1.manager.nr_adopted >= 8
+            assert adopted == [(pool1, pool0)] * pool1.manager.nr_adopted
 
 
 def test_pacing_still_gives_every_work_a_worker_when_none_comes_back(
@@ -173,7 +174,7 @@ def test_pacing_still_gives_every_work_a_worker_when_none_comes_back(
     assert not barrier.broken
     pool = system.cpu_pools[0] if 0 in system.cpu_pools else system.online_pools[0]
     with pool.lock:
-        assert pool.nr_workers + pool.nr_given - pool.nr_adopted >= n
+        assert pool.nr_workers + pool.manager.nr_given - pool.manager.nr_adopted >= n
     quiesce()
 
 
@@ -201,14 +202,14 @@ def test_pacing_lets_a_runner_that_comes_back_take_the_work(
     wait_for("a and b asleep", lambda: len(started) == 2)
     with pool.lock:
         workers = pool.nr_workers
-        assert pool.pace_timer is not None  # the pool is at unpaced_workers with nobody idle
+        assert pool.pacer.timer is not None  # the pool is at unpaced_workers with nobody idle
     assert wq.queue_work_on(cpu, Work(hold("c", gate_c)))
     assert wq.queue_work_on(cpu, Work(ran_d.set))
     gate_a.set()  # a's runner comes back and takes c, which sleeps too; d still waits
     wait_for("c started", lambda: "c" in started)
     assert ran_d.wait(20), "d never ran: the paced creation did not come"
     with pool.lock:
-        assert pool.nr_paced >= 1  # the first interval saw a's runner come back
+        assert pool.pacer.nr_paced >= 1  # the first interval saw a's runner come back
         assert pool.nr_workers == workers + 1
     gate_b.set()
     gate_c.set()
@@ -246,7 +247,7 @@ def test_pacing_waits_for_sleepers_due_back_then_creates(
         # every measured sleep lasted at least 0.25 s; the average started at 0
         assert pool.sleep_avg >= 0.25 * (1 - (1 - SLEEP_AVG_WEIGHT) ** learn) - 1e-9, pool.sleep_avg
         window = min(2 * pool.sleep_avg, system.config.create_hold_max)
-        workers, paced, adopted = pool.nr_workers, pool.nr_paced, pool.nr_adopted
+        workers, paced, adopted = pool.nr_workers, pool.pacer.nr_paced, pool.manager.nr_adopted
     assert workers >= 2
 
     n = workers + 4  # more works than workers: the last four need created workers
@@ -266,9 +267,9 @@ def test_pacing_waits_for_sleepers_due_back_then_creates(
         assert wq.queue_work_on(cpu, Work(meet))
     wq.flush()
     with pool.lock:
-        assert pool.nr_adopted == adopted  # every extra worker was created here
+        assert pool.manager.nr_adopted == adopted  # every extra worker was created here
         assert pool.nr_workers >= n
-        assert pool.nr_paced > paced
+        assert pool.pacer.nr_paced > paced
     # no worker was created before the first sleeper of the wave had slept for the whole window
     assert started[workers] - started[0] >= window, (started[workers] - started[0], window)
 
@@ -284,7 +285,7 @@ def test_works_waiting_for_each_other_get_workers_without_a_hold_per_wave(
         workers = pool.nr_workers
 
     decisions: list[tuple[float, list[float], float]] = []  # (due, sleepers' slept_at, window)
-    sleepers_due = pool.sleepers_due
+    sleepers_due = pool.pacer.sleepers_due
 
     def spy(now: float) -> float:  # called by the pacing timer under pool.lock
         due = sleepers_due(now)
@@ -293,7 +294,7 @@ def test_works_waiting_for_each_other_get_workers_without_a_hold_per_wave(
                           now - window))
         return due
 
-    pool.sleepers_due = spy  # type: ignore[method-assign]
+    pool.pacer.sleepers_due = spy  # type: ignore[method-assign]
     n = 2 * workers + 8  # the second wave alone is more than half of the busy workers
     gate = release(threading.Event())
     count = [0]
@@ -312,7 +313,7 @@ def test_works_waiting_for_each_other_get_workers_without_a_hold_per_wave(
             assert wq.queue_work_on(cpu, Work(meet))
         wq.flush()
     finally:
-        del pool.sleepers_due
+        del pool.pacer.sleepers_due
     holds = [(slept, cutoff) for wait, slept, cutoff in decisions if wait > 0]
     assert holds, "the first wave was not held: nothing tested"
     for slept, cutoff in holds:
@@ -334,7 +335,7 @@ def test_sleepers_due_holds_while_half_the_busy_workers_are_young_sleepers() -> 
     """The hold's arithmetic: young means asleep for less than twice the average sleep (capped);
     the hold lasts until fewer than half of the busy workers (rounded up) are young. The answer
     comes when the oldest young sleeper turns overdue, which may end the hold (next test)."""
-    due = WorkerPool.sleepers_due
+    due = sleepers_due
     starts = [100.000, 100.001, 100.002, 100.003]
     assert due(_pool_with_sleepers(starts, 4, avg=0.0), 100.004) == 0.0  # nothing measured yet
     pool = _pool_with_sleepers(starts, 4, avg=0.010)  # window 20 ms; 2 young needed of 4 busy
@@ -353,7 +354,7 @@ def test_sleepers_due_holds_nothing_once_a_sleeper_is_overdue_and_none_came_back
     """Sleepers that outlive the window while none returns (works waiting for each other) show
     that the learned average is stale: no hold then, however many young sleepers there are; a
     return within the window restores the hold for at most a window after that return."""
-    due = WorkerPool.sleepers_due
+    due = sleepers_due
     # one sleeper since 100.000 (overdue at 100.030), three young ones of a new wave; 4 busy
     starts = [100.000, 100.025, 100.026, 100.027]
     assert due(_pool_with_sleepers(starts, 4, avg=0.010, woke_at=99.999), 100.030) == 0.0
@@ -397,8 +398,8 @@ def test_adoption_pacing_and_reaping_race_under_load(
         wq.flush()
     assert sorted(ran) == sorted(k * 1000 + n for k in range(3) for n in range(600))
     quiesce()
-    adopted = sum(pool.nr_adopted for pool in system.pools)
-    given = sum(pool.nr_given for pool in system.pools)
+    adopted = sum(pool.manager.nr_adopted for pool in system.pools)
+    given = sum(pool.manager.nr_given for pool in system.pools)
     assert adopted == given
     if system.config.pin_workers and len(cpus) > 1:
         for cpu in cpus:

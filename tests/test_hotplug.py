@@ -23,7 +23,7 @@ from helpers import (
 
 import cmwq_exec
 from cmwq_exec import WQ, Work, WorkQueue, blocking
-from cmwq_exec.core.pool import WorkerCreationError, WorkerPool
+from cmwq_exec.core.manager import Manager, WorkerCreationError
 from cmwq_exec.core.worker import ROGUE, current_worker
 
 pytestmark = [pytest.mark.hotplug, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -256,24 +256,24 @@ def test_trustee_takes_charge_after_the_timer_created_the_first_worker(
              lambda: pool.stats()["trustee_state"] == "DONE" and pool.stats()["nr_workers"] == 0)
     gate = threading.Event()
     timer_creating = threading.Event()
-    real_create = WorkerPool.create_worker
+    real_create = Manager.create_worker
 
     def create_worker(self: Any, rogue: bool = False) -> Any:
-        if self is pool:
+        if self is pool.manager:
             if threading.current_thread().name != "cmwq-timer":
                 raise WorkerCreationError("injected: cpu_up's direct start fails")
             timer_creating.set()
             assert gate.wait(30)
         return real_create(self, rogue)
 
-    monkeypatch.setattr(WorkerPool, "create_worker", create_worker)
+    monkeypatch.setattr(Manager, "create_worker", create_worker)
     try:
         system.cpu_up(1)  # its start() fails: the timer thread creates the first worker
         assert timer_creating.wait(10), "the timer thread never created the first worker"
         with pool.lock:
             assert pool.managing and pool.online
         system.cpu_down(1)  # the trustee waits for the manager role
-        wait_for("the trustee to wait for the manager role", lambda: pool.trustee_cond._waiters)
+        wait_for("the trustee to wait for the manager role", lambda: pool.trustee.cond._waiters)
         gate.set()  # the first worker is created (not rogue: the pool was online) and the role freed
         wait_for("the trustee to take charge", lambda: pool.stats()["trustee_state"] != "START", timeout=5)
     finally:

@@ -22,14 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import hooks, timer
 from .cpus import usable_cpus
 from .lockdep import assert_held
-from .pool import (
-    TRUSTEE_BUTCHER,
-    TRUSTEE_DONE,
-    TRUSTEE_IN_CHARGE,
-    TRUSTEE_RELEASE,
-    TRUSTEE_START,
-    WorkerPool,
-)
+from .pool import WorkerPool
+from .trustee import TRUSTEE_BUTCHER, TRUSTEE_DONE, TRUSTEE_IN_CHARGE, TRUSTEE_RELEASE, TRUSTEE_START
 from .worker import ROGUE, set_thread_affinity, start_thread
 
 if TYPE_CHECKING:
@@ -89,13 +83,13 @@ def cpu_down(system: System, cpu: int) -> None:
         # trustee starts; it re-applies this on every pass for workers that start meanwhile
         for worker in pool.workers:
             set_thread_affinity(worker, system.usable)
-        if pool.trustee_state == TRUSTEE_RELEASE:
-            pool.trustee_state = TRUSTEE_IN_CHARGE  # came back and goes again: keep draining
-            pool.trustee_cond.notify_all()
+        if pool.trustee.state == TRUSTEE_RELEASE:
+            pool.trustee.state = TRUSTEE_IN_CHARGE  # came back and goes again: keep draining
+            pool.trustee.cond.notify_all()
             return
-        if pool.trustee_state != TRUSTEE_DONE:
+        if pool.trustee.state != TRUSTEE_DONE:
             return
-        pool.trustee_state = TRUSTEE_START
+        pool.trustee.state = TRUSTEE_START
     _trustee_event(pool, TRUSTEE_START)
     _start_trustee(pool)
 
@@ -116,13 +110,13 @@ def cpu_up(system: System, cpu: int) -> None:
     if not _set_online(system, pool, True):
         return
     with pool.lock:
-        if pool.trustee_state != TRUSTEE_DONE:
-            pool.trustee_state = TRUSTEE_RELEASE
-            pool.trustee_cond.notify_all()
+        if pool.trustee.state != TRUSTEE_DONE:
+            pool.trustee.state = TRUSTEE_RELEASE
+            pool.trustee.cond.notify_all()
             return
         need_worker = pool.nr_workers == 0
     if need_worker:
-        pool.start()
+        pool.manager.start()
 
 
 class Trustee:
@@ -137,43 +131,43 @@ class Trustee:
         cooldown = system.config.trustee_cooldown
         with pool.lock:
             while pool.managing:  # claim the manager role
-                pool.trustee_cond.wait()
+                pool.trustee.cond.wait()
             pool.managing = True
             for worker in pool.workers:
                 pool.worker_set_flags(worker, ROGUE, wakeup=False)
                 set_thread_affinity(worker, system.usable)
             assert pool.nr_running == 0
-            if pool.idle_timer is not None:
+            if pool.idle_timer is not None:  # the trustee reaps as it sees fit
                 pool.idle_timer.cancel()
                 pool.idle_timer = None
-            if pool.trustee_state == TRUSTEE_START:
-                pool.trustee_state = TRUSTEE_IN_CHARGE
+            if pool.trustee.state == TRUSTEE_START:
+                pool.trustee.state = TRUSTEE_IN_CHARGE
         _trustee_event(pool, TRUSTEE_IN_CHARGE)
         with pool.lock:
-            while pool.trustee_state != TRUSTEE_RELEASE:
+            while pool.trustee.state != TRUSTEE_RELEASE:
                 if pool.worklist:
                     self.drain_pass()
                 else:
-                    if pool.trustee_state == TRUSTEE_IN_CHARGE:
-                        pool.trustee_state = TRUSTEE_BUTCHER
+                    if pool.trustee.state == TRUSTEE_IN_CHARGE:
+                        pool.trustee.state = TRUSTEE_BUTCHER
                         with pool.unlocked:
                             _trustee_event(pool, TRUSTEE_BUTCHER)
                         continue
                     for worker in [w for w in pool.idle if not w.woken]:
-                        pool.destroy_worker(worker, "trustee")
+                        pool.manager.destroy_worker(worker, "trustee")
                     if pool.nr_workers == 0:
                         break
                 for worker in pool.workers:  # a worker that bound itself meanwhile
                     set_thread_affinity(worker, system.usable)
-                pool.trustee_cond.wait(cooldown)
-            released = pool.trustee_state == TRUSTEE_RELEASE
+                pool.trustee.cond.wait(cooldown)
+            released = pool.trustee.state == TRUSTEE_RELEASE
             if released:
                 for worker in list(pool.workers):
                     pool.worker_clr_flags(worker, ROGUE)
                     pinned = pool.cpu is not None and system.config.pin_workers
                     set_thread_affinity(worker, {pool.cpu} if pinned else system.usable)  # type: ignore[arg-type]
             pool.managing = False
-            pool.trustee_state = TRUSTEE_DONE
+            pool.trustee.state = TRUSTEE_DONE
             need_worker = pool.online and pool.nr_idle == 0
             if pool.online and pool.worklist and pool.need_more_worker(pool):
                 pool.wake_up_worker()
@@ -181,7 +175,7 @@ class Trustee:
             _trustee_event(pool, TRUSTEE_RELEASE)
         _trustee_event(pool, TRUSTEE_DONE)
         if need_worker:
-            pool.start()
+            pool.manager.start()
 
     def drain_pass(self) -> None:
         """Wake an idle worker per pending work, create a rogue one if none is idle, call the
@@ -195,8 +189,8 @@ class Trustee:
             if not idle.woken:
                 pool.wake_worker(idle)
                 left -= 1
-        pool.send_mayday()
-        if left > 0 and not pool.idle and pool.add_worker(rogue=True):
+        pool.mayday.send()
+        if left > 0 and not pool.idle and pool.manager.add_worker(rogue=True):
             pool.wake_up_worker()
 
 

@@ -60,7 +60,7 @@ class System:
         # does: a work queued just before the interpreter exits must find one (Python 3.12+
         # refuses to start threads at exit, and the timer thread would be too late).
         for pool in self.online_pools:
-            pool.start()
+            pool.manager.start()
         if self.config.hotplug:
             self.start_hotplug()
 
@@ -113,7 +113,7 @@ class System:
             if self._unbound_started:
                 return
             self._unbound_started = True
-        self.unbound_pool.start()
+        self.unbound_pool.manager.start()
 
     def _read_policy(self) -> None:
         for pool in self.pools:
@@ -160,7 +160,7 @@ class System:
             if donor is pool:
                 continue
             with donor.lock:
-                worker = donor.give_idle_worker()
+                worker = donor.manager.give_idle_worker()
             if worker is not None:
                 return worker
         return None

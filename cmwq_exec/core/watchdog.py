@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import hooks, timer
 from .lockdep import assert_held, make_lock
 from .pool import WorkerPool
-from .worker import CPU_INTENSIVE, HOG_SEEN, IDLE, NOT_RUNNING, STUCK, thread_cpu_ns
+from .worker import CPU_INTENSIVE, HOG_SEEN, IDLE, NOT_RUNNING, STUCK, Worker, thread_cpu_ns
 
 if TYPE_CHECKING:
     from .config import Config
@@ -66,6 +66,15 @@ SATURATED_LOOK = 4
 _PARALLEL_CORES = 1 if getattr(sys, "_is_gil_enabled", lambda: True)() else None
 #: The process counts as saturated at this share of those cores.
 SATURATION = 0.85
+
+#: A worker's ``cpu_sample``: (work_seq, CPU ns at the first look at that work, CPU ns now, when).
+_Sample = tuple[int, int, int, float]
+#: A worker as step 1 of a look saw it: (worker, flags, work_seq, cpu_sample).
+_Candidate = tuple[Worker, int, int, _Sample | None]
+#: A judged worker: the candidate, the sample to keep, and the verdict (None: nothing to do).
+_Judged = tuple[Worker, int, int, _Sample | None, _Sample, str | None]
+#: An event to send once the lock is dropped: the hook and its arguments.
+_Event = tuple[Any, dict[str, Any]]
 
 # What a look found a worker doing (see Watchdog.check).
 _RUNNING_AGAIN = "running again"  # a STUCK worker burns CPU again: it counts as running
@@ -101,8 +110,8 @@ class Watchdog:
         """Start looking at ``pool`` (it has pending works). P: held."""
         assert_held(pool.lock)
         timer.add_timer(self.system.config.watchdog_tick, lambda: self.check(pool))
-        pool.wd_started = pool.nr_started
-        pool.wd_progress_at = time.monotonic()
+        pool.watch.started = pool.nr_started
+        pool.watch.progress_at = time.monotonic()
         pool.watchdog_armed = True  # last: armed only once the timer is set
 
     def cpu_load(self, now: float) -> float:
@@ -130,26 +139,57 @@ class Watchdog:
         tick = config.watchdog_tick
         now = time.monotonic()
         saturated = self.cpu_load(now) >= self.saturation
-        thresh_ns = config.cpu_intensive_thresh * 1e9
+        candidates = self._snapshot(pool, now)
+        if candidates is None:
+            return
+        judged, soon = self._judge(candidates, now, saturated)
+        stall: float | None = None
+        with pool.lock:
+            events = self._apply(pool, judged, saturated)
+            watch = pool.watch
+            stalled_for = now - watch.progress_at
+            if stalled_for >= config.stall_timeout and not watch.stall_warned:
+                watch.stall_warned = True
+                stall = stalled_for
+                busy = [w for w in pool.workers if not w.flags & IDLE and w.thread is not None]
+            timer.add_timer(tick * (QUICK_LOOK if soon else SATURATED_LOOK if saturated else 1),
+                            lambda: self.check(pool))
+        for hook, kwargs in events:
+            hook(**kwargs)
+        if stall is not None:
+            self.warn_stall(pool, stall, busy)
+
+    @staticmethod
+    def _snapshot(pool: WorkerPool, now: float) -> list[_Candidate] | None:
+        """Step 1 of :meth:`check`, under the pool lock: note progress, make up a lost wakeup, and
+        snapshot each worker running a work. None if nothing is pending (the watchdog disarms)."""
         with pool.lock:
             if not pool.worklist:
                 pool.watchdog_armed = False
-                return
-            if pool.nr_started != pool.wd_started:
-                pool.wd_started = pool.nr_started
-                pool.wd_progress_at = now
-                pool.stall_warned = False
+                return None
+            watch = pool.watch
+            if pool.nr_started != watch.started:
+                watch.started = pool.nr_started
+                watch.progress_at = now
+                watch.stall_warned = False
             # works pending and nobody running: a wakeup was lost (an interruption between the
             # append and the wake of a submit); make it up
             pool.kick()
-            candidates = [(worker, worker.flags, worker.work_seq, worker.cpu_sample)
-                          for worker in pool.workers
-                          if not worker.flags & IDLE
-                          # not running a work, or it said it sleeps:
-                          and not worker.flags & (NOT_RUNNING & ~(STUCK | CPU_INTENSIVE))]
+            return [(worker, worker.flags, worker.work_seq, worker.cpu_sample)
+                    for worker in pool.workers
+                    if not worker.flags & IDLE
+                    # not running a work, or it said it sleeps:
+                    and not worker.flags & (NOT_RUNNING & ~(STUCK | CPU_INTENSIVE))]
 
+    def _judge(self, candidates: list[_Candidate], now: float,
+               saturated: bool) -> tuple[list[_Judged], bool]:
+        """Step 2 of :meth:`check`, without the lock: read each candidate's CPU clock (and
+        ``/proc``) and judge it. Returns the judgements and whether to look again soon."""
+        config = self.system.config
+        tick = config.watchdog_tick
+        thresh_ns = config.cpu_intensive_thresh * 1e9
         soon = False
-        judged: list[tuple[Any, int, int, Any, tuple[int, int, int, float], str | None]] = []
+        judged: list[_Judged] = []
         for worker, flags, seq, sample in candidates:
             ns = thread_cpu_ns(worker)
             if ns is None:
@@ -178,45 +218,39 @@ class Watchdog:
                 verdict = _HOG
                 soon = soon or not saturated
             judged.append((worker, flags, seq, sample, (seq, first_ns, ns, now), verdict))
+        return judged, soon
 
-        events: list[tuple[Any, dict[str, Any]]] = []
-        stall: float | None = None
-        with pool.lock:
-            for worker, flags, seq, sample, new_sample, verdict in judged:
-                if worker.work_seq != seq:
-                    continue  # on to another work: the next look judges that one
-                if worker.cpu_sample is sample:
-                    worker.cpu_sample = new_sample
-                if verdict is None or worker.flags != flags:
-                    continue
-                if verdict == _RUNNING_AGAIN:
-                    pool.worker_clr_flags(worker, STUCK)  # running again: count it again
-                elif verdict == _BLOCKED:
-                    pool.worker_set_flags(worker, STUCK, wakeup=True)
-                    if hooks.events.worker_blocked is not None:
-                        events.append((hooks.events.worker_blocked,
-                                       {"pool": pool, "worker": worker, "work": worker.current_work}))
-                else:
-                    worker.flags |= HOG_SEEN
-                    pool.cpu_intensive += 1
-                    if worker.current_pwq is not None:
-                        worker.current_pwq.nr_cpu_intensive += 1
-                    if not saturated:
-                        pool.worker_set_flags(worker, CPU_INTENSIVE, wakeup=True)
-                    if hooks.events.cpu_intensive is not None:
-                        events.append((hooks.events.cpu_intensive,
-                                       {"pool": pool, "worker": worker, "work": worker.current_work}))
-            stalled_for = now - pool.wd_progress_at
-            if stalled_for >= config.stall_timeout and not pool.stall_warned:
-                pool.stall_warned = True
-                stall = stalled_for
-                busy = [w for w in pool.workers if not w.flags & IDLE and w.thread is not None]
-            timer.add_timer(tick * (QUICK_LOOK if soon else SATURATED_LOOK if saturated else 1),
-                            lambda: self.check(pool))
-        for hook, kwargs in events:
-            hook(**kwargs)
-        if stall is not None:
-            self.warn_stall(pool, stall, busy)
+    @staticmethod
+    def _apply(pool: WorkerPool, judged: list[_Judged], saturated: bool) -> list[_Event]:
+        """Step 3 of :meth:`check`: apply each judgement to a worker still on the same work in the
+        same state. Returns the events to send once the lock is dropped. P: held."""
+        assert_held(pool.lock)
+        events: list[_Event] = []
+        for worker, flags, seq, sample, new_sample, verdict in judged:
+            if worker.work_seq != seq:
+                continue  # on to another work: the next look judges that one
+            if worker.cpu_sample is sample:
+                worker.cpu_sample = new_sample
+            if verdict is None or worker.flags != flags:
+                continue
+            if verdict == _RUNNING_AGAIN:
+                pool.worker_clr_flags(worker, STUCK)  # running again: count it again
+            elif verdict == _BLOCKED:
+                pool.worker_set_flags(worker, STUCK, wakeup=True)
+                if hooks.events.worker_blocked is not None:
+                    events.append((hooks.events.worker_blocked,
+                                   {"pool": pool, "worker": worker, "work": worker.current_work}))
+            else:
+                worker.flags |= HOG_SEEN
+                pool.watch.cpu_intensive += 1
+                if worker.current_pwq is not None:
+                    worker.current_pwq.nr_cpu_intensive += 1
+                if not saturated:
+                    pool.worker_set_flags(worker, CPU_INTENSIVE, wakeup=True)
+                if hooks.events.cpu_intensive is not None:
+                    events.append((hooks.events.cpu_intensive,
+                                   {"pool": pool, "worker": worker, "work": worker.current_work}))
+        return events
 
     def warn_stall(self, pool: WorkerPool, seconds: float, busy: list[Any]) -> None:
         frames = sys._current_frames()
