@@ -87,6 +87,7 @@ from celery.exceptions import ImproperlyConfigured, WorkerShutdown, WorkerTermin
 from celery.worker import state as _worker_state
 
 from . import celery_process_ledger as ledger
+from . import plugin as _plugin
 from .celery_process_command import child_command, child_nodename, is_worker_command
 from .celery_process_metrics import ChildrenCollector, serve
 from .core import system as _core_system
@@ -168,6 +169,8 @@ def check_configuration() -> None:
     killing every child it starts."""
     # the configuration configure() left, with the environment over it: what get_system() reads
     from_environment(_core_system._config).validate()
+    # and the plugins' own settings: loading them raises SettingError (a ValueError) for a bad one
+    _plugin.get_plugin_manager()
 
 
 # -- a child's side --------------------------------------------------------------------------------

@@ -134,3 +134,13 @@ def test_a_third_party_plugin_signals_its_invalid_setting_with_setting_error(tmp
     proc = run(good, strict, CMWQ_LOADING_STRICT="no")  # stops even after others loaded
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "SettingError: CMWQ_LOADING_STRICT must be 'ok'" in proc.stderr
+
+
+def test_the_processes_supervisor_refuses_an_invalid_plugin_setting_before_starting_a_child() -> None:
+    """The Celery supervisor checks the configuration before it starts a child, plugins included: a
+    child that failed on it at start-up would only be started again."""
+    proc = run_python("from cmwq_exec import celery_processes\ncelery_processes.check_configuration()\n",
+                      timeout=60, CMWQ_FIXED_CONCURRENCY="abc", CMWQ_EXEC_DISABLE_PLUGIN_AUTOLOAD="",
+                      CMWQ_EVENT_LOG="")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "SettingError: CMWQ_FIXED_CONCURRENCY must be a positive integer" in proc.stderr
