@@ -177,7 +177,7 @@ def ratio(growth: int, reference: int | None) -> str:
     """``growth`` relative to ``reference``; "-" when the reference did not grow (no meaning)."""
     if reference is None or reference <= 0:
         return "-"
-    return f"{growth / reference:.1f}x"
+    return f"{growth / reference:.2f}x"
 
 
 def print_table(rows: list[Row], delayed: dict[str, Any]) -> None:
