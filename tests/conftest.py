@@ -5,8 +5,9 @@ threads, and sharing them is what the library does in production. A test that ne
 (a short ``idle_timeout``, a fault-injected pool) asks for ``reset_system`` and gets fresh pools; the
 defaults come back when it ends.
 
-Nothing here is autouse but the lock-order check: with ``CMWQ_LOCKDEP=1`` every test fails that
-took a lock against the order written in ``cmwq_exec/lockdep.py`` (in any thread).
+Nothing here is autouse but the lock check: with ``CMWQ_LOCKDEP=1`` every test fails that took a
+lock against the order written in ``cmwq_exec/core/lockdep.py``, or called a function documented as
+called with a lock held without holding it (in any thread).
 
 With ``CMWQ_TEST_THREAD_START_DELAY=s`` every worker and rescuer thread the pools start
 starts ``s`` seconds late, as on a busy machine: slower than the 10 ms mayday timeout, so rescuers
@@ -86,13 +87,14 @@ def _quiesce(pools: Any = None, timeout: float = 10.0) -> None:
 
 @pytest.fixture(autouse=True)
 def _lock_order_kept() -> Iterator[None]:
-    """In lock-order debug mode, a test during which any thread broke the lock order fails."""
+    """In lock debug mode, a test during which any thread broke the lock order, or called a function
+    without the lock it documents as held, fails."""
     from cmwq_exec.core import lockdep
 
     seen = len(lockdep.violations)
     yield
     broken = lockdep.violations[seen:]
-    assert not broken, "lock order violated:\n" + "\n".join(broken)
+    assert not broken, "lock rules broken (cmwq_exec/core/lockdep.py):\n" + "\n".join(broken)
 
 
 @pytest.fixture

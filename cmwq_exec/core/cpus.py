@@ -5,16 +5,6 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable
-from typing import Protocol
-
-
-class Placed(Protocol):
-    """Where a pool's threads may run: its CPU (None: unbound) while that CPU is online."""
-
-    @property
-    def cpu(self) -> int | None: ...
-    @property
-    def online(self) -> bool: ...
 
 _sched_getcpu: Callable[[], int] | None
 try:

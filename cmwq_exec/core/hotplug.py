@@ -17,34 +17,21 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Protocol
 
 from . import hooks, timer
 from .cpus import usable_cpus
+from .interfaces import SystemForHotplug
 from .lockdep import assert_held
 from .pool import WorkerPool
 from .trustee import TRUSTEE_BUTCHER, TRUSTEE_DONE, TRUSTEE_IN_CHARGE, TRUSTEE_RELEASE, TRUSTEE_START
 from .worker import ROGUE, set_thread_affinity, start_thread
-
-if TYPE_CHECKING:
-    from .config import Config
-
-
-class System(Protocol):
-    """What hotplug needs of the set of pools (:class:`cmwq_exec.core.system.System`)."""
-
-    config: Config
-    lock: Any  # a lock (cmwq_exec.core.lockdep.make_lock)
-    usable: set[int]
-    cpu_pools: dict[int, WorkerPool]
-    online_pools: list[WorkerPool]
 
 log = logging.getLogger("cmwq_exec.hotplug")
 
 NETLINK_KOBJECT_UEVENT = 15
 
 
-def _pool_of(system: System, cpu: int) -> WorkerPool:
+def _pool_of(system: SystemForHotplug[WorkerPool], cpu: int) -> WorkerPool:
     if isinstance(cpu, bool) or not isinstance(cpu, int):
         raise TypeError(f"cpu must be an int, got {type(cpu).__name__}")
     pool = system.cpu_pools.get(cpu)
@@ -53,7 +40,7 @@ def _pool_of(system: System, cpu: int) -> WorkerPool:
     return pool
 
 
-def _set_online(system: System, pool: WorkerPool, online: bool) -> bool:
+def _set_online(system: SystemForHotplug[WorkerPool], pool: WorkerPool, online: bool) -> bool:
     """Flip the pool's online state; returns False if it already was so."""
     with system.lock:
         with pool.lock:
@@ -73,7 +60,7 @@ def _trustee_event(pool: WorkerPool, state: str) -> None:
         hook(pool=pool, state=state)
 
 
-def cpu_down(system: System, cpu: int) -> None:
+def cpu_down(system: SystemForHotplug[WorkerPool], cpu: int) -> None:
     """``cpu`` is no longer usable: hand its pool to a trustee. Returns at once."""
     pool = _pool_of(system, cpu)
     if not _set_online(system, pool, False):
@@ -104,7 +91,7 @@ def _start_trustee(pool: WorkerPool) -> None:
         timer.add_timer(pool.system.config.create_cooldown, lambda: _start_trustee(pool))
 
 
-def cpu_up(system: System, cpu: int) -> None:
+def cpu_up(system: SystemForHotplug[WorkerPool], cpu: int) -> None:
     """``cpu`` is usable again: the trustee, if any, hands its pool back."""
     pool = _pool_of(system, cpu)
     if not _set_online(system, pool, True):
@@ -200,7 +187,7 @@ class HotplugMonitor:
     It has no thread: the timer thread serves its uevent socket (:func:`timer.watch`) and its
     polling timer, so :meth:`sync` always runs there, one call at a time."""
 
-    def __init__(self, system: System) -> None:
+    def __init__(self, system: SystemForHotplug[WorkerPool]) -> None:
         self.system = system  # I
         self.stopping = False  # set once by stop(); read by the timer thread, which then stops
         self.sock: socket.socket | None = None  # X: the timer thread (set by start() before it serves it)
@@ -284,14 +271,3 @@ class HotplugMonitor:
         for cpu in sorted(usable - seen):
             if cpu in system.cpu_pools:
                 cpu_up(system, cpu)
-
-
-def parse_uevent(data: bytes) -> tuple[str, str] | None:
-    """``(action, cpu devpath)`` for a CPU uevent, e.g. ``("offline", "/devices/system/cpu/cpu1")``."""
-    head = data.split(b"\0", 1)[0].decode(errors="replace")
-    action, _, devpath = head.partition("@")
-    if devpath.startswith("/devices/system/cpu/cpu") and devpath[len("/devices/system/cpu/cpu"):].isdigit():
-        return action, devpath
-    return None
-
-

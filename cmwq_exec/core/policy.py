@@ -12,26 +12,7 @@ binds whichever function is in force (``WorkerPool.read_policy``, from
 
 from __future__ import annotations
 
-from collections.abc import Sized
-from typing import Protocol
-
-
-class PoolCounters(Protocol):
-    """What a policy function reads of a pool (``L:`` fields, read under its lock)."""
-
-    @property
-    def worklist(self) -> Sized: ...
-    @property
-    def nr_running(self) -> int: ...
-    @property
-    def nr_idle(self) -> int: ...
-    @property
-    def nr_workers(self) -> int: ...
-    @property
-    def managing(self) -> bool: ...
-    @property
-    def manage_requested(self) -> bool: ...
-
+from .interfaces import PoolCounters as PoolCounters  # re-exported: what a policy function reads
 
 #: Idle workers beyond a quarter of the busy ones may be reaped (MAX_IDLE_WORKERS_RATIO).
 MAX_IDLE_WORKERS_RATIO = 4

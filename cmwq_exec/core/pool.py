@@ -50,11 +50,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from . import hooks, timer
 from . import policy as _policy
-from .cpus import Placed
+from .interfaces import SystemForPools
 from .lockdep import assert_held, make_lock, must_hold
 from .manager import Manager
 from .manager import WorkerCreationError as WorkerCreationError  # re-exported: the pool's error
@@ -64,30 +64,6 @@ from .pacing import Pacer
 from .poolwatch import PoolWatch
 from .trustee import TRUSTEE_DONE, TrusteeState
 from .worker import DIE, IDLE, NOT_RUNNING, ROGUE, Worker
-
-if TYPE_CHECKING:
-    from .config import Config
-
-
-class Arming(Protocol):
-    def arm(self, pool: WorkerPool) -> None: ...
-
-
-class System(Protocol):
-    """What a pool needs of the set of pools it belongs to (:class:`cmwq_exec.core.system.System`)."""
-
-    config: Config
-    threads_lock: Any  # a lock (cmwq_exec.core.lockdep.make_lock)
-    nr_threads: int
-    timing: bool
-    usable: set[int]
-
-    @property
-    def watchdog(self) -> Arming: ...
-    @property
-    def unbound_pool(self) -> WorkerPool: ...
-    def bind_thread(self, pool: Placed) -> None: ...
-    def adopt_idle_worker(self, pool: WorkerPool) -> Worker | None: ...
 
 log = logging.getLogger("cmwq_exec.pool")
 
@@ -110,7 +86,7 @@ class Unlocked:
 class WorkerPool:
     """One pool of concurrency-managed workers (gcwq): its run state, and its parts."""
 
-    def __init__(self, system: System, cpu: int | None, index: int) -> None:
+    def __init__(self, system: SystemForPools[WorkerPool, Worker], cpu: int | None, index: int) -> None:
         self.system = system  # I
         self.cpu = cpu  # I: None for the unbound pool
         self.index = index  # I: position in system.pools, indexes each workqueue's pwqs

@@ -16,7 +16,8 @@ from typing import Any
 
 from . import hooks, hotplug, timer
 from .config import Config, from_environment
-from .cpus import Placed, current_cpu, possible_cpus, usable_cpus
+from .cpus import current_cpu, possible_cpus, usable_cpus
+from .interfaces import Placed
 from .lockdep import make_lock
 from .pool import WorkerPool
 from .watchdog import Watchdog

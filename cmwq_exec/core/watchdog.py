@@ -18,8 +18,8 @@ each worker that has run the same work across two looks it reads the thread's CP
   ``cpu_intensive`` as Linux's ``wq_cpu_intensive_thresh_us`` does; it leaves ``nr_running`` until
   the work ends so the pool's other works are not stuck behind it.
 
-(The issue words it as "a pool that started no work for a tick"; judging each worker on its own work
-finds a blocked runner even while other runners still start works.)
+(A rule per pool, "a pool that started no work for a tick", misses a blocked runner while other
+runners still start works; judging each worker on its own work finds it.)
 
 Growth is rate-limited by the process's CPU use: while the process already burns ~a full core
 (``saturation``, per core the interpreter can use: one with the GIL), a thread that burned no CPU may
@@ -36,22 +36,13 @@ import logging
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from . import hooks, timer
+from .interfaces import SystemForWatchdog
 from .lockdep import assert_held, make_lock
 from .pool import WorkerPool
 from .worker import CPU_INTENSIVE, HOG_SEEN, IDLE, NOT_RUNNING, STUCK, Worker, thread_cpu_ns
-
-if TYPE_CHECKING:
-    from .config import Config
-
-
-class System(Protocol):
-    """What the watchdog needs of the set of pools it watches."""
-
-    config: Config
-    usable: set[int]
 
 log = logging.getLogger("cmwq_exec.watchdog")
 
@@ -97,7 +88,7 @@ def _runnable(worker: Any) -> bool:
 class Watchdog:
     """One for the whole system; per-pool state lives on the pools."""
 
-    def __init__(self, system: System) -> None:
+    def __init__(self, system: SystemForWatchdog) -> None:
         self.system = system  # I
         self.lock = make_lock("watchdog")  # I: the D of the fields below
         self.load_at = time.monotonic()  # D: start of the current CPU-load window

@@ -23,65 +23,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, cast
 
 from . import hooks
-from .cpus import Placed, set_batch_policy
-from .interfaces import QueueState, ReusableWork, WorkItem, WorkQueueOps
+from .cpus import set_batch_policy
+from .interfaces import PoolForWorkers, QueueState, ReusableWork, SystemForWorkers, WorkItem, WorkQueueOps
 from .lockdep import assert_held, make_lock, must_hold
 from .pending import NOWHERE, SCHEDULED, work_flush
-from .policy import PoolCounters
-
-if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
-    from .config import Config
-
-
-class PoolSystem(Protocol):
-    """What a worker needs of the set of pools."""
-
-    config: Config
-    timing: bool
-
-    @property
-    def unbound_pool(self) -> WorkerPool: ...
-    def bind_thread(self, pool: Placed) -> None: ...
-
-
-class WorkerPool(PoolCounters, Protocol):
-    """What a worker needs of its pool: :class:`cmwq_exec.core.pool.WorkerPool` (the worker sits
-    below the pool, so it names the pool's side of their interface here)."""
-
-    cpu: int | None
-    name: str
-    online: bool
-    lock: Any  # a lock (cmwq_exec.core.lockdep.make_lock)
-    worklist: deque[WorkItem]
-    manage_requested: bool
-    nr_started: int
-    nr_completed: int
-    sleep_avg: float
-    woke_at: float
-    need_more_worker: Callable[[PoolCounters], bool]
-    may_start_working: Callable[[PoolCounters], bool]
-    keep_working: Callable[[PoolCounters], bool]
-    need_to_create_worker: Callable[[PoolCounters], bool]
-    need_to_manage_workers: Callable[[PoolCounters], bool]
-    kernel_policy: bool  # the policy functions above are the kernel's (inlined on per-work paths)
-
-    @property
-    def system(self) -> PoolSystem: ...
-    @property
-    def unlocked(self) -> AbstractContextManager[None]: ...
-    def manage_workers(self, worker: Worker | None) -> bool: ...
-    def wake_up_worker(self) -> bool: ...
-    def worker_set_flags(self, worker: Worker, flags: int, wakeup: bool) -> None: ...
-    def worker_clr_flags(self, worker: Worker, flags: int) -> None: ...
-    def worker_enter_idle(self, worker: Worker) -> None: ...
-    def worker_leave_idle(self, worker: Worker) -> None: ...
-    def worker_crashed(self, worker: Worker, exc: BaseException) -> None: ...
 
 log = logging.getLogger("cmwq_exec.worker")
 
@@ -144,7 +92,7 @@ class Worker:
         "sleeping_wq", "waiting_wq", "work_seq", "cpu_sample", "__weakref__",
     )
 
-    def __init__(self, pool: WorkerPool, worker_id: int) -> None:
+    def __init__(self, pool: PoolForWorkers[Worker], worker_id: int) -> None:
         self.pool = pool  # P: changed only while idle and parked (adoption); X for a rescuer
         self.id = worker_id  # P: renumbered by the pool that adopts it
         self.thread: threading.Thread | None = None  # I: set before the pool publishes it
@@ -184,7 +132,7 @@ class Worker:
         except BaseException as exc:  # a bug: works and hooks cannot raise into the loop
             self.pool.worker_crashed(self, exc)
 
-    def bind(self, pool: WorkerPool) -> None:
+    def bind(self, pool: PoolForWorkers[Worker]) -> None:
         """Bind this (the worker's own) thread to ``pool``'s CPU, or to every usable CPU."""
         system = pool.system
         if pool.cpu is None or system.config.pin_workers:
@@ -199,7 +147,7 @@ class Worker:
             # kept by the lock, and this acquire consumes exactly that release.
             park.acquire()
             # another pool may have adopted it while it was idle and parked: that pool bound it
-            # to its CPU (WorkerPool.bind_adopted; thread_main if the thread had not bound itself)
+            # to its CPU (Manager.bind_adopted; thread_main if the thread had not bound itself)
             pool = self.pool
             with pool.lock:
                 if self.flags & DIE:
@@ -395,11 +343,11 @@ class Rescuer:
     down without waiting) stops it once its works are done.
     """
 
-    def __init__(self, wq: WorkQueueOps, system: PoolSystem) -> None:
+    def __init__(self, wq: WorkQueueOps, system: SystemForWorkers[PoolForWorkers[Worker]]) -> None:
         self.wq_ref = weakref.ref(wq)
         self.name = wq.name
         self.lock = make_lock("rescuer")  # I: the R of pools
-        self.pools: deque[WorkerPool] = deque()  # R: pools that sent mayday
+        self.pools: deque[PoolForWorkers[Worker]] = deque()  # R: pools that sent mayday
         self.stopping = False  # set once, read by the rescuer after a signal
         self.closing = False  # likewise: stop once the workqueue has no works in flight
         # The rescuer sleeps on ``wake``, a lock used as a binary semaphore (held: no signal).
@@ -421,7 +369,7 @@ class Rescuer:
         except RuntimeError:
             pass  # a signal is pending already
 
-    def summon(self, pool: WorkerPool) -> None:
+    def summon(self, pool: PoolForWorkers[Worker]) -> None:
         """Mayday from ``pool``. P: held (lock order: pool, then rescuer)."""
         assert_held(pool.lock)
         with self.lock:
@@ -471,7 +419,7 @@ class Rescuer:
             if self.stopping:
                 return
 
-    def rescue(self, wq: WorkQueueOps, pool: WorkerPool) -> None:
+    def rescue(self, wq: WorkQueueOps, pool: PoolForWorkers[Worker]) -> None:
         """Run the workqueue's pending works on ``pool``, one at a time, while the pool still lacks
         workers; then kick the pool so a regular worker takes over.
 
