@@ -11,9 +11,9 @@ implementation against it. Each Protocol is named for what it is, from the side 
   :class:`SystemForHotplug`: the set of pools (:class:`cmwq_exec.core.system.System`) as a worker,
   a pool, the watchdog and the hotplug code see it; :class:`WatchdogForPools`: the watchdog as a
   pool sees it;
-* :class:`WorkQueueOps`, :class:`QueueState`, :class:`RescuerOps`, :class:`SlotHolder`: a
-  workqueue, its state on one pool (:class:`cmwq_exec.core.workqueue.PoolWorkqueue`), its rescuer
-  and a worker, as the code below the workqueue sees them;
+* :class:`WorkQueueOps`, :class:`QueueState`, :class:`SlotHolder`: a workqueue, its state on one
+  pool (:class:`cmwq_exec.core.workqueue.PoolWorkqueue`) and a worker, as the code below the
+  workqueue sees them;
 * :class:`WorkItem`, :class:`ReusableWork`, :class:`RunningWorker`, :class:`PendingBit`: a work
   (:class:`cmwq_exec.Work`, or :class:`cmwq_exec.CMWQFuture`: a submitted call is its own one-shot
   work) as a pool's worklist and its worker see it.
@@ -168,15 +168,6 @@ class SlotHolder(Protocol):
     waiting_wq: WorkQueueOps | None
 
 
-class RescuerOps(Protocol):
-    """A workqueue's rescuer as a pool that lacks workers sees it."""
-
-    closing: bool
-
-    def summon(self, pool: Any) -> None: ...  # noqa: ANN401  (a PoolForWorkers of any worker)
-    def kick(self) -> None: ...
-
-
 class WorkQueueOps(Protocol):
     """What the core below a workqueue calls on it (``cmwq_exec.core.workqueue.WorkQueue``)."""
 
@@ -184,8 +175,7 @@ class WorkQueueOps(Protocol):
     _max_active: int | None
     _max_running: int | None
 
-    @property
-    def _rescuer(self) -> RescuerOps | None: ...
+    def summon_rescuer(self, pool: Any) -> bool: ...  # noqa: ANN401  (a pool: P held)
     def _work_done(self) -> None: ...
     def _drop_in_flight(self, pwq: QueueState, color: int) -> None: ...
     def _work_sleeps(self, worker: SlotHolder) -> None: ...

@@ -43,13 +43,13 @@ class Mayday:
         assert_held(pool.lock)
         seen = set()
         for work in pool.worklist:
-            wq = work._pwq.wq
+            pwq = work._pwq
+            wq = pwq.wq
             if wq in seen:
                 continue
             seen.add(wq)
-            if wq._rescuer is not None:
-                work._pwq.nr_mayday += 1
-                wq._rescuer.summon(pool)
+            if wq.summon_rescuer(pool):
+                pwq.nr_mayday += 1
                 mayday = hooks.events.mayday
                 if mayday is not None:
                     mayday(pool=pool, workqueue=wq)

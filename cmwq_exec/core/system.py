@@ -93,18 +93,13 @@ class System:
             workqueues = list(self._workqueues)
         if hotplug is not None:
             hotplug.stop()
-        for wq in workqueues:
-            if wait and not wq._destroyed:
-                wq.flush()
-            wq._destroyed = True
-            if wq._rescuer is not None:
-                wq._rescuer.stop()
+        rescuers = [wq.shutdown(wait) for wq in workqueues]
         for pool in self.pools:
             pool.shutdown()
         timer.shutdown(5.0 if wait else 0.0)
         if wait:
             threads = [w.thread for pool in self.pools for w in list(pool.workers)]
-            threads += [wq._rescuer.thread for wq in workqueues if wq._rescuer is not None]
+            threads += rescuers
             for thread in threads:
                 if thread is not None and thread is not threading.current_thread():
                     thread.join(5.0)

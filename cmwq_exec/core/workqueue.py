@@ -769,6 +769,27 @@ class WorkQueue:
         if rescuer is not None:
             rescuer.close()
 
+    def summon_rescuer(self, pool: WorkerPool) -> bool:
+        """Mayday from ``pool`` (P: held): summon this workqueue's rescuer there. False if the
+        workqueue has no rescuer."""
+        rescuer = self._rescuer
+        if rescuer is None:
+            return False
+        rescuer.summon(pool)
+        return True
+
+    def shutdown(self, wait: bool) -> threading.Thread | None:
+        """The pools shut down (System.shutdown): with ``wait``, flush first unless destroyed; then
+        refuse works and stop the rescuer. Returns the rescuer's thread (to join), or None."""
+        if wait and not self._destroyed:
+            self.flush()
+        self._destroyed = True
+        rescuer = self._rescuer
+        if rescuer is None:
+            return None
+        rescuer.stop()
+        return rescuer.thread
+
     # -- reading ----------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
