@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import hooks, timer
-from .lockdep import assert_held
+from .lockdep import assert_held, must_hold
 from .trustee import TRUSTEE_IN_CHARGE
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class Mayday:
         self.timer: timer.Timer | None = None  # P: armed while a chain of calls runs
         self.nr_mayday = 0  # P: times the pool was found unable to get a worker (read at scrape time)
 
+    @must_hold("pool.lock")
     def call(self) -> None:
         """Count a call and summon the rescuers. P: held."""
         self.nr_mayday += 1
@@ -54,12 +55,14 @@ class Mayday:
                 if mayday is not None:
                     mayday(pool=pool, workqueue=wq)
 
+    @must_hold("pool.lock")
     def start(self, delay: float) -> None:
         """Start a new chain of calls, the first after ``delay`` (one chain per pool: a running one
         is cancelled first, though the timer thread may be running it). P: held."""
         self.cancel()
         self.timer = timer.add_timer(delay, self.timeout)
 
+    @must_hold("pool.lock")
     def keep_calling(self, interval: float) -> None:
         """Call every ``interval`` from now on, unless a chain runs already. P: held."""
         if self.timer is None:

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import timer
-from .lockdep import assert_held
+from .lockdep import assert_held, must_hold
 from .worker import SLEEPING
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class Pacer:
             if not manager.create_pending:  # created: the next one is due an interval from now
                 self.pace_create_worker()
 
+    @must_hold("pool.lock")
     def sleepers_due(self, now: float) -> float:
         """:func:`sleepers_due` of this pool. P: held."""
         return sleepers_due(self.pool, now)

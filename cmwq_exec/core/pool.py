@@ -240,10 +240,12 @@ class WorkerPool:
 
     # -- the seams the worker uses (cmwq_exec.core.worker) -----------------------------------------
 
+    @must_hold("lock")
     def manage_workers(self, worker: Worker | None) -> bool:
         """:meth:`Manager.manage_workers <cmwq_exec.core.manager.Manager.manage_workers>`. P: held."""
         return self.manager.manage_workers(worker)
 
+    @must_hold("lock")
     def pace_create_worker(self, delay: float = 0.0) -> None:
         """:meth:`Pacer.pace_create_worker <cmwq_exec.core.pacing.Pacer.pace_create_worker>`. P: held."""
         self.pacer.pace_create_worker(delay)

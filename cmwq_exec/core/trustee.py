@@ -15,6 +15,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .lockdep import assert_held
+
 TRUSTEE_START = "START"
 TRUSTEE_IN_CHARGE = "IN_CHARGE"
 TRUSTEE_BUTCHER = "BUTCHER"
@@ -33,5 +35,6 @@ class TrusteeState:
 
     def manager_released(self) -> None:
         """The pool's manager role came free: a trustee waiting to claim it may go on. P: held."""
+        assert_held(self.cond)
         if self.state != TRUSTEE_DONE:
             self.cond.notify_all()
