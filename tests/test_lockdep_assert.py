@@ -129,3 +129,30 @@ def test_must_hold_checks_in_debug_mode_and_is_the_method_itself_otherwise() -> 
 def test_must_hold_refuses_a_path_that_is_not_an_attribute_name() -> None:
     with pytest.raises(ValueError, match=r"path must be a dotted attribute name, got 'pool\.'"):
         lockdep.must_hold("pool.")
+
+
+def test_the_core_checks_the_locks_its_docstrings_say_are_held() -> None:
+    """In debug mode the pool's per-work methods (decorated), its parts and the watchdog (asserting)
+    refuse a caller without the pool lock, and run for one that holds it."""
+    env = {**os.environ, "CMWQ_LOCKDEP": "1"}
+    code = (
+        "from cmwq_exec.core import lockdep, system\n"
+        "s = system._reset_for_tests()\n"
+        "pool = s.unbound_pool\n"
+        "calls = [('wake_up_worker', pool.wake_up_worker), ('kick', pool.kick),\n"
+        "         ('give_idle_worker', pool.manager.give_idle_worker),\n"
+        "         ('mayday.cancel', pool.mayday.cancel), ('watchdog.arm', lambda: s.watchdog.arm(pool))]\n"
+        "for name, call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except lockdep.LockNotHeldError:\n"
+        "        print(name, 'refused')\n"
+        "    with pool.lock:\n"
+        "        call()\n"
+        "s.shutdown()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:-1] == [f"{name} refused" for name in
+                                            ("wake_up_worker", "kick", "give_idle_worker", "mayday.cancel",
+                                             "watchdog.arm")]
