@@ -95,3 +95,18 @@ def test_a_module_missing_from_the_contracts_is_found(tmp_path: Path) -> None:
     (tree / "cmwq_exec" / "newcomer.py").write_text('"""Not placed in any layer."""\n')
     missing = _package_modules(tree / "cmwq_exec") - _first_contract_modules(tree / "pyproject.toml")
     assert missing == {"cmwq_exec.newcomer"}
+
+
+def test_the_core_names_its_protocols_in_interfaces_only() -> None:
+    """One Protocol per seam, all in cmwq_exec/core/interfaces.py: a Protocol elsewhere in the core
+    is a second name for something (a ``System`` beside the real System)."""
+    import ast
+
+    elsewhere = []
+    for path in sorted((ROOT / "cmwq_exec" / "core").glob("*.py")):
+        if path.name == "interfaces.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any("Protocol" in ast.unparse(base) for base in node.bases):
+                elsewhere.append(f"{path.name}:{node.name}")
+    assert not elsewhere, f"Protocols outside core/interfaces.py: {elsewhere}"

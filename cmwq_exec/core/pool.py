@@ -25,7 +25,8 @@ thread. Only then does it create one: at once up to ``unpaced_workers``, beyond 
 
 Parts. This module is the pool's run state: the worklist, ``nr_running``, the idle list, waking,
 the flags of its workers, and the policy functions in force; every queued and every finished work
-goes through it and nothing else, so its fields stay on the pool. Each other concern is a part
+goes through it and through none of the parts, so its fields stay on the pool (one attribute hop
+less per work). Each other concern is a part
 with its own fields, reached from the pool: ``pool.manager`` (the manager role's work: creating,
 adopting, reaping workers; :mod:`~cmwq_exec.core.manager`), ``pool.pacer`` (how fast it grows
 beyond ``unpaced_workers``; :mod:`~cmwq_exec.core.pacing`), ``pool.mayday`` (calls for the
@@ -66,6 +67,7 @@ from .trustee import TRUSTEE_DONE, TrusteeState
 from .worker import DIE, IDLE, NOT_RUNNING, ROGUE, Worker
 
 log = logging.getLogger("cmwq_exec.pool")
+
 
 class Unlocked:
     """``with pool.unlocked:`` drops the held pool lock for the block and takes it back however the
