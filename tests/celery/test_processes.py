@@ -354,3 +354,64 @@ def test_a_bad_cmwq_processes_value_is_a_clear_error(start_worker):
     log = worker.log.read_text(errors="replace")
     assert "CMWQ_PROCESSES" in log and "two" in log, log
     assert "auto" in log, f"the error should say what is allowed:\n{log}"
+
+
+def test_a_bad_core_setting_stops_the_worker_before_any_child_starts(start_worker):
+    """The supervisor checks what a child would check at its start: the worker exits non-zero,
+    naming the variable, instead of starting children that die at once, again and again."""
+    worker = start_worker(concurrency=2, via="setting", ready=False,
+                          env={"CMWQ_PROCESSES": str(CHILDREN), "CMWQ_IDLE_TIMEOUT": "abc"})
+    assert worker.wait_exit(60) != 0, worker.tail()
+    log = worker.log.read_text(errors="replace")
+    assert "CMWQ_IDLE_TIMEOUT='abc'" in log, log
+    assert "child 0" not in log, f"a child was started:\n{log}"
+
+
+def test_a_child_that_keeps_dying_at_its_start_stops_the_worker(start_worker, tmp_path):
+    """Each child's state file (``--statedb F`` becomes ``F.i``) cannot be opened, so each child
+    dies at its start: after a few deaths in a row of a child the worker stops with an error that
+    says so, its children gone."""
+    state = tmp_path / "state"
+    for index in range(CHILDREN):  # whichever file dbm makes of F.i is a directory
+        for suffix in ("", ".db", ".dat", ".dir"):
+            (tmp_path / f"state.{index}{suffix}").mkdir()
+    worker = start_worker(concurrency=2, via="setting", ready=False, args=("--statedb", str(state)),
+                          env={"CMWQ_PROCESSES": str(CHILDREN)})
+    assert worker.wait_exit(150) != 0, worker.tail()
+    log = worker.log.read_text(errors="replace")
+    assert "times in a row within" in log and "the worker stops" in log, log[-3000:]
+    assert not worker.child_pids()
+
+
+def test_the_metrics_endpoint_answers_500_scrapes_at_once_with_every_childs_samples(start_worker):
+    """500 clients scrape the supervisor at once: each gets an answer (a generous timeout: the
+    machine is shared) holding both children's samples."""
+    import threading
+
+    port = free_port()
+    worker, names = start(start_worker, concurrency=2, env={"CMWQ_METRICS_PORT": str(port)})
+
+    def both() -> bool:
+        return {s.labels.get("child") for s in samples(port) if s.name == "cmwq_pool_workers"} >= {"0", "1"}
+
+    wait_for(both, 30, "both children's metrics")
+    failures: list[str] = []
+
+    def scrape() -> None:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=120).read().decode()
+        except OSError as exc:
+            failures.append(repr(exc))
+            return
+        children = {s.labels.get("child") for family in text_string_to_metric_families(body)
+                    for s in family.samples if s.name == "cmwq_pool_workers"}
+        if children != {"0", "1"}:
+            failures.append(f"samples of children {sorted(children)} only")
+
+    threads = [threading.Thread(target=scrape) for _ in range(500)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert not failures, f"{len(failures)} of 500 scrapes failed: {sorted(set(failures))[:5]}"
+    assert sorted(worker.child_pids()) == sorted(s["pid"] for s in child_stats(worker, names))
