@@ -83,6 +83,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from billiard.common import human_status
 from celery.exceptions import ImproperlyConfigured, WorkerShutdown, WorkerTerminate
 from celery.worker import state as _worker_state
 
@@ -370,6 +371,10 @@ class Supervisor:
                     self.stop(cold=False)
                     raise WorkerShutdown(0)
                 time.sleep(TICK)
+        except _StopWorker as stopping:
+            # the other children are sound: let them finish their tasks (a warm shutdown)
+            self.stop(cold=_worker_state.should_terminate not in (None, False))
+            raise stopping.error from None
         except BaseException:
             self.stop(cold=True)  # a no-op after a stop above; else whatever went wrong, end them
             raise
@@ -421,26 +426,27 @@ class Supervisor:
                 log.info("cmwq_exec: child %s (%s) exited by itself", child.index, child.nodename)
                 child.done = True
                 continue
-            how = _human_status(code)
+            how = human_status(code)
             if code == EX_CONFIG:
-                raise ImproperlyConfigured(
+                raise _StopWorker(ImproperlyConfigured(
                     f"cmwq_exec: child {child.index} ({child.nodename}) found a configuration error at its "
-                    f"start (exit status {EX_CONFIG}; its log above names the setting): the worker stops")
+                    f"start (exit status {EX_CONFIG}; its log above names the setting): the worker stops"))
             self._count_death(child, how)
             log.warning("cmwq_exec: child %s (%s, pid %s) died with %s; starting a new one",
                         child.index, child.nodename, proc.pid if proc else "?", how)
             self._schedule_respawn(child)
 
     def _count_death(self, child: Child, how: str) -> None:
-        """Count a death of ``child``'s process; raise RuntimeError to stop the worker when it is
-        the MAX_YOUNG_DEATHS-th in a row within YOUNG seconds of a start."""
+        """Count a death of ``child``'s process; stop the worker (RuntimeError, after a warm stop of
+        the other children) when it is the MAX_YOUNG_DEATHS-th in a row within YOUNG seconds of a
+        start."""
         young = time.monotonic() - child.started_at < YOUNG
         child.young_deaths = child.young_deaths + 1 if young else 0
         if child.young_deaths >= MAX_YOUNG_DEATHS:
-            raise RuntimeError(
+            raise _StopWorker(RuntimeError(
                 f"cmwq_exec: child {child.index} ({child.nodename}) died {child.young_deaths} times in a "
                 f"row within {YOUNG:g} s of its start (the last with {how}): restarting it does not "
-                "help, the worker stops (the child's log above says why it died)")
+                "help, the worker stops (the child's log above says why it died)"))
 
     def _keep_pinned(self) -> None:
         """Pin every thread of every live child whose CPU is online back to that CPU (see the
@@ -480,7 +486,7 @@ class Supervisor:
             return
         exc = ledger.lost_error(proc.returncode, f"{child.index} ({child.nodename}, pid {proc.pid})")
         log.error("cmwq_exec: child %s (%s) died with %s while running %s tasks: recording them as failed",
-                  child.index, child.nodename, _human_status(proc.returncode), len(records))
+                  child.index, child.nodename, human_status(proc.returncode), len(records))
         app = self.app
         if app is None:
             from celery import current_app
@@ -555,11 +561,9 @@ class Supervisor:
 REPORT_WAIT = 30.0
 
 
-def _human_status(code: int) -> str:
-    """``signal 9 (SIGKILL)`` or ``exit code 1`` for a Popen return code."""
-    if code < 0:
-        try:
-            return f"signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
+class _StopWorker(Exception):
+    """Raised while watching: stop the children warm, then raise ``error`` (see Supervisor.run)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
