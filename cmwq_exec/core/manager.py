@@ -29,7 +29,7 @@ from .worker import DIE, IDLE, ROGUE, Worker
 if TYPE_CHECKING:
     from .pool import WorkerPool
 
-log = logging.getLogger("cmwq_exec.pool")
+log = logging.getLogger("cmwq_exec.pool")  # the pool's logger: its records keep the name they had
 
 #: A pool gives another pool idle workers only beyond this many idle workers of its own (the
 #: kernel's too_many_workers keeps two idle as well).
