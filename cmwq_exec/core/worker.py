@@ -45,6 +45,8 @@ RESCUER = 1 << 7  # a workqueue's rescuer, never counted
 HOG_SEEN = 1 << 8  # the watchdog counted the current work as CPU-intensive (bookkeeping only)
 #: flags that take a worker out of nr_running (the kernel's WORKER_NOT_RUNNING)
 NOT_RUNNING = PREP | ROGUE | SLEEPING | CPU_INTENSIVE | STUCK | RESCUER
+#: flags that belong to the work a worker runs: cleared when it ends, however it ends
+WORK_FLAGS = SLEEPING | CPU_INTENSIVE | HOG_SEEN
 
 #: weight of the latest sleep in a pool's moving average of sleep lengths (``sleep_avg``)
 SLEEP_AVG_WEIGHT = 0.125
@@ -243,7 +245,7 @@ class Worker:
                 events.work_finished(pool=pool, workqueue=wq, work=work, error=error)
             error = None
             if self.sleeping_wq is not None:
-                self.sleeping_wq._work_wakes(self)  # a blocking() left unbalanced by an injected exception
+                self.sleeping_wq._work_wakes(self)  # a blocking() cut short by an asynchronous exception
             if self.waiting_wq is not None:
                 self.waiting_wq._work_stops_waiting(self)  # likewise for a wait on another work
             if counted:
@@ -253,10 +255,14 @@ class Worker:
         if timing:
             ended = time.monotonic()
             pwq.observe(started - queued_at, ended - started, time.thread_time() - cpu_started)
-        if self.flags & (CPU_INTENSIVE | HOG_SEEN):
-            pool.worker_clr_flags(self, CPU_INTENSIVE | HOG_SEEN)
+        # Per-work state back to between-works, however the work ended: here under the lock
+        # (sleeps, the watchdog's marks, the current work), and above without it (the slots of
+        # its workqueue that a sleep or a wait gave up).
+        if self.sleep_depth or self.flags & WORK_FLAGS:
+            self.end_work_state(pool)
         self.current_work = None
         self.current_pwq = None
+        self.current_counted = False
         if work._reusable:
             cast("ReusableWork", work)._worker = None
             if work_flush.waiters:
@@ -279,33 +285,73 @@ class Worker:
         runner, and to a waiting work if the workqueue limits its running works (max_running).
         X: called on the worker's own thread, from blocking().
 
-        The bookkeeping is straight-line code under a lock with no call in between, so an
-        asynchronous exception (a Celery time limit) cannot land half-way through it; what may be
-        skipped by one (handing a running slot on) is only a missed chance, never a lost work."""
+        An asynchronous exception (a Celery time limit, a terminate) may land at any call return
+        in here, and the task may catch it and go on. So the flag and nr_running change first, in
+        one call that makes no call (worker_set_flags without its wakeup); the calls that may
+        fail come after it (the handover, whose loss is only a missed chance), and the depth last:
+        an exception that lands in between leaves the worker flagged SLEEPING at depth 0, which
+        the next blocking() and its exit handle as a first sleep, and the end of the work clears
+        (see process_one_work). Either way nr_running matches the flags."""
         now = _monotonic()
         pool = self.pool
         with pool.lock:
-            self.sleep_depth += 1
-            first = self.sleep_depth == 1
-            if first:
-                self.slept_at = now
-                pool.worker_set_flags(self, SLEEPING, wakeup=True)
+            depth = self.sleep_depth
+            if depth:
+                self.sleep_depth = depth + 1
+                return
+            self.slept_at = now
+            was_running = not self.flags & NOT_RUNNING
+            pool.worker_set_flags(self, SLEEPING, wakeup=False)
+            if was_running:
+                self.hand_over(pool)
+            self.sleep_depth = 1
         pwq = self.current_pwq
-        if first and self.current_counted and pwq is not None and pwq.wq._max_running is not None:
+        if self.current_counted and pwq is not None and pwq.wq._max_running is not None:
             pwq.wq._work_sleeps(self)
 
+    def hand_over(self, pool: PoolForWorkers[Worker]) -> None:
+        """This worker just stopped running: if works wait and the policy wants another runner,
+        wake an idle worker, or have one made (the wakeup of ``worker_set_flags(wakeup=True)``,
+        made after the flag is stored). L: held."""
+        if pool.worklist and pool.need_more_worker(pool):
+            pool.cm_wakeups += 1
+            self.count_cm_wakeup()
+            if not pool.wake_up_worker():
+                pool.manage_requested = True
+                if not pool.managing:
+                    pool.pace_create_worker()
+
     def sleep_end(self) -> None:
-        """The worker's thread woke up and runs again; the pool learns how long it slept."""
+        """The worker's thread woke up and runs again; the pool learns how long it slept.
+
+        Interruptible as sleep_begin is: the depth is stored before the flag is cleared (one
+        call that makes no call), so an exception at any return leaves either a sleep still on
+        (cleared when the work ends) or, at depth 0, a flag the next blocking() takes as its own."""
         now = _monotonic()
         pool = self.pool
         with pool.lock:
-            depth = self.sleep_depth = self.sleep_depth - 1
-            if depth == 0:
+            depth = self.sleep_depth - 1
+            if depth > 0:
+                self.sleep_depth = depth
+                return
+            self.sleep_depth = 0
+            if self.flags & SLEEPING:
                 pool.sleep_avg += (now - self.slept_at - pool.sleep_avg) * SLEEP_AVG_WEIGHT
                 pool.woke_at = now
                 pool.worker_clr_flags(self, SLEEPING)
-        if depth == 0 and self.sleeping_wq is not None:
+        if self.sleeping_wq is not None:
             self.sleeping_wq._work_wakes(self)
+
+    def end_work_state(self, pool: PoolForWorkers[Worker]) -> None:
+        """Clear what a work left of its sleeps and of the watchdog's marks, however it ended: a
+        blocking() whose enter or exit an asynchronous exception cut short leaves a depth or the
+        SLEEPING flag, which would keep the worker out of nr_running (and its next sleeps from
+        handing over) for good. L: held; on the worker's own thread."""
+        self.sleep_depth = 0
+        stack = current.detected
+        if stack:
+            stack.clear()  # detect's open sleeps: they ended with the work
+        pool.worker_clr_flags(self, WORK_FLAGS)
 
     def wait_begin(self) -> bool:
         """The current work is about to wait for another work (a future, a flush): while it waits
