@@ -131,6 +131,25 @@ _USER_SITES: set[Any] = set()
 _DISABLE: Any = getattr(getattr(sys, "monitoring", None), "DISABLE", None)
 
 
+def _for_the_user(frame: Any, user_sites: set[Any]) -> bool:
+    """Is the blocking call made from ``frame`` one of the user's waits, not the pools' own?
+
+    The first frame of cmwq_exec's own code outward from the call decides: one that runs the
+    user's function (a user call site) says yes, any other says no. A stdlib wait reached from the
+    pools' own code (``Thread.is_alive`` taking a lock with ``acquire(False)`` while the timer is
+    started under a pool lock, a plugin hook called by the pool) is not a sleep of the work: telling
+    the pool about it would take the pool lock this thread may hold, and wait for itself.
+    """
+    while frame is not None:
+        code = frame.f_code
+        if code in user_sites:
+            return True
+        if code.co_filename.startswith(_PACKAGE_DIR):
+            return False
+        frame = frame.f_back
+    return False
+
+
 def _on_call(code: Any, offset: int, fn: object, arg0: object) -> Any:
     if not is_blocking_call(fn):
         # where cmwq_exec calls the user's function, the next callable may block: keep watching
@@ -138,7 +157,8 @@ def _on_call(code: Any, offset: int, fn: object, arg0: object) -> Any:
     if code.co_filename.startswith(_PACKAGE_DIR) and code not in _USER_SITES:
         return _DISABLE
     worker = current.worker
-    if worker is not None and worker.current_work is not None:
+    if (worker is not None and worker.current_work is not None
+            and _for_the_user(sys._getframe(1), _USER_SITES)):
         worker.sleep_begin()
         stack = current.detected
         if stack is None:
@@ -202,7 +222,8 @@ def _wrap(owner: Any, name: str) -> None:
         # only a work's own waits, as with sys.monitoring: a worker between works (a manager
         # starting a thread waits on an Event) is not running, and its wait is no sleep to learn
         worker = current.worker
-        if worker is None or worker.current_work is None:
+        if (worker is None or worker.current_work is None
+                or not _for_the_user(sys._getframe(1), _user_sites)):
             return original(*args, **kwargs)
         with blocking():
             return original(*args, **kwargs)

@@ -203,3 +203,47 @@ def test_only_a_works_own_waits_count_as_sleeps(fresh_system: Any, monkeypatch: 
     for pool in system.pools:
         with pool.lock:
             assert all(w.sleep_depth == 0 for w in pool.workers)
+
+
+_POOL_CODE_WAITS = """
+import faulthandler, queue, sys, time
+faulthandler.dump_traceback_later(60, exit=True)  # a deadlock fails with every thread's stack
+import cmwq_exec
+from cmwq_exec import CMWQExecutor
+cmwq_exec.detect_blocking()
+ex = CMWQExecutor(max_workers=2)
+def producer(q, i): q.put(i)
+def consumer(i):                  # queues a work (the pools' own code runs here), then waits
+    q = queue.Queue()
+    ex.submit(producer, q, i)
+    try:
+        return q.get(timeout=0.2)  # the producer may wait behind this call's slot: then it times out
+    except queue.Empty:
+        return i
+for _ in range(3):
+    print(sum(f.result() for f in [ex.submit(consumer, i) for i in range(4)]))
+"""
+
+
+def test_waits_inside_the_pools_own_code_are_not_a_works_sleeps() -> None:
+    # A work that queues a work runs the pools' own code on its thread; there (under a pool lock)
+    # the timer is started, and Thread.is_alive takes a lock with acquire(False). Detection took
+    # that for the work's sleep and asked for the pool lock its thread held: a deadlock.
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _POOL_CODE_WAITS], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["6"] * 3
+
+
+def _deep_sleep(n: int = 20) -> None:
+    if n:
+        return _deep_sleep(n - 1)
+    time.sleep(0.3)
+
+
+def test_a_user_wait_below_a_user_call_site_still_counts(detecting: str) -> None:
+    # the walk out from a blocking call stops at the first frame of cmwq_exec: the user's function
+    # runs below a user call site, so its waits count, however deep in its own calls
+    assert _seen_sleeping(_deep_sleep)
