@@ -40,7 +40,8 @@ What is recorded
     task's id and name, whether errors are stored (``ignore_result`` and
     ``store_errors_even_if_ignored``), and the request fields that chords, chains, errbacks and the
     ``rpc://`` backend read. Not the arguments (they can be large, and need not be JSON): a backend
-    with ``result_extended`` stores the failure without them.
+    with ``result_extended`` stores the failure without them, and ``retry_on_worker_lost`` (which
+    sends the task again from its request) is not applied: the failure is recorded.
 """
 
 from __future__ import annotations
