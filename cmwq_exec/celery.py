@@ -244,6 +244,14 @@ def _terminating() -> bool:
     return should_terminate is not None and should_terminate is not False
 
 
+def _shutting_down() -> bool:
+    """Has the worker been told to shut down, warm or cold? Celery's signal handlers set these on
+    the main thread at once; the pool hears of it (close, stop) only when the event loop ends."""
+    return any(flag is not None and flag is not False
+               for flag in (getattr(_worker_state, "should_stop", None),
+                            getattr(_worker_state, "should_terminate", None)))
+
+
 def _check_limit(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ImproperlyConfigured(
@@ -426,8 +434,11 @@ class TaskPool(BasePool):
         self._shutdown()
 
     def on_close(self) -> None:
+        """The worker's shutdown begins (Celery closes the pool before it stops the consumer and
+        then the pool): from here on no task starts, as prefork hands none to a process; the ones
+        not started stay unacked for the broker to deliver again."""
         with self._lock:
-            self._closing = True
+            self._close_locked()
 
     def flush(self) -> None:
         """The connection was lost: queued tasks can no longer be acked, the broker will deliver
@@ -442,9 +453,15 @@ class TaskPool(BasePool):
     def _cancel_queued_locked(self) -> None:
         for job in list(self._jobs.values()):
             if job.state is _QUEUED:
-                job.state = _CANCELLED
-                del self._jobs[job.pid]
+                self._cancel_locked(job)
         self._held.clear()
+
+    def _cancel_locked(self, job: _Job) -> None:
+        """A job that never started never will: it is not acked (its accept callback is what acks
+        it), so the broker delivers it again. P: held."""
+        job.state = _CANCELLED
+        self._jobs.pop(job.pid, None)
+        self._idle.notify_all()
 
     def _stop_delivering_to_hub(self) -> None:
         """The event loop stopped for good: from now on the control workqueue (and the stopping
@@ -520,6 +537,9 @@ class TaskPool(BasePool):
         with self._lock:
             if job.state is not _QUEUED:
                 return  # cancelled by shutdown or a lost connection
+            if self._closing or _shutting_down():
+                self._cancel_locked(job)  # a shutdown starts nothing: unacked, the broker redelivers it
+                return
             refuse = job.request is not None and not job.cleared and _may_be_revoked(job.request)
             if not refuse:
                 job.state = _RUNNING

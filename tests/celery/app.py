@@ -318,6 +318,47 @@ def _register_tasks(app: Celery) -> None:
     def rate_limited(key: str) -> None:
         _redis(app).rpush(key, time.time())
 
+    @app.task(name="t.soft_in_blocking", shared=False)
+    def soft_in_blocking(seconds: float) -> int:
+        """Enters and leaves blocking() in a tight loop for ``seconds``, so the soft limit most
+        likely lands in its enter or exit; catches it and goes on. Returns how often it caught it."""
+        deadline = time.monotonic() + seconds
+        caught = 0
+        while True:
+            try:  # the limit may land in the test of the loop too
+                if time.monotonic() >= deadline:
+                    return caught
+                with cmwq_exec.blocking():
+                    pass
+            except SoftTimeLimitExceeded:
+                caught += 1
+
+    @app.task(name="t.sleep_state", shared=False)
+    def sleep_state() -> dict[str, Any]:
+        """The concurrency-management state of the pool this task runs on, seen from inside it:
+        nr_running (this task counts), and the workers left flagged SLEEPING or at a sleep depth."""
+        from cmwq_exec.core.worker import SLEEPING, current_worker
+
+        me = current_worker()
+        assert me is not None
+        pool = me.pool
+        with pool.lock:
+            return {"nr_running": pool.nr_running, "workers": len(pool.workers),
+                    "sleep_state_left": [repr(w) for w in pool.workers
+                                         if w.flags & SLEEPING or w.sleep_depth]}
+
+    @app.task(name="t.record_plain", shared=False, acks_late=False)
+    def record_plain(key: str, token: str, seconds: float) -> str:
+        """Note when it started (``key:started``, a sorted set scored by the wall clock), sleep
+        without saying so (it counts as running), then SADD ``token`` to ``key`` and count the run
+        in ``key:runs``."""
+        client = _redis(app)
+        client.zadd(key + ":started", {token: time.time()})
+        time.sleep(seconds)
+        client.sadd(key, token)
+        client.incr(key + ":runs")
+        return token
+
     @app.task(name="t.thread_count", shared=False)
     def thread_count() -> int:
         import threading

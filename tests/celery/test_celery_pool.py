@@ -251,3 +251,47 @@ def test_cold_shutdown_exits_promptly_and_acks_late_tasks_return(celery_app, sta
     start_worker(concurrency=10, via="custom")
     wait_for(lambda: members(results_redis, key) == set(tokens), 60,
              f"every task to complete (missing {set(tokens) - members(results_redis, key)})")
+
+
+def test_a_caught_soft_limit_in_blocking_leaves_concurrency_management_whole(celery_app, start_worker):
+    """Tasks that catch their soft limit while they enter or leave blocking() (a tight loop of
+    both): afterwards no worker of the pool is left flagged SLEEPING or at a sleep depth, and a
+    running task counts in nr_running."""
+    worker = start_worker(concurrency=1, via="setting")
+    t = celery_app.tasks
+    results = group(t["t.soft_in_blocking"].s(0.4).set(soft_time_limit=0.1) for _ in range(10))()
+    caught = results.get(timeout=60)
+    assert sum(caught) >= 10, f"the soft limits did not land: {caught}"
+    for _ in range(3):  # the tasks may run on any worker of the pool: each probe sees them all
+        state = t["t.sleep_state"].delay().get(timeout=20)
+        assert state["nr_running"] == 1 and not state["sleep_state_left"], (state, worker.tail())
+    wait_for(lambda: worker.stats()["pool"]["running"] == 0, 10, "no task running")
+    pools = worker.stats()["pool"]["pools"]
+    assert all(p.get("nr_running", 0) == 0 for p in pools), pools
+
+
+def test_a_warm_shutdown_starts_no_queued_task(celery_app, start_worker, results_redis, key):
+    """SIGTERM with -c 2 and tasks running a plain sleep (no blocking(): they keep their slots): no
+    task the pool holds but has not started starts after the signal, as with prefork; those stay
+    unacked and a later worker runs each of them once."""
+    first = start_worker(concurrency=2, via="setting")
+    tokens = [f"p{i}" for i in range(30)]
+    for token in tokens:
+        celery_app.tasks["t.record_plain"].delay(key, token, 0.3)
+    wait_for(lambda: results_redis.zcard(key + ":started") >= 2, 20, "two tasks to start")
+    wait_for(lambda: first.stats()["pool"]["queued"] >= 1, 20, "a task to wait in the pool")
+    first.signal(signal.SIGTERM)
+    signalled = time.time()  # the tasks note their start on this machine's clock too
+    assert first.wait_exit(30) == 0, first.tail()
+    late = results_redis.zrangebyscore(key + ":started", signalled, "+inf")
+    assert not late, f"started after the SIGTERM: {late}\n{first.tail()}"
+    started = {m.decode() for m in results_redis.zrange(key + ":started", 0, -1)}
+    assert members(results_redis, key) == started, first.tail()
+    assert len(started) < len(tokens), "every task ran before the shutdown: nothing tested"
+
+    second = start_worker(concurrency=4, via="setting")
+    wait_for(lambda: members(results_redis, key) == set(tokens), 40, "the returned tasks to complete")
+    second.signal(signal.SIGTERM)
+    assert second.wait_exit(30) == 0, second.tail()
+    runs = int(results_redis.get(key + ":runs"))
+    assert runs == len(tokens), f"{runs} runs for {len(tokens)} tasks: a task ran twice or was lost"
