@@ -193,19 +193,17 @@ class WorkerPool:
     def worker_set_flags(self, worker: Worker, flags: int, wakeup: bool) -> None:
         """Set ``flags``; a worker that stops running leaves ``nr_running``. P: held.
 
-        With ``wakeup``, a worker that was the last runner hands over: an idle worker is woken if
-        works are pending (concurrency management's whole point).
-        """
-        if flags & NOT_RUNNING and not worker.flags & NOT_RUNNING:
+        With ``wakeup``, a worker that was the last runner then hands over (:meth:`Worker.hand_over
+        <cmwq_exec.core.worker.Worker.hand_over>`): an idle worker is woken if works are pending
+        (concurrency management's whole point). The flag and the count are stored first, with no
+        call between them, and the handover's calls come after: an asynchronous exception at any
+        of their returns leaves ``nr_running`` matching the flags (see "Interruptions")."""
+        oflags = worker.flags
+        worker.flags = oflags | flags
+        if flags & NOT_RUNNING and not oflags & NOT_RUNNING:
             self.nr_running -= 1
-            if wakeup and self.worklist and self.need_more_worker(self):
-                self.cm_wakeups += 1
-                worker.count_cm_wakeup()
-                if not self.wake_up_worker():
-                    self.manage_requested = True
-                    if not self.managing:
-                        self.pacer.pace_create_worker()
-        worker.flags |= flags
+            if wakeup:
+                worker.hand_over(self)
 
     @must_hold("lock")
     def worker_clr_flags(self, worker: Worker, flags: int) -> None:
