@@ -722,11 +722,13 @@ class WorkQueue:
             raise RuntimeError(f"a work of workqueue {self.name!r} cannot flush or drain it: it would "
                                "wait for its own end")
 
-        with self._flush_lock:
-            color = self._work_color
-            self._work_color += 1
-            self._nr_flushers += 1
+        counted = False
         try:
+            with self._flush_lock:
+                color = self._work_color
+                self._work_color += 1
+                self._nr_flushers += 1
+                counted = True  # no call since the count: an interruption finds it taken back below
             with waiting(worker):
                 while True:
                     with self._flush_lock:
@@ -737,22 +739,26 @@ class WorkQueue:
                         while self._flush_seq == seq:
                             self._flush_cond.wait()
         finally:
-            with self._flush_lock:
-                self._nr_flushers -= 1
+            if counted:
+                with self._flush_lock:
+                    self._nr_flushers -= 1
 
     def drain(self) -> None:
         """Flush until the workqueue is empty. Meanwhile only its own works may queue on it (chains
         finish); anyone else gets RuntimeError."""
-        with self._flush_lock:
-            self._draining += 1
+        counted = False
         try:
+            with self._flush_lock:
+                self._draining += 1
+                counted = True  # as flush()'s count of its flushers
             while True:
                 self.flush()
                 if not any(self._in_flight_counts()):
                     return
         finally:
-            with self._flush_lock:
-                self._draining -= 1
+            if counted:
+                with self._flush_lock:
+                    self._draining -= 1
 
     def destroy(self) -> None:
         """Drain, stop the rescuer, and refuse works from now on."""
