@@ -1,14 +1,49 @@
-"""Deferring Ctrl-C over a state change that takes several steps.
+"""Interruptions: the rule every critical section follows, and deferring Ctrl-C over the few that
+cannot.
 
-Python runs signal handlers in the main thread, between bytecodes, at points that vary with the
-interpreter version (a call's return, a function's entry, a backward jump): so ``KeyboardInterrupt``
-can land between any two calls of a critical section. Sections that are a run of plain stores
-followed by one C call (queueing a submitted call) need nothing; the few that must make several
-calls to stay consistent (cancelling a work, queueing a reusable one, changing the limits) run
-inside :class:`deferred_interrupts`: a SIGINT that arrives meanwhile is handled when the block
-ends, by the handler that was in force, so the user still gets the ``KeyboardInterrupt``, just
-after the pools are consistent again. Only the main thread receives signals, so on any other
-thread the block costs one comparison.
+Where an exception may land. A ``KeyboardInterrupt`` (in the main thread) or an exception another
+thread raises with ``PyThreadState_SetAsyncExc`` (a Celery time limit, in a task's thread) is raised
+only where the interpreter checks for one: as a call returns (a C call, or a Python function,
+whose own code checks as its calls return), on entry to a function and on a backward jump; never
+between two stores. So it can land between any two *calls* of a critical section reachable from a
+caller's thread (queueing, cancelling, flushing, changing the limits, ``blocking()``), and in
+any of the Python functions those call.
+
+The rule, for every such section:
+
+1. Every lock is taken in a ``with`` block whose ``__enter__`` is C (a lock, not a Condition:
+   ``Condition.__enter__`` is a Python function, and an exception raised as it returns keeps the
+   lock); the lock is released however the block ends.
+2. Calls first, stores after: the calls that may fail come before the first change of shared
+   state, and between two changes there is no call but the last. A count or a bit taken before a
+   ``try`` whose ``finally`` gives it back is taken inside that ``try``, by a store, after its
+   last call (``flush()`` counts itself this way).
+3. A move from one list to another pops in a ``try`` and appends in its ``finally``.
+
+The race rule 3 prevents, told as it would happen (``_activate_locked`` moving a work that waited
+for ``max_active`` to its pool, on the thread of a caller that raised the limit):
+
+1. The caller's thread holds the workqueue's lock and the pool's lock, and pops the work off the
+   workqueue's inactive list (``popleft``, a C call).
+2. As ``popleft`` returns, the interpreter finds an exception pending for this thread and raises it.
+3. The locks are released by their ``with`` blocks, but the work is on no list: not inactive, not
+   on the worklist. It is pending, so it can be neither queued again nor cancelled; its in-flight
+   count never drops, so every flush of its workqueue waits for ever, and interpreter exit with it.
+
+With the append in the ``finally``, step 2 still raises, after the work is on its pool. A wakeup
+lost the same way (a work appended, the wake not yet done) is made up by the watchdog, which wakes a
+worker for a pool with works pending and nobody running.
+
+Sections that must make several calls to stay consistent (cancelling a work, queueing a reusable
+one, changing the limits) run inside :class:`deferred_interrupts` as well: a SIGINT that arrives
+meanwhile is handled when the block ends, by the handler that was in force, so the user still gets
+the ``KeyboardInterrupt``, just after the pools are consistent again. Only the main thread receives
+signals, so on any other thread the block costs one comparison; an exception raised from another
+thread is not deferred, which the rule above covers.
+
+The rule is checked, not only stated: ``tests/test_interruptions.py`` injects an exception at
+every call return of queueing, cancelling, flushing and submitting (with and without the deferral
+of this block) and checks after each that no work is lost and the counts are consistent.
 """
 
 from __future__ import annotations
