@@ -9,6 +9,11 @@ Nothing here is autouse but the lock check: with ``CMWQ_LOCKDEP=1`` every test f
 lock against the order written in ``cmwq_exec/core/lockdep.py``, or called a function documented as
 called with a lock held without holding it (in any thread).
 
+A test marked ``hotplug`` holds an exclusive lock on a file shared by every test run on the
+machine while it runs, so that two runs (``tox -p``, two checkouts) never take CPU 1 offline at
+once. That does not keep the other tests of those runs away meanwhile (CPU 1 going offline reaches
+them too): ``.ci/run`` runs the hotplug tests after everything else, one environment at a time.
+
 With ``CMWQ_TEST_THREAD_START_DELAY=s`` every worker and rescuer thread the pools start
 starts ``s`` seconds late, as on a busy machine: slower than the 10 ms mayday timeout, so rescuers
 step in all the time (the tox environment ``slowstart``).
@@ -16,7 +21,9 @@ step in all the time (the tox environment ``slowstart``).
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +38,7 @@ from cmwq_exec.core import system as _system
 from cmwq_exec.core import worker as _worker
 
 START_DELAY_VARIABLE = "CMWQ_TEST_THREAD_START_DELAY"
+HOTPLUG_LOCK = os.path.join(tempfile.gettempdir(), "cmwq-exec-tests-hotplug.lock")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -95,6 +103,17 @@ def _lock_order_kept() -> Iterator[None]:
     yield
     broken = lockdep.violations[seen:]
     assert not broken, "lock rules broken (cmwq_exec/core/lockdep.py):\n" + "\n".join(broken)
+
+
+@pytest.fixture(autouse=True)
+def _one_hotplug_test_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A ``hotplug`` test runs under an exclusive lock (fcntl) on ``HOTPLUG_LOCK``; others do not."""
+    if request.node.get_closest_marker("hotplug") is None:
+        yield
+        return
+    with open(HOTPLUG_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, however the test ends
+        yield
 
 
 @pytest.fixture
