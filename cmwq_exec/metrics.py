@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import prometheus_client
@@ -44,6 +44,7 @@ from prometheus_client.utils import floatToGoString
 __all__ = [
     "CMWQCollector",
     "DEFAULT_PORT",
+    "TaskPoolCollector",
     "generate_latest",
     "register",
     "start_http_server",
@@ -251,6 +252,43 @@ class CMWQCollector:
                 buckets, _count, total = cumulative_buckets(stats[key])
                 histogram.add_metric([stats["workqueue"]], buckets, total)
             yield histogram
+
+
+class TaskPoolCollector:
+    """The Celery pool's own gauges (:class:`cmwq_exec.celery.TaskPool`), read at scrape time
+    from ``counts()``: a mapping with the keys of its ``inspect stats`` (``max-concurrency``,
+    ``running``, ``queued``, ``abandoned``). Registered by the pool beside :class:`CMWQCollector`
+    when it serves metrics."""
+
+    _GAUGES: tuple[tuple[str, str, str], ...] = (
+        ("cmwq_celery_concurrency",
+         "The Celery pool's concurrency limit (-c, changed by autoscale, pool_grow, pool_shrink).",
+         "max-concurrency"),
+        ("cmwq_celery_tasks_running",
+         "Tasks of the Celery pool running now (abandoned ones not included).", "running"),
+        ("cmwq_celery_tasks_queued",
+         "Tasks the Celery pool holds that have not started (its prefetch window).", "queued"),
+        ("cmwq_celery_tasks_abandoned",
+         "Tasks past their hard time limit or terminated whose thread has not returned: not "
+         "counted against the concurrency (a task that swallowed the unwind stays here).",
+         "abandoned"),
+    )
+
+    def __init__(self, counts: Callable[[], Mapping[str, Any]]) -> None:
+        self._counts = counts
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families({})
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self._counts())
+
+    def _families(self, counts: Mapping[str, Any]) -> Iterator[Metric]:
+        for name, doc, key in self._GAUGES:
+            gauge = GaugeMetricFamily(name, doc)
+            if key in counts:
+                gauge.add_metric([], counts[key])
+            yield gauge
 
 
 def _get_system() -> Any:

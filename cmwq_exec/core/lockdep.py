@@ -6,9 +6,12 @@ that holds a lock takes only locks of a higher rank, so no two threads can wait 
 ======  ====================  ===========================================================
 rank    class                 the lock
 ======  ====================  ===========================================================
+3       ``celery-callbacks``  ``Outbox.drain_lock`` (cmwq_exec.celery_outbox): held while callbacks run
+5       ``celery-outbox``     ``Outbox.lock``: the Celery pool's callbacks on their way (makes a workqueue)
 10      ``system-registry``   ``system._system_lock``: creating or replacing the process's System
 20      ``system``            ``System.lock``: online pools, the workqueue registry
 25      ``executor``          ``CMWQExecutor._shutdown_lock``: shutdown against a broken pool
+27      ``celery``            ``TaskPool._lock`` (cmwq_exec.celery): its jobs and limits
 30      ``workqueue``         ``WorkQueue._lock``: limits, inactive list, pending state of its works
 40      ``pool``              ``WorkerPool.lock`` and its conditions
 50      leaves                ``rescuer``, ``flush``, ``timer``, ``threads``, ``watchdog``,
@@ -67,9 +70,12 @@ from typing import Any, TypeVar
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 RANKS = {
+    "celery-callbacks": 3,
+    "celery-outbox": 5,
     "system-registry": 10,
     "system": 20,
     "executor": 25,
+    "celery": 27,
     "workqueue": 30,
     "pool": 40,
     "rescuer": 50,

@@ -255,13 +255,10 @@ class Worker:
         if timing:
             ended = time.monotonic()
             pwq.observe(started - queued_at, ended - started, time.thread_time() - cpu_started)
-        # Per-work state back to between-works, however the work ended: here under the lock
-        # (sleeps, the watchdog's marks, the current work), and above without it (the slots of
-        # its workqueue that a sleep or a wait gave up).
+        # per-work state back to between-works, however it ended (its slots were given back above)
         if self.sleep_depth or self.flags & WORK_FLAGS:
             self.end_work_state(pool)
-        self.current_work = None
-        self.current_pwq = None
+        self.current_work = self.current_pwq = None
         self.current_counted = False
         if work._reusable:
             cast("ReusableWork", work)._worker = None

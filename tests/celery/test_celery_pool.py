@@ -295,3 +295,42 @@ def test_a_warm_shutdown_starts_no_queued_task(celery_app, start_worker, results
     assert second.wait_exit(30) == 0, second.tail()
     runs = int(results_redis.get(key + ":runs"))
     assert runs == len(tokens), f"{runs} runs for {len(tokens)} tasks: a task ran twice or was lost"
+
+
+def test_an_abandoned_task_is_listed_counted_and_logged(celery_app, start_worker, results_redis, key):
+    """A task that swallows its hard limit's unwind: ``inspect active`` lists it marked abandoned
+    with where its thread is, the cmwq_celery_tasks_abandoned gauge counts it, and the log names
+    the task and that place; all of it goes once the thread returns."""
+    with socket.socket() as probe:  # a free port for the metrics server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = start_worker(concurrency=1, via="setting", env={"CMWQ_METRICS_PORT": str(port)})
+    r = celery_app.tasks["t.stubborn"].apply_async((key, 6.0), time_limit=0.5)
+    with pytest.raises(TimeLimitExceeded):
+        r.get(timeout=20)
+
+    def listed() -> list[dict[str, Any]]:
+        active = celery_app.control.inspect([worker.name]).active() or {}
+        return [task for task in active.get(worker.name, []) if task.get("abandoned")]
+
+    entries = wait_for(listed, 10, "the abandoned task in inspect active")
+    assert [e["id"] for e in entries] == [r.id] and entries[0]["abandoned"] == "hard", entries
+    assert "app.py:" in entries[0]["abandoned_at"], entries
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "cmwq_celery_tasks_abandoned 1.0" in body, body
+    wait_for(lambda: f"t.stubborn[{r.id}] survived its unwind" in worker.tail(200), 10, "the log line")
+    line = next(line for line in worker.tail(200).splitlines() if "survived its unwind" in line)
+    assert "app.py:" in line and "is abandoned" in line, line
+
+    wait_for(lambda: results_redis.get(key + ":done"), 20, "the stubborn task to end by itself")
+    wait_for(lambda: not listed(), 10, "the task to leave inspect active")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "cmwq_celery_tasks_abandoned 0.0" in body, body
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)  # does not depend on the broker
+def test_a_bad_metrics_port_is_a_clear_error(celery_app, start_worker, broker):
+    worker = start_worker(via="setting", ready=False, env={"CMWQ_METRICS_PORT": "-1"})
+    assert worker.wait_exit(30) != 0
+    tail = worker.tail()
+    assert "CMWQ_METRICS_PORT" in tail and "0 to 65535" in tail and "-1" in tail, tail

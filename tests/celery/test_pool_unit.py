@@ -287,8 +287,8 @@ def test_hard_limit_reports_at_once_and_unwinds_the_thread(make_pool):
     pool.apply_async(lambda: "next", **calls.callbacks("next"))
     wait_for(lambda: calls.of("next", "success"), 5, "the next task")
     assert calls.kinds("hard") == ["accept", "timeout"]  # never a second, late report
-    wait_for(lambda: pool._abandoned == 0 and (pool._wq.max_running, pool._wq.max_active) == (1, 4), 5,
-             "the slot to be settled")
+    wait_for(lambda: not pool._job_limits.abandoned and (pool._wq.max_running, pool._wq.max_active) == (1, 4),
+             5, "the slot to be settled")
 
 
 def test_a_task_that_ignores_its_hard_limit_is_abandoned_not_counted(make_pool):
@@ -486,7 +486,7 @@ def test_injected_exceptions_never_escape_into_the_worker(make_pool, caplog, nap
         finals = [args for kind, tag, args in calls.events
                   if tag == i and (kind in terminal or (kind == "timeout" and args[0] is False))]
         assert len(finals) == 1, (i, calls.kinds(i))
-    wait_for(lambda: not pool._jobs and pool._abandoned == 0, 10, "the pool to settle")
+    wait_for(lambda: not pool._jobs and pool._job_limits.abandoned == 0, 10, "the pool to settle")
     assert (pool._wq.max_running, pool._wq.max_active) == (4, 16)
     wq = pool._wq
     wait_for(lambda: (wq._nr_active, wq._nr_sleeping, len(wq._inactive)) == (0, 0, 0), 10,
@@ -494,3 +494,78 @@ def test_injected_exceptions_never_escape_into_the_worker(make_pool, caplog, nap
     assert not [r for r in caplog.records if "raised" in r.getMessage()], caplog.text
     pool.apply_async(lambda: "still fine", **calls.callbacks("after"))
     wait_for(lambda: calls.of("after", "success"), 5, "a task after the storm")
+
+
+def test_no_task_starts_once_celery_is_told_to_shut_down(make_pool, monkeypatch):
+    """Celery's warm-shutdown handler sets should_stop at once; the pool is closed only when the
+    event loop ends. Tasks that had not started by then never do (and report nothing: unacked)."""
+    from celery.worker import state
+
+    pool, calls = make_pool(limit=1), Calls()
+    release = threading.Event()
+    pool.apply_async(release.wait, (10,), **calls.callbacks("running"))
+    wait_for(lambda: calls.of("running", "accept"), 5, "the first task to start")
+    pool.apply_async(lambda: "late", **calls.callbacks("queued"))
+    monkeypatch.setattr(state, "should_stop", 0)
+    release.set()
+    wait_for(lambda: calls.of("running", "success"), 5, "the running task to finish")
+    wait_for(lambda: not pool._jobs, 5, "the queued job to be dropped")
+    assert calls.of("queued") == []
+
+
+class ListedRequest:
+    """What the pool uses of Celery's Request: revoked(), info(), and the fields may_be_revoked reads."""
+
+    name, expires, stamped_headers = "t.fake", None, ()
+
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+
+    def revoked(self) -> bool:
+        return False
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name}
+
+    def on_accepted(self, *args: Any) -> None:
+        pass
+
+
+def test_an_abandoned_task_is_listed_logged_and_measured(make_pool, caplog):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from cmwq_exec.metrics import TaskPoolCollector
+
+    pool, release = make_pool(limit=1), threading.Event()
+    registry = CollectorRegistry()
+    registry.register(TaskPoolCollector(pool._task_counts))
+    caplog.set_level(logging.WARNING, logger="cmwq_exec.celery")
+
+    def stubborn() -> str:
+        while not release.is_set():
+            try:
+                time.sleep(0.005)
+            except BaseException:  # noqa: BLE001 - the point of the test
+                pass
+        return "late"
+
+    request = ListedRequest("abc")
+    pool.apply_async(stubborn, accept_callback=request.on_accepted, timeout=0.1)
+    wait_for(lambda: pool.abandoned_active(), 10, "the task to be abandoned")
+    [entry] = pool.abandoned_active()
+    assert entry["id"] == "abc" and entry["abandoned"] == "hard", entry
+    assert "test_pool_unit.py:" in entry["abandoned_at"], entry
+    assert b"cmwq_celery_tasks_abandoned 1.0" in generate_latest(registry)
+    wait_for(lambda: "survived its unwind" in caplog.text, 10, "the log line")
+    assert "t.fake[abc]" in caplog.text and "test_pool_unit.py:" in caplog.text, caplog.text
+    release.set()
+    wait_for(lambda: not (pool.abandoned_active() or pool._job_limits.abandoned), 5, "the thread to return")
+    assert b"cmwq_celery_tasks_abandoned 0.0" in generate_latest(registry)
+
+
+@pytest.mark.parametrize("value", ["-1", "65536", "abc", "80.5"])
+def test_a_bad_metrics_port_names_the_variable_and_the_range(make_pool, monkeypatch, value):
+    monkeypatch.setenv("CMWQ_METRICS_PORT", value)
+    with pytest.raises(ImproperlyConfigured, match=r"CMWQ_METRICS_PORT must be a TCP port number from 0 to "
+                                                   r"65535 .*got '" + value.replace(".", r"\.")):
+        make_pool(limit=1)
