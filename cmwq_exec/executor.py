@@ -460,7 +460,7 @@ class CMWQExecutor(ThreadPoolExecutor):
             flags |= WQ.UNBOUND
         self._wq = wq = WorkQueue(name or f"executor-{next(_counter)}", flags, max_active=max_workers)
         # ThreadPoolExecutor.__init__'s attributes, with their meaning (code written for it reads them)
-        self._max_workers = max_workers if max_workers is not None else wq._system.config.max_total_workers
+        self._max_workers = max_workers if max_workers is not None else wq.system.config.max_total_workers
         self._thread_name_prefix = thread_name_prefix
         self._initializer = initializer  # type: ignore[assignment]  # TPE types it as returning None
         self._initargs = initargs
@@ -473,7 +473,7 @@ class CMWQExecutor(ThreadPoolExecutor):
             self._future_class = type("_Future", (_InitFuture,), {"_executor": self})
         # dropped without shutdown(): its rescuer goes once its calls are done (thread.py's weakref
         # callback does the same for its threads)
-        weakref.finalize(self, wq._close)
+        weakref.finalize(self, wq.close)
         _executors.add(self)
 
     @property
@@ -484,8 +484,7 @@ class CMWQExecutor(ThreadPoolExecutor):
     @property
     def _threads(self) -> set[threading.Thread]:  # type: ignore[override]
         """The threads that may run this executor's calls: the workers of the pools it uses."""
-        system = self._wq._system
-        pools = [system.unbound_pool] if self._wq._unbound else system.pools
+        pools = self._wq.pools
         threads: set[threading.Thread] = set()
         for pool in pools:
             with pool.lock:
@@ -495,7 +494,7 @@ class CMWQExecutor(ThreadPoolExecutor):
     @property
     def _idle_semaphore(self) -> threading.Semaphore:  # type: ignore[override]
         """ThreadPoolExecutor counts its idle threads in a semaphore: a snapshot of the idle workers."""
-        system = self._wq._system
+        system = self._wq.system
         return threading.Semaphore(sum(pool.nr_idle for pool in system.pools))
 
     @property
@@ -513,7 +512,7 @@ class CMWQExecutor(ThreadPoolExecutor):
         if _shutting_down:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         future = self._future_class(fn, args, kwargs)
-        self._wq._queue(future)
+        self._wq.queue_call(future)
         return future
 
     submit.__doc__ = Executor.submit.__doc__
@@ -536,7 +535,7 @@ class CMWQExecutor(ThreadPoolExecutor):
             self._shutdown = True
         self._wq.refuse_calls(_AFTER_SHUTDOWN)
         if cancel_futures:
-            for work in self._wq._pending_works():
+            for work in self._wq.pending_works():
                 if isinstance(work, CMWQFuture):
                     work.cancel()
         if wait:
@@ -546,10 +545,9 @@ class CMWQExecutor(ThreadPoolExecutor):
                 raise RuntimeError("shutdown(wait=True) from one of the executor's own calls would "
                                    "wait for itself; use shutdown(wait=False)")
             self._wq.flush()
-            if self._wq._rescuer is not None:
-                self._wq._rescuer.stop()
+            self._wq.stop_rescuer()
         else:
-            self._wq._close()  # the rescuer goes once the calls in flight are done
+            self._wq.close()  # the rescuer goes once the calls in flight are done
 
     shutdown.__doc__ = Executor.shutdown.__doc__
 
@@ -579,7 +577,7 @@ class CMWQExecutor(ThreadPoolExecutor):
             if self._broken:
                 return
             self._broken = reason
-        for work in self._wq._pending_works():
+        for work in self._wq.pending_works():
             if isinstance(work, CMWQFuture) and work._claim():
                 work.set_exception(BrokenThreadPool(reason))
 
@@ -606,7 +604,7 @@ class _PendingCalls:
         self._wq = wq
 
     def qsize(self) -> int:
-        return sum(1 for work in self._wq._pending_works()
+        return sum(1 for work in self._wq.pending_works()
                    if isinstance(work, CMWQFuture) and not work.done())
 
     def empty(self) -> bool:

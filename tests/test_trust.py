@@ -479,7 +479,8 @@ def test_cancel_and_flush_wait_without_timeouts_or_spinning(make_executor: Any, 
                                                             release: Any) -> None:
     """Every state a pending work can be in, cancelled and flushed while workers run: no wait
     with a timeout, no sleep(0)."""
-    from cmwq_exec.core import pending, workqueue
+    from cmwq_exec.core import pending
+    from cmwq_exec.core import work as work_module
 
     waits: list[Any] = []
     real_wait = threading.Condition.wait
@@ -498,7 +499,7 @@ def test_cancel_and_flush_wait_without_timeouts_or_spinning(make_executor: Any, 
         real_sleep(seconds)
 
     monkeypatch.setattr(threading.Condition, "wait", recording_wait)
-    monkeypatch.setattr(workqueue.time, "sleep", no_spin)
+    monkeypatch.setattr(work_module.time, "sleep", no_spin)
     gate = release(threading.Event())
     limited = WorkQueue("limited", max_active=1)
     limited._flush_cond._cmwq_flush = True

@@ -175,7 +175,11 @@ class WorkQueueOps(Protocol):
     _max_active: int | None
     _max_running: int | None
 
+    _lock: Any  # the workqueue's lock, which a work's own cancel takes
+
     def summon_rescuer(self, pool: Any) -> bool: ...  # noqa: ANN401  (a pool: P held)
+    def _cancel_locked(self, work: Any) -> bool | None: ...  # noqa: ANN401  (a Work: W held)
+    def _fire_delayed(self, work: Any, now: bool = ...) -> None: ...  # noqa: ANN401  (a DelayedWork)
     def _work_done(self) -> None: ...
     def _drop_in_flight(self, pwq: QueueState, color: int) -> None: ...
     def _work_sleeps(self, worker: SlotHolder) -> None: ...
