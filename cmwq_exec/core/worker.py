@@ -283,12 +283,12 @@ class Worker:
         X: called on the worker's own thread, from blocking().
 
         An asynchronous exception (a Celery time limit, a terminate) may land at any call return
-        in here, and the task may catch it and go on. So the flag and nr_running change first, in
-        one call that makes no call (worker_set_flags without its wakeup); the calls that may
-        fail come after it (the handover, whose loss is only a missed chance), and the depth last:
-        an exception that lands in between leaves the worker flagged SLEEPING at depth 0, which
-        the next blocking() and its exit handle as a first sleep, and the end of the work clears
-        (see process_one_work). Either way nr_running matches the flags."""
+        in here, and the task may catch it and go on. So the flag and nr_running change first
+        (worker_set_flags stores both before the handover's calls, whose loss is only a missed
+        chance), and the depth last: an exception that lands in between leaves the worker flagged
+        SLEEPING at depth 0, which the next blocking() and its exit handle as a first sleep, and
+        the end of the work clears (see process_one_work). Either way nr_running matches the
+        flags."""
         now = _monotonic()
         pool = self.pool
         with pool.lock:
@@ -297,10 +297,7 @@ class Worker:
                 self.sleep_depth = depth + 1
                 return
             self.slept_at = now
-            was_running = not self.flags & NOT_RUNNING
-            pool.worker_set_flags(self, SLEEPING, wakeup=False)
-            if was_running:
-                self.hand_over(pool)
+            pool.worker_set_flags(self, SLEEPING, wakeup=True)
             self.sleep_depth = 1
         pwq = self.current_pwq
         if self.current_counted and pwq is not None and pwq.wq._max_running is not None:
@@ -309,7 +306,8 @@ class Worker:
     def hand_over(self, pool: PoolForWorkers[Worker]) -> None:
         """This worker just stopped running: if works wait and the policy wants another runner,
         wake an idle worker, or have one made (the wakeup of ``worker_set_flags(wakeup=True)``,
-        made after the flag is stored). L: held."""
+        made after the flag is stored). P: held."""
+        assert_held(pool.lock)
         if pool.worklist and pool.need_more_worker(pool):
             pool.cm_wakeups += 1
             self.count_cm_wakeup()
