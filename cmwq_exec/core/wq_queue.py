@@ -4,7 +4,7 @@ This module owns the queueing paths of a workqueue: a reusable work's (its pendi
 the workqueue's lock), a one-shot work's (a submitted call: ``queue_call``, the hot path of every
 submit, under the pool's lock alone when the workqueue has no limit), the choice of a pool (the
 queueing CPU's, the one a work already runs on, the unbound pool, or a plugin's choice), refusing
-calls, and the one place a work goes onto a worklist (``_insert_locked``). A work beyond the
+calls, and the one place a work goes onto a list (``_insert_locked``): a work beyond the
 workqueue's limits goes to its inactive list instead (:mod:`cmwq_exec.core.wq_active`).
 """
 
@@ -117,37 +117,26 @@ class Queueing(Flushing):
     def _place(self, work: WorkItem, pool: WorkerPool) -> None:
         """Put a work whose pending state is ours on ``pool``'s worklist, or on the inactive list
         beyond the limits. W: held."""
-        if self._limited and not self._may_activate_locked():
-            pwq = self._pwqs[pool.index]
-            if self._system.timing:
-                work._queued_at = time.monotonic()
-            with pool.lock:
-                color = self._work_color
-                in_flight = pwq.in_flight
-                count = in_flight.get(color, 0) + 1
-                # the changes, no call between them but the last (see cmwq_exec.core.interrupts)
-                work._pwq = pwq
-                work._color = color
-                work._counted = False
-                work._where = INACTIVE
-                in_flight[color] = count
-                self._inactive.append(work)
-            return
+        limited = self._limited
+        inactive = limited and not self._may_activate_locked()
         with pool.lock:
-            self._insert_locked(work, pool, counted=self._limited)
+            self._insert_locked(work, pool, limited and not inactive, inactive)
 
-    def _insert_locked(self, work: WorkItem, pool: WorkerPool, counted: bool) -> None:
-        """The one place a work goes onto a pool's worklist, counted in flight for its flush color
-        and, if ``counted``, holding a max_active slot. P: held, ``pool``'s (and W if counted).
+    def _insert_locked(self, work: WorkItem, pool: WorkerPool, counted: bool, inactive: bool = False) -> None:
+        """The one place a work is counted in flight for its flush color and put on a list: on
+        ``pool``'s worklist (and, if ``counted``, holding a max_active slot), or with ``inactive``
+        on the workqueue's inactive list, to wait for the limits. P: held, ``pool``'s (and W if
+        counted or inactive).
 
         Calls that may fail come first, then the changes with no call between them but the last
-        (the append); the test of ``counted`` comes before any change (see cmwq_exec.core.interrupts)."""
+        (the append); the tests of ``counted`` and ``inactive`` come before any change (see
+        cmwq_exec.core.interrupts)."""
         if _CHECKED:
             assert_held(pool.lock)
         pwq = self._pwqs[pool.index]
         if self._system.timing:
             work._queued_at = time.monotonic()
-        if not pool.watchdog_armed:
+        if not (inactive or pool.watchdog_armed):
             pool.prepare_insert()
         color = self._work_color
         in_flight = pwq.in_flight
@@ -157,8 +146,11 @@ class Queueing(Flushing):
         work._pwq = pwq
         work._color = color
         work._counted = counted
-        work._where = WORKLIST
+        work._where = INACTIVE if inactive else WORKLIST
         in_flight[color] = count
+        if inactive:
+            self._inactive.append(work)
+            return
         pool.worklist.append(work)
         # the kernel's need_more_worker holds after an append only if nobody runs, and its
         # wake_up_worker finds nothing to do while a woken worker is on its way
