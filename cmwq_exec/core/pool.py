@@ -36,14 +36,11 @@ down; :mod:`~cmwq_exec.core.trustee`) and ``pool.watch`` (the watchdog's; :mod:`
 Field ownership: the letters of the core's legend (:mod:`cmwq_exec.core.lockdep`): ``I:`` set at init,
 ``P:`` under ``lock``.
 
-Interruptions. A ``KeyboardInterrupt`` (or any asynchronous exception) is raised only where the
-interpreter checks for one: when a call returns and on a backward jump, never between two stores.
-Every lock is taken in a ``with`` block (the lock is released however the block ends); a critical
-section reachable from a caller's thread makes its calls first (they may fail) and its changes
-after, with no call between two changes but the last; a move from one list to another pops in a
-``try`` and appends in its ``finally``. So an interruption anywhere leaves the invariants above true.
-A wakeup lost to one (a work appended, the wake not yet done) is made up by the watchdog, which
-wakes a worker for a pool with works pending and nobody running.
+Interruptions. Every critical section here that a caller's thread can reach follows the rule
+written once in :mod:`cmwq_exec.core.interrupts` (locks in ``with`` blocks; calls first, stores
+after; pop in a ``try``, append in its ``finally``), so an asynchronous exception anywhere leaves the
+invariants above true (``worker_set_flags`` is an example: the flag and the count first, the
+handover's calls after).
 """
 
 from __future__ import annotations
@@ -166,7 +163,8 @@ class WorkerPool:
     def prepare_insert(self) -> None:
         """Before works are appended to the worklist: arm the watchdog. P: held.
 
-        The calls that may fail come before the worklist changes (see "Interruptions")."""
+        The calls that may fail come before the worklist changes (rule 2 of
+        :mod:`cmwq_exec.core.interrupts`)."""
         if not self.watchdog_armed:
             self.system.watchdog.arm(self)
 
@@ -197,7 +195,7 @@ class WorkerPool:
         <cmwq_exec.core.worker.Worker.hand_over>`): an idle worker is woken if works are pending
         (concurrency management's whole point). The flag and the count are stored first, with no
         call between them, and the handover's calls come after: an asynchronous exception at any
-        of their returns leaves ``nr_running`` matching the flags (see "Interruptions")."""
+        of their returns leaves ``nr_running`` matching the flags (:mod:`cmwq_exec.core.interrupts`)."""
         oflags = worker.flags
         worker.flags = oflags | flags
         if flags & NOT_RUNNING and not oflags & NOT_RUNNING:
