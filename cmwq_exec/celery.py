@@ -156,21 +156,20 @@ class TaskPool(BasePool):
         self._limits = (0, 0)  # P: the (max_active, max_running) we last gave the workqueue
         self._window = 4  # I: in-flight tasks per concurrency slot (the prefetch multiplier)
         self._cpu: int | None = None  # I: the CPU whose pool runs our tasks (queue_work_on)
-        conf = self.app.conf if self.app is not None else {}
-        # I: children to supervise (0: this process runs the tasks), see cmwq_exec.celery_processes
-        self._processes = celery_processes.processes_wanted(conf.get("cmwq_processes"))
         self._child = celery_processes.child_index()  # I: our index if a supervisor started us
+
+    def __new__(cls, *args: Any, app: Any = None, **kwargs: Any) -> Any:
+        """A :class:`SupervisorPool` if the worker runs its tasks in child processes (``cmwq_processes``)."""
+        processes = celery_processes.processes_wanted((app.conf if app else {}).get("cmwq_processes"))
+        if cls is TaskPool and processes:
+            return SupervisorPool(*args, processes=processes, app=app, **kwargs)
+        return super().__new__(cls)
 
     # -- start and stop ---------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        """Create the workqueue (and the metrics server if configured); or, with
-        ``cmwq_processes``, supervise the child processes until the worker stops."""
+        """Create the workqueue (and the metrics server if configured)."""
         address = celery_pool_info.metrics_address(self.app.conf if self.app is not None else {})
-        if self._processes:
-            hostname = (self.options.get("initargs") or (None, None))[1]
-            supervisor = celery_processes.Supervisor(default_nodename(hostname), self._processes, address)
-            supervisor.run()  # raises WorkerShutdown / WorkerTerminate once the children are gone
         if self._child is not None:
             celery_processes.become_child(self._child)  # pinned before the engine reads its CPUs
         multiplier = self.app.conf.get("worker_prefetch_multiplier") if self.app is not None else None
@@ -230,9 +229,8 @@ class TaskPool(BasePool):
         self._shutdown()
 
     def on_close(self) -> None:
-        """The worker's shutdown begins (Celery closes the pool before it stops the consumer and
-        then the pool): from here on no task starts, as prefork hands none to a process; the ones
-        not started stay unacked for the broker to deliver again."""
+        """The worker's shutdown begins (Celery closes the pool, then stops the consumer and the
+        pool): no task starts from here on, as with prefork; unstarted ones stay unacked."""
         with self._lock:
             self._close_locked()
 
@@ -418,3 +416,30 @@ class TaskPool(BasePool):
         info = super()._get_info()
         celery_pool_info.pool_stats(info, self._task_counts(), self._child, self._wq)
         return info
+
+
+class SupervisorPool(BasePool):
+    """The pool of a worker in processes mode: this process runs no task; it starts a child worker
+    per CPU, each running :class:`TaskPool`, and watches them until the worker stops (see
+    :mod:`cmwq_exec.celery_processes`). ``TaskPool(...)`` makes one when the setting asks for it."""
+
+    uses_semaphore = False
+    #: stopping waits for the children: not from inside a signal handler.
+    signal_safe = False
+
+    def __init__(self, *args: Any, processes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.processes = processes  # I: how many children
+
+    def on_start(self) -> None:
+        """Supervise the children; raises WorkerShutdown / WorkerTerminate once they are gone."""
+        address = celery_pool_info.metrics_address(self.app.conf if self.app is not None else {})
+        hostname = (self.options.get("initargs") or (None, None))[1]
+        celery_processes.Supervisor(default_nodename(hostname), self.processes, address).run()
+
+    def on_apply(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("cmwq_exec.celery.SupervisorPool runs no task: its children do")
+
+    @property
+    def num_processes(self) -> int:
+        return self.limit or 0

@@ -569,3 +569,21 @@ def test_a_bad_metrics_port_names_the_variable_and_the_range(make_pool, monkeypa
     with pytest.raises(ImproperlyConfigured, match=r"CMWQ_METRICS_PORT must be a TCP port number from 0 to "
                                                    r"65535 .*got '" + value.replace(".", r"\.")):
         make_pool(limit=1)
+
+
+def test_the_setting_selects_the_supervising_pool(monkeypatch):
+    """``worker_pool = "cmwq_exec.celery:TaskPool"`` stays the one entry point: with cmwq_processes
+    the pool Celery makes is the supervisor (no workqueue, no task), without it the task pool."""
+    from celery import Celery
+
+    from cmwq_exec.celery import SupervisorPool
+
+    monkeypatch.delenv("CMWQ_PROCESSES", raising=False)
+    app = Celery("select", set_as_current=False)
+    app.conf.cmwq_processes = 2
+    pool = TaskPool(limit=3, app=app)
+    assert type(pool) is SupervisorPool and pool.processes == 2 and pool.num_processes == 3
+    with pytest.raises(RuntimeError, match="runs no task"):
+        pool.apply_async(lambda: None)
+    app.conf.cmwq_processes = 0
+    assert type(TaskPool(limit=3, app=app)) is TaskPool
