@@ -40,6 +40,7 @@ class Injection:
     codes: frozenset[CodeType]
     within: str
     besides: frozenset[str]
+    once: bool = False
     seen: int = 0
     depth: int = 0
     fired: bool = False
@@ -53,6 +54,8 @@ class Injection:
                 return
             if event == "return":
                 self.depth -= 1  # its own return: the caller's next check is in the with block
+                if not self.depth and self.once:
+                    sys.setprofile(None)  # the functions ran: nothing more to count
                 return
         if not self.depth or event not in ("return", "c_return"):
             return
@@ -94,3 +97,13 @@ def inject_at(k: int, *functions: Any, within: str = "",
         yield injection
     finally:
         sys.setprofile(previous)
+
+
+def install(k: int, *functions: Any, within: str = "", besides: tuple[str, ...] = ()) -> Injection:
+    """Like :func:`inject_at`, for code that runs after the caller returns (the pool closing a
+    task's window once the task's code is done): installed on the calling thread now, removed
+    when the first call of ``functions`` returns."""
+    codes = frozenset(getattr(fn, "__func__", fn).__code__ for fn in functions)
+    injection = Injection(k, codes, within, frozenset(besides), once=True)
+    sys.setprofile(injection.profile)
+    return injection

@@ -587,3 +587,36 @@ def test_the_setting_selects_the_supervising_pool(monkeypatch):
         pool.apply_async(lambda: None)
     app.conf.cmwq_processes = 0
     assert type(TaskPool(limit=3, app=app)) is TaskPool
+
+
+def test_an_exception_at_every_call_return_of_the_window_close_is_absorbed(make_pool, caplog):
+    """The pool closes a task's injection window with celery_jobs.INJECTIONS + 1 nested closes: an
+    exception injected before the close that lands in it, at any call return, is caught by the
+    next level. The task reports its own outcome exactly once and nothing reaches the worker."""
+    import os
+
+    from async_inject_blocking import install
+
+    from cmwq_exec import celery_jobs
+
+    pool, calls = make_pool(limit=1), Calls()
+    caplog.set_level(logging.ERROR, logger="cmwq_exec")
+    within = os.path.dirname(cmwq_exec.__file__) + os.sep
+    injections = {}
+    for k in range(1, 200):
+        def task(k: int = k) -> int:
+            injections[k] = install(k, celery_jobs.close_window_surely, within=within,
+                                    besides=(lockdep.__file__,))
+            return k
+
+        pool.apply_async(task, **calls.callbacks(k))
+        wait_for(lambda k=k: calls.of(k, "success") or calls.of(k, "error"), 10, f"job {k} to report")
+        assert calls.kinds(k) == ["accept", "success"] and calls.of(k, "success") == [(k,)], \
+            (injections[k].where, calls.kinds(k), calls.of(k))
+        if not injections[k].fired:
+            break
+    else:
+        pytest.fail("more than 200 call returns in the window's close")
+    assert k > 3, "the close was not gone through"
+    wait_for(lambda: not pool._jobs, 5, "the pool to settle")
+    assert not [r for r in caplog.records if "escaped" in r.getMessage()], caplog.text
