@@ -210,12 +210,9 @@ class Worker:
             reusable._pending.release()  # from here on it may be queued again
         pwq = work._pwq
         assert pwq is not None  # set while it is queued
-        color = work._color
-        queued_at = work._queued_at
+        color, queued_at = work._color, work._queued_at
         counted = work._counted  # it holds one of its workqueue's max_active slots
-        self.current_work = work
-        self.current_pwq = pwq
-        self.current_counted = counted
+        self.current_work, self.current_pwq, self.current_counted = work, pwq, counted
         self.work_seq += 1
         pool.nr_started += 1
         pwq.nr_started += 1
