@@ -71,6 +71,12 @@ class Scenario(Protocol):
     def teardown(self) -> None: ...
 
 
+#: The lock checker's own frames are left alone: with CMWQ_LOCKDEP=1 a lock is a CheckedLock whose
+#: ``__enter__`` is Python, and an exception raised as it returns would keep the lock (a hazard of
+#: the debug mode only: a plain lock's ``__enter__`` is C, and no call return is seen inside it).
+LOCKDEP_FILE = os.path.join(PACKAGE_DIR, "core", "lockdep.py")
+
+
 def _in_package(frame: FrameType | None) -> bool:
     return frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR)
 
@@ -88,6 +94,8 @@ class _Injector:
         if self.done:
             return
         code = frame.f_code
+        if code.co_filename == LOCKDEP_FILE:
+            return
         if event == "return":
             if self.run.model == "signal":
                 if code is _ENTER:

@@ -817,6 +817,9 @@ class _LimitRemovedMeanwhile:
     def __exit__(self, *exc: Any) -> None:
         self.inner.release()
 
+    def locked(self) -> bool:  # what the lock checker asks of a plain lock (CMWQ_LOCKDEP=1)
+        return self.inner.locked()
+
 
 def test_queue_racing_with_set_max_active_none(release: Release) -> None:
     """The limit read before taking _lock may be gone once it is taken: queueing must not compare with

@@ -20,7 +20,6 @@ from .lockdep import assert_held
 from .work import waiting
 from .worker import current
 from .wq_active import ActiveLimits
-from .wq_state import PoolWorkqueue
 
 
 class Flushing(ActiveLimits):
@@ -36,7 +35,7 @@ class Flushing(ActiveLimits):
     def _drop_in_flight(self, pwq: QueueState, color: int) -> None:
         """A work left (finished or cancelled). P: held (``pwq.pool.lock``)."""
         if _CHECKED:
-            assert_held(cast(PoolWorkqueue, pwq).pool.lock)
+            assert_held(pwq.pool.lock)  # type: ignore[attr-defined]  # a PoolWorkqueue (no cast: a call)
         left = pwq.in_flight[color] - 1
         if left:
             pwq.in_flight[color] = left
