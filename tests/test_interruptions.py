@@ -171,3 +171,21 @@ SCENARIOS = [QueueScenario, CancelScenario, FlushScenario, SubmitScenario]
 def test_injected_at_every_call_return(scenario: type, model: str) -> None:
     runs = inject_everywhere(scenario, model)
     assert runs[-1].injected is False and len(runs) > 10, runs[-1]
+
+
+def _larger(scenario: type) -> type:
+    """The scenario with more works (two held) and a limit of two: more interleavings, slower."""
+    attrs: dict[str, Any] = {"nr_works": 5, "nr_calls": 5}
+    if issubclass(scenario, _WorkQueueScenario):
+        attrs["max_active"] = 2
+        attrs["gated"] = min(scenario.gated, 1) * 2
+    return type(f"Larger{scenario.__name__}", (scenario,), attrs)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("model", ["signal", "async"])
+@pytest.mark.parametrize("scenario", [_larger(s) for s in SCENARIOS], ids=lambda s: s.__name__)
+def test_injected_at_every_call_return_larger(scenario: type, model: str) -> None:
+    runs = inject_everywhere(scenario, model)
+    assert runs[-1].injected is False and len(runs) > 10, runs[-1]
