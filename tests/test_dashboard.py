@@ -1,9 +1,10 @@
 """The metrics, their documentation and the Grafana dashboard agree.
 
-Every family :class:`cmwq_exec.metrics.CMWQCollector` exports is in the metric table of
-docs/observability.md and charted by some panel of ``grafana/dashboards/cmwq_exec.json``; the table
-names nothing the collector does not export. (``tests/test_prometheus_real.py`` runs every panel's
-query against a real Prometheus; this one needs nothing outside the process.)
+Every family :class:`cmwq_exec.metrics.CMWQCollector` (the pools and workqueues) and
+:class:`cmwq_exec.metrics.TaskPoolCollector` (the Celery pool) export is in a metric table of
+docs/observability.md, and the tables name nothing else; every family of the pools and workqueues
+is charted by some panel of ``grafana/dashboards/cmwq_exec.json``. (``tests/test_prometheus_real.py``
+runs every panel's query against a real Prometheus; this one needs nothing outside the process.)
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ DASHBOARD = ROOT / "grafana" / "dashboards" / "cmwq_exec.json"
 OBSERVABILITY = ROOT / "docs" / "observability.md"
 
 
-def exported() -> dict[str, str]:
-    """{sample name a query uses: family type} of every family the collector describes."""
+def exported(celery: bool = True) -> dict[str, str]:
+    """{sample name a query uses: family type} of every family the collectors describe (the Celery
+    pool's too unless ``celery`` is false)."""
     names = {}
-    for family in metrics.CMWQCollector(system=_NoSystem()).describe():
+    families = list(metrics.CMWQCollector(system=_NoSystem()).describe())
+    if celery:
+        families += metrics.TaskPoolCollector(dict).describe()
+    for family in families:
         suffix = {"counter": "_total", "histogram": "_bucket"}.get(family.type, "")
         names[family.name + suffix] = family.type
     return names
@@ -36,7 +41,7 @@ class _NoSystem:
 
 
 def documented() -> set[str]:
-    """The metric names of the table in docs/observability.md, as queries use them."""
+    """The metric names of the tables in docs/observability.md, as queries use them."""
     names = set()
     for match in re.finditer(r"^\| `(cmwq_\w+)(?:\{[^}]*\})?` \| (\w+) \|", OBSERVABILITY.read_text(), re.M):
         name, kind = match.groups()
@@ -60,7 +65,7 @@ def test_every_exported_family_is_documented_and_nothing_else():
     assert documented() == set(exported())
 
 
-def test_every_exported_family_is_charted():
+def test_every_family_of_the_pools_and_workqueues_is_charted():
     queries = charted()
-    missing = [name for name in exported() if not re.search(rf"\b{name}\b", queries)]
+    missing = [name for name in exported(celery=False) if not re.search(rf"\b{name}\b", queries)]
     assert not missing, f"no dashboard panel queries {missing}"
