@@ -16,6 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 from .interfaces import WorkItem, WorkQueueOps
+from .lockdep import must_hold
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -109,6 +110,7 @@ class PoolWorkqueue:
         self.execution_sum = 0.0
         self.cpu_sum = 0.0
 
+    @must_hold("pool.lock")
     def observe(self, latency: float, execution: float, cpu: float) -> None:
         """Record one work's queue latency, run time and CPU time. P: held."""
         self.latency[bisect.bisect_left(BUCKETS, latency)] += 1
