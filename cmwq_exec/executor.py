@@ -242,7 +242,11 @@ class CMWQFuture(Future[_T]):
 
     def _get(self, timeout: float | None, want_result: bool) -> Any:
         if self._state != FINISHED:
-            with self._condition:
+            cond = self._condition
+            # the lock's own with, not the Condition's: Condition.__enter__ is a Python function,
+            # and an exception injected as it returns (a Celery time limit) would keep the lock
+            # for good, hanging the worker that finishes this call (core/interrupts.py)
+            with getattr(cond, "_lock", cond):
                 self._wait_done(timeout)
         # FINISHED is final and its fields were written before it
         if not want_result:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from concurrent.futures import CancelledError
 from typing import Any
 
@@ -116,11 +115,11 @@ class FlushScenario(_WorkQueueScenario):
 
 
 class SubmitScenario:
-    """An executor's submit, then a wait for each call to be done, and its result.
+    """An executor's submit, then ``result()`` of each call.
 
-    The wait polls ``done()``: ``result()`` waits inside ``with`` the future's Condition, whose
-    ``__enter__`` is a Python function; an exception raised as it returns keeps the Condition's
-    lock (as with any ``concurrent.futures.Future``), which this harness would find at once."""
+    ``result()`` waits under the future's Condition, taken with its lock's own ``with``: taken with
+    the Condition's (a Python ``__enter__``), an exception raised as that returns kept the lock,
+    and the worker finishing the call hung on it."""
 
     nr_calls = 3
 
@@ -137,8 +136,6 @@ class SubmitScenario:
             self.tally.queued[i] = True
         self.gate.set()
         for future in self.futures:
-            while not future.done():
-                time.sleep(0.001)
             future.result()
 
     def check(self, run: Run) -> None:
