@@ -31,7 +31,7 @@ from concurrent.futures._base import (
     RUNNING,
 )
 from concurrent.futures.thread import BrokenThreadPool
-from typing import Any, ClassVar, ParamSpec, TypeVar, cast
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 from . import detect, inline_context
 from .core import workqueue as _workqueue
@@ -40,6 +40,7 @@ from .core.lockdep import make_lock
 from .core.pending import NOWHERE
 from .core.worker import current
 from .core.workqueue import WQ, WorkQueue, waiting
+from .future_waits import _FINISHED_CONDITION, _Waiters
 
 #: Helping runs works inline on the waiting thread; past this depth it just waits.
 MAX_HELP_DEPTH = 64
@@ -49,27 +50,6 @@ _AFTER_SHUTDOWN = "cannot schedule new futures after shutdown"
 _executors: weakref.WeakSet[CMWQExecutor] = weakref.WeakSet()
 _help = threading.local()
 _LOGGER = logging.getLogger("concurrent.futures")
-
-
-class _BlockingEvent(threading.Event):
-    """The event of a ``concurrent.futures`` waiter installed from a worker: waiting on it sleeps
-    and gives the worker's max_active slot up meanwhile (see WorkQueue's max_active)."""
-
-    def wait(self, timeout: float | None = None) -> bool:
-        with waiting(current.worker):
-            return super().wait(timeout)
-
-
-class _Waiters(list):  # type: ignore[type-arg]
-    """A future's waiter list: a waiter installed from a worker gets a reporting event."""
-
-    def append(self, waiter: Any) -> None:
-        if current.worker is not None and not isinstance(waiter.event, _BlockingEvent):
-            event = _BlockingEvent()
-            if waiter.event.is_set():
-                event.set()
-            waiter.event = event
-        super().append(waiter)
 
 
 #: A future makes its Condition only when someone waits on it or adds a callback: a private
@@ -82,45 +62,6 @@ _next_stripe = itertools.cycle(range(len(_STRIPES))).__next__
 _NO_CALLBACKS: tuple[Any, ...] = ()
 
 
-class _FinishedCondition:
-    """What ``_condition`` gives for a future that finished before anyone asked for its Condition.
-
-    FINISHED is final: no state, outcome or callback list of that future changes any more, and
-    whoever takes its Condition (``wait``, ``as_completed``, ``add_done_callback``, ``cancel``,
-    ``set_result``, ``result``, ``repr``) only reads, or refuses. So there is nothing to exclude or
-    to wait for, and a Condition made only to be acquired and released costs ~4 µs a future
-    (eight collected objects): ``concurrent.futures.wait`` on 100k finished futures took 0.43 s.
-    Acquiring this one succeeds at once, and it is in no lock order: ``wait`` takes the
-    Conditions of all its futures, so a shared real lock could deadlock two waiters."""
-
-    __slots__ = ()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return True
-
-    def release(self) -> None:
-        pass
-
-    def __enter__(self) -> bool:
-        return True
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return True  # nothing left to happen; callers loop on the state, which is final
-
-    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
-        return predicate()
-
-    def notify(self, n: int = 1) -> None:
-        pass
-
-    def notify_all(self) -> None:
-        pass
-
-
-_FINISHED_CONDITION = cast(threading.Condition, _FinishedCondition())
 
 
 _T = TypeVar("_T")
