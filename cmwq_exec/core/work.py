@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, ParamSpec, cast
 
 from . import timer
 from .interfaces import QueueState, RunningWorker, WorkQueueOps
@@ -26,6 +26,9 @@ log = logging.getLogger("cmwq_exec.workqueue")
 def _owner(work: Work) -> WorkQueueOps:
     """The workqueue a queued work belongs to (``_pwq`` is set: the caller checked)."""
     return cast(QueueState, work._pwq).wq
+
+
+_P = ParamSpec("_P")
 
 
 class Work:
@@ -42,7 +45,7 @@ class Work:
     __slots__ = ("fn", "args", "kwargs", "_pending", "_pwq", "_color", "_queued_at", "_counted", "_worker",
                  "_where", "_timer", "__weakref__")
 
-    def __init__(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, fn: Callable[_P, object], /, *args: _P.args, **kwargs: _P.kwargs) -> None:
         if not callable(fn):
             raise TypeError(f"Work(fn): fn must be callable, got {type(fn).__name__}")
         self.fn = fn

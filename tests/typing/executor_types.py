@@ -12,7 +12,7 @@ from concurrent.futures import Executor, Future
 
 from typing_extensions import assert_type  # typing.assert_type is 3.11+
 
-from cmwq_exec import CMWQExecutor, CMWQFuture
+from cmwq_exec import CMWQExecutor, CMWQFuture, DelayedWork, Work, WorkQueue
 
 
 def parse(text: str) -> int:
@@ -42,3 +42,13 @@ def mistakes() -> None:
         text: str = ex.submit(parse, "1").result()  # E: assignment
         numbers: Iterator[str] = ex.map(parse, ["1"])  # E: arg-type
         del wrong, text, numbers
+
+
+def works() -> None:
+    wq = WorkQueue("types", max_active=2)
+    assert_type(wq.queue_work(Work(parse, "1")), bool)
+    assert_type(wq.queue_delayed_work(DelayedWork(print, "later"), 1.0), bool)
+    Work(parse, 1)  # E: arg-type
+    DelayedWork(parse)  # E: call-arg
+    wq.queue_work(parse)  # E: arg-type
+    wq.destroy()
