@@ -1,12 +1,12 @@
 """cmwq_exec: the Linux kernel's concurrency-managed workqueue as a Python executor backend.
 
 Public API: :class:`CMWQExecutor`, :class:`WorkQueue`, :class:`Work`, :class:`DelayedWork`,
-:class:`WQ`, :func:`blocking`, :func:`configure`, :func:`get_system`, and the pluggy markers
+:class:`WQ`, :func:`blocking`, :func:`waiting`, :func:`configure`, :func:`get_system`, and the pluggy markers
 ``hookimpl``/``hookspec``.
 """
 
 from . import plugin as _plugin  # noqa: F401  (loads the entry-point plugins when the pools start)
-from .blocking import blocking
+from .blocking import blocking, waiting
 from .core.system import configure, get_system
 from .core.workqueue import WQ, DelayedWork, Work, WorkQueue
 from .detect import disable as undetect_blocking
@@ -28,5 +28,6 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "undetect_blocking",
+    "waiting",
 ]
 __version__ = "0.1.0"
