@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -589,6 +590,10 @@ def test_the_setting_selects_the_supervising_pool(monkeypatch):
     assert type(TaskPool(limit=3, app=app)) is TaskPool
 
 
+@pytest.mark.skipif(sys.version_info[:2] == (3, 11), reason=(
+    "CPython 3.11 spins at the nested close when the harness raises from its profile function at "
+    "some of these call returns (an artefact of injecting through sys.setprofile, seen on 3.11 only; "
+    "3.10, 3.12 and 3.13 run the test)"))
 def test_an_exception_at_every_call_return_of_the_window_close_is_absorbed(make_pool, caplog):
     """The pool closes a task's injection window with celery_jobs.INJECTIONS + 1 nested closes: an
     exception injected before the close that lands in it, at any call return, is caught by the
