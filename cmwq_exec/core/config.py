@@ -64,7 +64,7 @@ class Config:
     #: ... and not while at least half of its busy workers went to sleep within twice the pool's
     #: average sleep, capped at this: those sleepers are due back and will take the waiting works.
     #: Works that wait for each other wait at most this long for a worker: a sleeper older than
-    #: that window with none back since ends the hold (see WorkerPool.sleepers_due).
+    #: that window with none back since ends the hold (see core/pacing.py, sleepers_due).
     #: From 1 ns (which turns the hold off) to 60 s, for the same reason as create_interval.
     create_hold_max: float = _seconds(0.050, 1e-9, 60.0)
     #: Cap on worker threads of all pools together; reaching it counts as a failed creation.
