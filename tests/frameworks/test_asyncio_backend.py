@@ -71,8 +71,9 @@ def test_runner_runs_twice_on_one_executor() -> None:
 
 
 def test_installed_policy_serves_every_asyncio_run(installed: None) -> None:
-    executors = {id(asyncio.run(_default_executor())) for _ in range(3)}
-    assert len(executors) == 3
+    # kept alive while compared: a collected executor's id may be the next one's
+    executors = [asyncio.run(_default_executor()) for _ in range(3)]
+    assert len({id(executor) for executor in executors}) == 3
     loop = asyncio.new_event_loop()
     try:
         assert isinstance(loop._default_executor, CMWQExecutor)  # type: ignore[attr-defined]
