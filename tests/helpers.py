@@ -219,3 +219,23 @@ def need_sysfs_hotplug() -> None:
         pytest.skip(f"{CPU1_ONLINE} is not writable")
     if read_cpu1() != "1":
         pytest.skip("CPU 1 is not online to begin with")
+
+
+def run_as_work(wq: Any, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` as a work of ``wq`` and return what it returned (re-raise what it raised)."""
+    from cmwq_exec import Work
+
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            out["error"] = exc
+
+    wq.queue_work(Work(body))
+    wq.flush()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import run_as_work, wait_for
 
 from cmwq_exec import WQ, Work, WorkQueue, blocking
 from cmwq_exec.core.worker import SLEEPING, current_worker
@@ -24,20 +24,7 @@ def nr_running() -> int:
 
 def run_in_worker(fn: Callable[[], Any], flags: WQ = WQ.UNBOUND) -> Any:
     """Run ``fn`` as a work on a fresh workqueue and return what it returned (or raise what it raised)."""
-    wq = WorkQueue("blocking-test", flags)
-    out: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    wq.queue_work(Work(body))
-    wq.flush()
-    if "error" in out:
-        raise out["error"]
-    return out["result"]
+    return run_as_work(WorkQueue("blocking-test", flags), fn)
 
 
 # -- outside a worker -------------------------------------------------------------------------------

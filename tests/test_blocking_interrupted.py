@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from async_inject_blocking import Injected, Injection, inject_at
-from helpers import wait_for
+from helpers import run_as_work, wait_for
 
 import cmwq_exec
 from cmwq_exec import Work, WorkQueue, blocking
@@ -40,21 +39,7 @@ PACKAGE = os.path.dirname(cmwq_exec.__file__) + os.sep
 MOST_RETURNS = 2000
 
 
-def run_work(wq: WorkQueue, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` as a work of ``wq``; return what it returned (re-raise what it raised)."""
-    out: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
-            out["error"] = exc
-
-    wq.queue_work(Work(body))
-    wq.flush()
-    if "error" in out:
-        raise out["error"]
-    return out["result"]
+run_work = run_as_work  # run fn as a work of wq: its result, or what it raised
 
 
 def nested_sleep(k: int, wq: WorkQueue | None) -> tuple[Injection, Any]:
