@@ -338,7 +338,7 @@ class Worker:
         """Clear what a work left of its sleeps and of the watchdog's marks, however it ended: a
         blocking() whose enter or exit an asynchronous exception cut short leaves a depth or the
         SLEEPING flag, which would keep the worker out of nr_running (and its next sleeps from
-        handing over) for good. L: held; on the worker's own thread."""
+        handing over) for good. P: held; on the worker's own thread."""
         self.sleep_depth = 0
         stack = current.detected
         if stack:
