@@ -104,6 +104,7 @@ from .celery_jobs import (
     workqueue_limits,
 )
 from .celery_outbox import Outbox
+from .celery_process_ledger import Ledger, request_record
 from .core.lockdep import make_lock
 from .core.workqueue import WQ, Work, WorkQueue
 
@@ -157,6 +158,7 @@ class TaskPool(BasePool):
         self._window = 4  # I: in-flight tasks per concurrency slot (the prefetch multiplier)
         self._cpu: int | None = None  # I: the CPU whose pool runs our tasks (queue_work_on)
         self._child = celery_processes.child_index()  # I: our index if a supervisor started us
+        self._ledger: Ledger | None = None  # I: set by on_start (a child's started tasks)
 
     def __new__(cls, *args: Any, app: Any = None, **kwargs: Any) -> Any:
         """A :class:`SupervisorPool` if the worker runs its tasks in child processes (``cmwq_processes``)."""
@@ -171,7 +173,7 @@ class TaskPool(BasePool):
         """Create the workqueue (and the metrics server if configured)."""
         address = celery_pool_info.metrics_address(self.app.conf if self.app is not None else {})
         if self._child is not None:
-            celery_processes.become_child(self._child)  # pinned before the engine reads its CPUs
+            self._ledger = celery_processes.become_child(self._child)  # pinned before the engine looks
         multiplier = self.app.conf.get("worker_prefetch_multiplier") if self.app is not None else None
         if isinstance(multiplier, int) and not isinstance(multiplier, bool) and multiplier >= 1:
             self._window = multiplier
@@ -332,11 +334,20 @@ class TaskPool(BasePool):
         if refuse:
             self._deliver(self._refuse, job)  # it stays queued until the consumer decides
             return
+        ledger, task_id = self._ledger, None
+        if ledger is not None and job.request is not None:
+            # in the ledger before the accept acks the message (see celery_process_ledger)
+            record = request_record(job.request)
+            if record is not None:
+                task_id = job.request.id
+                ledger.started(task_id, record)
         self._deliver(job.accept_callback, job.pid, time.monotonic())
         self._job_limits.arm(job)
         outcome = call_target(job)
         # From here on nothing can be injected: the window is closed.
         self._job_limits.disarm(job)
+        if ledger is not None and task_id is not None:
+            ledger.finished(task_id)  # its outcome is stored: the tracer stored it
         with self._lock:
             unwound = job.unwind is not None
             self._job_limits.job_ended(job, unwound)

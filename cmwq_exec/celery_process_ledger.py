@@ -9,8 +9,12 @@ ever. Prefork's parent records FAILURE ``WorkerLostError('Worker exited prematur
 
 The ledger file
     Each child appends one line per event to a file in the supervisor's status directory: ``+``
-    and a JSON record when a task starts (Celery's ``task_prerun``, sent on the task's thread just
-    before the task body runs), ``-`` and the JSON task id when it ends (``task_postrun``).
+    and a JSON record when the pool starts a task, ``-`` and the JSON task id when the task's call
+    has returned (its outcome is in the result backend then: Celery's tracer stores it on the
+    task's thread). The start is written *before* the pool hands Celery the accept that acks the
+    message: a child killed after the ack has the task in its ledger. (Celery's ``task_prerun``
+    would be too late: the accept runs on the consumer's thread at the same time as the tracer,
+    and a kill between the ack and the prerun signal would lose the task, PENDING for ever.)
 
     Why a file of appended lines: each line is one ``os.write`` on a descriptor opened with
     ``O_APPEND``. A signal, SIGKILL included, ends a process between system calls, and what a
@@ -33,8 +37,8 @@ What is recorded
     Redis after its ``visibility_timeout``) and another child runs them. Prefork marks them failed
     instead unless ``reject_on_worker_lost`` is set, because its parent holds the message and can
     acknowledge it; the supervisor holds no message, so marking them failed would only be
-    overwritten by the redelivered run. Eager calls (``task.apply`` inside a task) are not recorded
-    either: they run inside a recorded task.
+    overwritten by the redelivered run. Eager calls (``task.apply`` inside a task) never reach the
+    pool: they run inside a recorded task.
 
     A record holds what the result backend needs to report the failure as the worker would: the
     task's id and name, whether errors are stored (``ignore_result`` and
@@ -52,10 +56,11 @@ import os
 import threading
 from typing import Any
 
-from celery import signals, states
+from celery import states
 from celery.exceptions import WorkerLostError
 
-__all__ = ["COMPACT_AT", "Ledger", "keep_ledger", "lost_error", "read_ledger", "report_lost"]
+__all__ = ["COMPACT_AT", "Ledger", "keep_ledger", "lost_error", "read_ledger", "report_lost",
+           "request_record"]
 
 log = logging.getLogger("cmwq_exec.celery")
 
@@ -140,47 +145,37 @@ class Ledger:
                   "the tasks it ran are not reported failed", self.path, exc)
 
 
-def task_record(task: Any, task_id: str) -> bytes | None:
-    """What the ledger keeps of a task starting on this thread, as a JSON object, or None if it is
-    not to be kept (``acks_late``, an eager call). ``task.request`` is the request Celery's tracer
-    pushed."""
+def request_record(request: Any) -> bytes | None:
+    """What the ledger keeps of the task of Celery's worker ``Request`` (the one a job's accept
+    callback is bound to), as a JSON object, or None if it is not to be kept (``acks_late``)."""
+    task = request.task
     if getattr(task, "acks_late", False):
         return None
-    request = task.request
-    if getattr(request, "is_eager", False) or getattr(request, "called_directly", False):
-        return None
-    ignored = bool(getattr(task, "ignore_result", False) or getattr(request, "ignore_result", False))
+    task_id, name = request.id, task.name
+    ignored = bool(getattr(task, "ignore_result", False) or request.ignore_result)
     store = not ignored or bool(getattr(task, "store_errors_even_if_ignored", False))
-    record: dict[str, Any] = {"id": task_id, "task": task.name, "store": store}
-    for name in _CONTEXT_FIELDS:
-        value = getattr(request, name, None)
+    record: dict[str, Any] = {"id": task_id, "task": name, "store": store}
+    headers = request.request_dict
+    try:
+        _, _, embed = request._payload  # chord, chain, errbacks: in the message body
+    except (TypeError, ValueError):
+        embed = None
+    for field in _CONTEXT_FIELDS:
+        value = headers.get(field)
+        if value is None and isinstance(embed, dict):
+            value = embed.get(field)
         if value is not None:
-            record[name] = value
+            record[field] = value
     try:
         return json.dumps(record, separators=(",", ":")).encode()
     except (TypeError, ValueError):  # a field that is not JSON (a pickled canvas): report without them
-        return json.dumps({"id": task_id, "task": task.name, "store": store}).encode()
+        return json.dumps({"id": task_id, "task": name, "store": store}).encode()
 
 
 def keep_ledger(path: str) -> Ledger:
-    """In a child, before its consumer starts: record every task start and end in ``path``."""
-    ledger = Ledger(path)
-
-    def on_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
-        if task_id is None or task is None:
-            return
-        record = task_record(task, task_id)
-        if record is not None:
-            ledger.started(task_id, record)
-
-    def on_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
-        if task_id is not None:
-            ledger.finished(task_id)
-
-    # strong references: the tracer reads the receiver lists once, when it is built
-    signals.task_prerun.connect(on_prerun, weak=False)
-    signals.task_postrun.connect(on_postrun, weak=False)
-    return ledger
+    """In a child, before its consumer starts: the ledger the pool writes each task's start and
+    end to (:meth:`Ledger.started` with :func:`request_record`, :meth:`Ledger.finished`)."""
+    return Ledger(path)
 
 
 # -- the supervisor's side -------------------------------------------------------------------------

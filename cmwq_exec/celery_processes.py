@@ -179,10 +179,11 @@ def check_configuration() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def become_child(index: int, environ: Mapping[str, str] = os.environ) -> None:
+def become_child(index: int, environ: Mapping[str, str] = os.environ) -> ledger.Ledger | None:
     """Called in a child before its pool starts: check the configuration (a bad value exits with
     EX_CONFIG, which the supervisor does not restart), stay on our CPU, die with the supervisor
-    (warm), leave Ctrl-C to it, and keep the ledger of the tasks we start."""
+    (warm), leave Ctrl-C to it; returns the ledger the pool keeps of the tasks it starts (None if
+    the supervisor gave no path)."""
     try:
         check_configuration()
     except ValueError as exc:
@@ -204,8 +205,7 @@ def become_child(index: int, environ: Mapping[str, str] = os.environ) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before we could ask to follow it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     path = environ.get(CHILD_LEDGER)
-    if path:
-        ledger.keep_ledger(path)
+    return ledger.keep_ledger(path) if path else None
 
 
 def pin_threads(pid: int, cpu: int) -> int:

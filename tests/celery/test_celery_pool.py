@@ -265,8 +265,8 @@ def test_a_caught_soft_limit_in_blocking_leaves_concurrency_management_whole(cel
     running task counts in nr_running."""
     worker = start_worker(concurrency=1, via="setting")
     t = celery_app.tasks
-    results = group(t["t.soft_in_blocking"].s(0.4).set(soft_time_limit=0.1) for _ in range(10))()
-    caught = results.get(timeout=60)
+    results = group(t["t.soft_in_blocking"].s(0.3).set(soft_time_limit=0.1) for _ in range(10))()
+    caught = results.get(timeout=90)
     assert sum(caught) >= 10, f"the soft limits did not land: {caught}"
     for _ in range(3):  # the tasks may run on any worker of the pool: each probe sees them all
         state = t["t.sleep_state"].delay().get(timeout=20)

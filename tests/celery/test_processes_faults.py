@@ -53,7 +53,15 @@ def test_a_killed_childs_started_tasks_fail_with_worker_lost_and_acks_late_ones_
     def all_ready() -> bool:
         return all(result.state in states.READY_STATES for result in tokens)
 
-    wait_for(all_ready, 120, f"every result to be ready\n{worker.tail()}", interval=0.2)
+    def not_ready() -> str:
+        return ", ".join(f"{token} {result.id} {result.state}" for result, token in tokens.items()
+                         if result.state not in states.READY_STATES)
+
+    try:
+        wait_for(all_ready, 120, "every result to be ready", interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: not ready: {not_ready()} (child 0 held {sorted(held_early)} "
+                             f"acked, {sorted(held_late)} acks_late)\n{worker.tail()}") from None
     for task_id in held_early:
         result = results[task_id]
         assert result.state == states.FAILURE, (task_id, result.state, result.result)

@@ -112,18 +112,6 @@ def test_a_child_killed_while_writing_leaves_a_ledger_of_its_running_tasks(tmp_p
         assert not {f"{thread}-{n}" for n in numbers if n % 3 == 0} & printed
 
 
-class _Task:
-    name = "t.x"
-    acks_late = False
-    ignore_result = False
-    store_errors_even_if_ignored = False
-
-    def __init__(self, **request: Any) -> None:
-        from celery.app.task import Context
-
-        self.request = Context(request, called_directly=False)  # as Celery's tracer makes it
-
-
 def decoded(record: bytes | None) -> dict[str, Any]:
     assert record is not None
     value = json.loads(record)
@@ -131,25 +119,100 @@ def decoded(record: bytes | None) -> dict[str, Any]:
     return value
 
 
-def test_a_task_with_acks_late_or_run_eagerly_is_not_recorded():
-    late = _Task()
-    late.acks_late = True
-    assert ledger.task_record(late, "a") is None
-    assert ledger.task_record(_Task(is_eager=True), "b") is None
-    kept = decoded(ledger.task_record(_Task(group="g", group_index=2, reply_to="q"), "c"))
-    assert kept["id"] == "c" and kept["group"] == "g" and kept["group_index"] == 2 and kept["store"] is True
+def celery_request(app: Celery, name: str = "t.x", cls: type[Any] | None = None, **options: Any) -> Any:
+    """Celery's worker Request for a message of task ``name`` (``options``: as_task_v2's, e.g.
+    group_id, chord), built the way the consumer builds it."""
+    from celery.worker.request import Request
+
+    task_id = str(uuid.uuid4())
+    message = app.amqp.as_task_v2(task_id, name, args=(), kwargs={}, **options)
+
+    class Received:  # what Request reads of kombu's Message
+        headers, properties, payload = message.headers, message.properties, message.body
+        body, content_type, content_encoding = message.body, "application/json", "utf-8"
+        delivery_info = {"exchange": "", "routing_key": "celery"}
+
+    return (cls or Request)(Received(), app=app, task=app.tasks[name])
 
 
-def test_a_task_whose_result_is_ignored_is_recorded_without_storing():
-    ignored = _Task()
-    ignored.ignore_result = True
-    assert decoded(ledger.task_record(ignored, "a"))["store"] is False
-    assert decoded(ledger.task_record(_Task(ignore_result=True), "b"))["store"] is False
+@pytest.fixture
+def tasks_app() -> Iterator[Celery]:
+    app = Celery("cmwq_ledger", broker="memory://", backend="cache+memory://", set_as_current=False)
+
+    def x() -> None:
+        pass
+
+    app.task(name="t.x", shared=False)(x)
+    app.task(name="t.late", shared=False, acks_late=True)(x)
+    app.task(name="t.ignored", shared=False, ignore_result=True)(x)
+    yield app
+    app.close()
 
 
-def test_a_request_field_that_is_not_json_leaves_only_what_identifies_the_task():
-    kept = decoded(ledger.task_record(_Task(chord=object(), group="g"), "a"))
-    assert kept == {"id": "a", "task": "t.x", "store": True}
+def test_a_task_with_acks_late_is_not_recorded(tasks_app):
+    assert ledger.request_record(celery_request(tasks_app, "t.late")) is None
+    request = celery_request(tasks_app, group_id="g", group_index=2, reply_to="q")
+    kept = decoded(ledger.request_record(request))
+    assert kept["id"] == request.id and kept["task"] == "t.x" and kept["store"] is True
+    assert kept["group"] == "g" and kept["group_index"] == 2 and kept["reply_to"] == "q"
+
+
+def test_a_task_whose_result_is_ignored_is_recorded_without_storing(tasks_app):
+    assert decoded(ledger.request_record(celery_request(tasks_app, "t.ignored")))["store"] is False
+    assert decoded(ledger.request_record(celery_request(tasks_app, ignore_result=True)))["store"] is False
+
+
+def test_the_chord_and_errbacks_of_the_message_body_are_kept(tasks_app):
+    chord = {"task": "t.x", "args": [], "kwargs": {}, "options": {}, "subtask_type": None}
+    request = celery_request(tasks_app, chord=chord, errbacks=[chord], group_id="g")
+    kept = decoded(ledger.request_record(request))
+    assert kept["chord"] == chord and kept["errbacks"] == [chord] and kept["group"] == "g"
+
+
+def test_a_request_field_that_is_not_json_leaves_only_what_identifies_the_task(tasks_app):
+    request = celery_request(tasks_app, chord=object(), group_id="g")
+    assert decoded(ledger.request_record(request)) == {"id": request.id, "task": "t.x", "store": True}
+
+
+def test_a_task_is_in_the_ledger_before_its_accept_acks_it(tasks_app, tmp_path):
+    """The accept callback (Request.on_accepted) acks a task not acks_late, on the consumer's
+    thread, while the task starts on its own: a child killed right after the ack must have the
+    task in its ledger already, or nothing ever reports it (PENDING for ever). Its end is written
+    once its call returns."""
+    from celery.worker.request import Request
+
+    from cmwq_exec.celery import TaskPool
+
+    path = str(tmp_path / "tasks")
+    seen: dict[str, list[str]] = {}
+    release = threading.Event()
+
+    class Acking(Request):
+        def on_accepted(self, pid: Any, time_accepted: float) -> None:  # reads the ledger as a
+            seen[self.id] = [r["id"] for r in ledger.read_ledger(path)]  # kill at the ack would
+
+    requests = [celery_request(tasks_app, cls=Acking) for _ in range(3)]
+    pool = TaskPool(limit=3)
+    pool.start()
+    pool._ledger = ledger.keep_ledger(path)  # what a child's on_start sets (become_child)
+    try:
+        done = threading.Semaphore(0)
+        for request in requests:
+            pool.apply_async(lambda: release.wait(10), accept_callback=request.on_accepted,
+                             callback=lambda _: done.release())
+        for _ in range(50):
+            if len(seen) == len(requests):
+                break
+            threading.Event().wait(0.1)
+        for request in requests:
+            assert request.id in seen.get(request.id, []), (request.id, seen)
+        release.set()
+        for _ in requests:
+            assert done.acquire(timeout=10)
+        assert ledger.read_ledger(path) == []  # each call returned: its end is written
+    finally:
+        release.set()
+        pool.stop()
 
 
 def test_the_error_is_worded_as_prefork_words_it():
