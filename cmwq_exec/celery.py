@@ -104,8 +104,9 @@ from .celery_jobs import (
     workqueue_limits,
 )
 from .celery_outbox import Outbox
-from .celery_process_ledger import Ledger, request_record
-from .core.lockdep import make_lock
+from .celery_process_ledger import Ledger
+from .core.lockdep import make_lock, must_hold
+from .core.system import get_system
 from .core.workqueue import WQ, Work, WorkQueue
 
 __all__ = ["TaskPool"]
@@ -155,7 +156,7 @@ class TaskPool(BasePool):
         self._metrics = celery_pool_info.MetricsServer()  # I
         self._wq: WorkQueue | None = None  # I
         self._limits = (0, 0)  # P: the (max_active, max_running) we last gave the workqueue
-        self._window = 4  # I: in-flight tasks per concurrency slot (the prefetch multiplier)
+        self._window = 4  # I: in-flight tasks per concurrency slot (prefetch_window)
         self._cpu: int | None = None  # I: the CPU whose pool runs our tasks (queue_work_on)
         self._child = celery_processes.child_index()  # I: our index if a supervisor started us
         self._ledger: Ledger | None = None  # I: set by on_start (a child's started tasks)
@@ -171,14 +172,11 @@ class TaskPool(BasePool):
 
     def on_start(self) -> None:
         """Create the workqueue (and the metrics server if configured)."""
-        address = celery_pool_info.metrics_address(self.app.conf if self.app is not None else {})
+        conf = self.app.conf if self.app is not None else {}
+        address = celery_pool_info.metrics_address(conf)
         if self._child is not None:
             self._ledger = celery_processes.become_child(self._child)  # pinned before the engine looks
-        multiplier = self.app.conf.get("worker_prefetch_multiplier") if self.app is not None else None
-        if isinstance(multiplier, int) and not isinstance(multiplier, bool) and multiplier >= 1:
-            self._window = multiplier
-        from .core.system import get_system
-
+        self._window = celery_pool_info.prefetch_window(conf)
         self._cpu = get_system().local_pool().cpu
         self._limits = workqueue_limits(self.limit, self._window, 0)
         max_active, max_running = self._limits
@@ -208,7 +206,7 @@ class TaskPool(BasePool):
             return
         self._outbox.stop_delivering_to_hub()
         with self._lock:
-            self._close_locked()
+            self._cancel_queued_locked(closing=True)
             while any(job.state is RUNNING and job.unwind is None for job in self._jobs.values()):
                 self._lock.release()
                 try:
@@ -224,7 +222,7 @@ class TaskPool(BasePool):
         for them; with acks_late their messages return to the broker)."""
         self._outbox.stop_delivering_to_hub()
         with self._lock:
-            self._close_locked()
+            self._cancel_queued_locked(closing=True)
             for job in self._jobs.values():
                 self._job_limits.unwind_locked(job, "terminated")
         self._outbox.drain()
@@ -234,7 +232,7 @@ class TaskPool(BasePool):
         """The worker's shutdown begins (Celery closes the pool, then stops the consumer and the
         pool): no task starts from here on, as with prefork; unstarted ones stay unacked."""
         with self._lock:
-            self._close_locked()
+            self._cancel_queued_locked(closing=True)
 
     def flush(self) -> None:
         """The connection was lost: queued tasks can no longer be acked, the broker will deliver
@@ -242,16 +240,17 @@ class TaskPool(BasePool):
         with self._lock:
             self._cancel_queued_locked()
 
-    def _close_locked(self) -> None:
-        self._closing = True
-        self._cancel_queued_locked()
-
-    def _cancel_queued_locked(self) -> None:
+    @must_hold("_lock")
+    def _cancel_queued_locked(self, closing: bool = False) -> None:
+        """Forget every job not started (never acked: the broker delivers it again); ``closing``:
+        and start none from here on. P: held."""
+        self._closing = self._closing or closing
         for job in list(self._jobs.values()):
             if job.state is QUEUED:
                 self._forget_locked(job, CANCELLED)
         self._held.clear()
 
+    @must_hold("_lock")
     def _forget_locked(self, job: Job, state: str) -> None:
         """The job leaves the pool in ``state``: DONE, or CANCELLED for a job that never started
         and never will (not acked: its accept callback is what acks it, so the broker delivers it
@@ -301,6 +300,7 @@ class TaskPool(BasePool):
             self._queue(work)
         return job
 
+    @must_hold("_lock")
     def _hold_locked(self, work: Work) -> bool:
         """Keep ``work`` back while the limit is 0 (a workqueue cannot have max_active 0); True
         if it was kept. P: held."""
@@ -314,46 +314,38 @@ class TaskPool(BasePool):
         self._wq.queue_work_on(self._cpu, work)
 
     def _run(self, job: Job) -> None:
-        """Run one task on a cmwq worker thread, with the worker's app as the current app."""
+        """Start, run and report one job on a cmwq worker thread, with the worker's app as the
+        current app (the injection window: see celery_jobs)."""
         with current_app(self.app):
-            self._run_job(job)
-
-    def _run_job(self, job: Job) -> None:
-        """Start, run and report one job (the injection window: see celery_jobs)."""
-        with self._lock:
-            if job.state is not QUEUED:
-                return  # cancelled by shutdown or a lost connection
-            if self._closing or shutting_down():
-                # a shutdown starts nothing: unacked, the broker delivers it again
-                self._forget_locked(job, CANCELLED)
+            with self._lock:
+                if job.state is not QUEUED:
+                    return  # cancelled by shutdown or a lost connection
+                if self._closing or shutting_down():
+                    # a shutdown starts nothing: unacked, the broker delivers it again
+                    self._forget_locked(job, CANCELLED)
+                    return
+                refuse = job.request is not None and not job.cleared and may_be_revoked(job.request)
+                if not refuse:
+                    job.state = RUNNING
+                    job.thread_id = threading.get_ident()
+            if refuse:
+                self._deliver(self._refuse, job)  # it stays queued until the consumer decides
                 return
-            refuse = job.request is not None and not job.cleared and may_be_revoked(job.request)
-            if not refuse:
-                job.state = RUNNING
-                job.thread_id = threading.get_ident()
-        if refuse:
-            self._deliver(self._refuse, job)  # it stays queued until the consumer decides
-            return
-        ledger, task_id = self._ledger, None
-        if ledger is not None and job.request is not None:
-            # in the ledger before the accept acks the message (see celery_process_ledger)
-            record = request_record(job.request)
-            if record is not None:
-                task_id = job.request.id
-                ledger.started(task_id, record)
-        self._deliver(job.accept_callback, job.pid, time.monotonic())
-        self._job_limits.arm(job)
-        outcome = call_target(job)
-        # From here on nothing can be injected: the window is closed.
-        self._job_limits.disarm(job)
-        if ledger is not None and task_id is not None:
-            ledger.finished(task_id)  # its outcome is stored: the tracer stored it
-        with self._lock:
-            unwound = job.unwind is not None
-            self._job_limits.job_ended(job, unwound)
-            self._forget_locked(job, DONE)
-        if not unwound and outcome is not None:
-            self._deliver(*outcome)  # an unwound job was reported already (timeout, or revoked)
+            ledger = self._ledger  # in it before the accept acks the message (celery_process_ledger)
+            kept = ledger.start(job.request) if ledger is not None and job.request is not None else None
+            self._deliver(job.accept_callback, job.pid, time.monotonic())
+            self._job_limits.arm(job)
+            outcome = call_target(job)
+            # From here on nothing can be injected: the window is closed.
+            self._job_limits.disarm(job)
+            if ledger is not None and kept is not None:
+                ledger.finished(kept)  # its outcome is stored: the tracer stored it
+            with self._lock:
+                unwound = job.unwind is not None
+                self._job_limits.job_ended(job, unwound)
+                self._forget_locked(job, DONE)
+            if not unwound and outcome is not None:
+                self._deliver(*outcome)  # an unwound job was reported already (timeout, or revoked)
 
     def _refuse(self, job: Job) -> None:
         """On the consumer's thread: let Celery refuse a revoked or expired job, as it refuses one
@@ -382,6 +374,7 @@ class TaskPool(BasePool):
 
     # -- concurrency --------------------------------------------------------------------------------
 
+    @must_hold("_lock")
     def _update_max_active_locked(self) -> None:
         """P: held. Lock order: ours, then the workqueue's."""
         wanted = workqueue_limits(self.limit, self._window, self._job_limits.abandoned)

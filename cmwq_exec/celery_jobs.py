@@ -45,6 +45,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker import state as _worker_state
 
 from .core import timer as _timer
+from .core.lockdep import assert_held, must_hold
 
 log = logging.getLogger("cmwq_exec.celery")
 
@@ -272,7 +273,8 @@ def close_window_surely(job: Job) -> None:
 
 
 def inject(job: Job, exc_type: type[BaseException]) -> None:
-    """Raise ``exc_type`` in the job's thread if its window is open. P: the pool's lock held."""
+    """Raise ``exc_type`` in the job's thread if its window is open. P: held (``job.pool._lock``)."""
+    assert_held(job.pool._lock)
     with job.gate:
         if job.in_target:
             async_raise(job.thread_id, exc_type)
@@ -365,6 +367,7 @@ class JobLimits:
             elif job.state is RUNNING:
                 self.unwind_locked(job, "terminated")
 
+    @must_hold("pool._lock")
     def unwind_locked(self, job: Job, why: str) -> bool:
         """Decide that ``job`` ends now and give its slot back; False if it ended already. P: held."""
         if job.state is not RUNNING or job.unwind is not None:
@@ -416,6 +419,7 @@ class JobLimits:
                     getattr(request, "name", "?"), getattr(request, "id", job.pid), job.unwind,
                     job.where() or "(no Python frame)")
 
+    @must_hold("pool._lock")
     def job_ended(self, job: Job, unwound: bool) -> None:
         """The job's thread returned. P: held."""
         grace, job.grace = job.grace, None

@@ -45,6 +45,15 @@ def metrics_address(conf: Mapping[str, Any]) -> tuple[int, str] | None:
     return number, addr
 
 
+def prefetch_window(conf: Mapping[str, Any]) -> int:
+    """How many tasks per concurrency slot the consumer keeps in flight: Celery's
+    ``worker_prefetch_multiplier`` (4 unless set to a whole number of at least 1)."""
+    multiplier = conf.get("worker_prefetch_multiplier")
+    if isinstance(multiplier, int) and not isinstance(multiplier, bool) and multiplier >= 1:
+        return multiplier
+    return 4
+
+
 class MetricsServer:
     """The pool's Prometheus endpoint: the HTTP server and the pool's collector, while it runs."""
 

@@ -100,6 +100,20 @@ class Ledger:
             self._running[task_id] = line
             self._append(line)
 
+    def start(self, request: Any) -> str | None:
+        """The pool starts the task of Celery's worker ``request``: record it (unless it is not
+        to be kept: :func:`request_record`); returns the id to pass to :meth:`finished`, or None.
+        Never raises: the pool calls it between a job's start and its accept."""
+        try:
+            record = request_record(request)
+        except Exception:  # noqa: BLE001 - not Celery's Request after all: run it unrecorded
+            log.exception("cmwq_exec: cannot record the start of %r in the ledger", request)
+            return None
+        if record is None:
+            return None
+        self.started(request.id, record)
+        return str(request.id)
+
     def finished(self, task_id: str) -> None:
         with self._lock:
             if self._running.pop(task_id, None) is None:

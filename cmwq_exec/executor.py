@@ -36,7 +36,8 @@ from typing import Any, ClassVar, ParamSpec, TypeVar
 from . import detect, inline_context
 from .core import workqueue as _workqueue
 from .core.interfaces import QueueState
-from .core.lockdep import make_lock
+from .core.lockdep import ENABLED as _CHECKED
+from .core.lockdep import assert_held, make_lock
 from .core.pending import NOWHERE
 from .core.worker import current
 from .core.workqueue import WQ, WorkQueue, waiting
@@ -156,6 +157,8 @@ class CMWQFuture(Future[_T]):
     def _finish_locked(self, result: Any, exception: BaseException | None) -> None:
         """Store the outcome, then FINISHED; tell ``concurrent.futures.wait``'s waiters and wake
         ``result()``. _condition held."""
+        if _CHECKED:  # once per work: not even the no-op's call
+            assert_held(self._condition)
         self._result = result
         self._exception = exception
         self._state = FINISHED
@@ -169,6 +172,7 @@ class CMWQFuture(Future[_T]):
     def _wait_done(self, timeout: float | None) -> None:
         """Wait (on the shared condition, so in a loop) until finished or cancelled; raise
         CancelledError or TimeoutError like Future.result. Called with _condition held."""
+        assert_held(self._condition)
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._state not in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
             if deadline is None:

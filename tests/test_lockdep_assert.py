@@ -6,14 +6,18 @@ by another thread); without it, it is a function that does nothing, chosen once 
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+import cmwq_exec
 from cmwq_exec.core import lockdep
 
 
@@ -156,3 +160,55 @@ def test_the_core_checks_the_locks_its_docstrings_say_are_held() -> None:
     assert proc.stdout.split("\n")[:-1] == [f"{name} refused" for name in
                                             ("wake_up_worker", "kick", "give_idle_worker", "mayday.cancel",
                                              "watchdog.arm")]
+
+
+# -- every documented precondition is checked ------------------------------------------------------
+
+#: how a docstring says its function is called with a lock held: the legend's letter
+#: ("P: held", "W: held (lock order ...)") or a lock by name ("_condition held")
+_SAYS_HELD = re.compile(r"\b[A-Z]: held|\b(?:_lock|_condition|pool lock) held")
+_SAYS_NONE = re.compile(r"\b[Nn]o (?:pool )?lock held")
+
+
+def _checks_its_lock(function: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    if any("must_hold" in ast.unparse(decorator) for decorator in function.decorator_list):
+        return True
+    return any(isinstance(node, ast.Call) and ast.unparse(node.func).endswith("assert_held")
+               for node in ast.walk(function))
+
+
+def documented_but_unchecked(root: Path) -> tuple[list[str], int]:
+    """The functions under ``root`` whose docstring says a lock is held and that neither carry
+    ``@must_hold`` nor call ``assert_held``; and how many such functions there are in all."""
+    unchecked, documented = [], 0
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node) or ""
+            if not _SAYS_HELD.search(doc) or _SAYS_NONE.search(doc):
+                continue
+            documented += 1
+            if not _checks_its_lock(node):
+                unchecked.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}")
+    return unchecked, documented
+
+
+def test_every_function_documented_as_called_with_a_lock_held_checks_it() -> None:
+    """The package's rule (core/lockdep.py): a docstring's "P: held" is checked by the function
+    (``@must_hold`` or ``assert_held``), so the lockdep lane catches a caller without the lock."""
+    unchecked, documented = documented_but_unchecked(Path(cmwq_exec.__file__).parent)
+    assert documented >= 40, f"only {documented} functions say a lock is held: has the legend changed?"
+    assert not unchecked, "documented as called with a lock held, not checked:\n" + "\n".join(unchecked)
+
+
+def test_the_check_finds_a_documented_function_that_does_not_check(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "m.py").write_text(
+        "from lockdep import assert_held, must_hold\n"
+        "def unchecked(pool):\n    '''Do it. P: held.'''\n\n"
+        "def asserted(pool):\n    '''Do it. P: held.'''\n    assert_held(pool.lock)\n\n"
+        "class C:\n    @must_hold('lock')\n    def decorated(self):\n        '''W: held.'''\n\n"
+        "def free():\n    '''No lock held (P: held by nobody).'''\n")
+    assert documented_but_unchecked(package) == (["pkg/m.py:2 unchecked"], 3)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .lockdep import make_lock
+from .lockdep import make_lock, must_hold
 
 log = logging.getLogger("cmwq_exec.timer")
 
@@ -141,12 +141,13 @@ class _Wheel:
                 self.poke_locked()
         return timer
 
+    @must_hold("lock")
     def compact_locked(self) -> None:
         """Once cancelled entries are more than half of the heap (and more than
         _COMPACT_MIN_CANCELLED), rebuild it with the live ones only; called after a cancel and after
         a live timer left the heap, so that the cancelled entries never outnumber the live ones
         beyond that minimum. A rebuild costs O(len) < O(2 * cancelled), each cancel is counted by
-        one rebuild at most: O(1) amortised per cancel. L: lock.
+        one rebuild at most: O(1) amortised per cancel. L: held.
 
         The new heap is complete before it replaces the old one in one step (a slice assignment,
         C code): an exception injected into a task thread that cancels leaves one or the other."""
@@ -158,8 +159,9 @@ class _Wheel:
         heap[:] = live
         self.cancelled = 0
 
+    @must_hold("lock")
     def poke_locked(self) -> None:
-        """Wake the thread out of select, if it is there. L: lock."""
+        """Wake the thread out of select, if it is there. L: held."""
         if self.selecting and self.wake_w is not None:
             try:
                 os.write(self.wake_w, b"\0")
@@ -186,8 +188,9 @@ class _Wheel:
                 self.watched = None
                 self.poke_locked()
 
+    @must_hold("lock")
     def start_locked(self) -> None:
-        """Make sure a thread serves the heap; RuntimeError if none can be started. L: lock."""
+        """Make sure a thread serves the heap; RuntimeError if none can be started. L: held."""
         thread = self.thread
         if thread is not None and thread.is_alive():
             return

@@ -339,6 +339,7 @@ class Worker:
         blocking() whose enter or exit an asynchronous exception cut short leaves a depth or the
         SLEEPING flag, which would keep the worker out of nr_running (and its next sleeps from
         handing over) for good. P: held; on the worker's own thread."""
+        assert_held(pool.lock)
         self.sleep_depth = 0
         stack = current.detected
         if stack:

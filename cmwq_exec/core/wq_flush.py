@@ -41,17 +41,13 @@ class Flushing(ActiveLimits):
             pwq.in_flight[color] = left
         else:
             del pwq.in_flight[color]
-            if self._nr_flushers:
-                self._notify_flushers()
+            if self._nr_flushers:  # a color drained: wake the flushers (lock order: pool, then flush)
+                with self._flush_lock:
+                    self._flush_seq += 1
+                    self._flush_cond.notify_all()
             rescuer = self._rescuer
             if rescuer is not None and rescuer.closing:
                 rescuer.kick()  # it stops once nothing is in flight
-
-    def _notify_flushers(self) -> None:
-        """A color drained. P: held, a pool's (lock order: pool, then _flush_lock)."""
-        with self._flush_lock:
-            self._flush_seq += 1
-            self._flush_cond.notify_all()
 
     def _colors_done(self, color: int) -> bool:
         for pwq in self._pwqs:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from . import pool as _pool
 from . import system as _system
-from .lockdep import make_lock
+from .lockdep import assert_held, make_lock
 from .worker import Rescuer
 from .wq_cancel import DelayedAndCancel
 from .wq_state import WQ, PoolWorkqueue
@@ -59,6 +59,7 @@ class Lifecycle(DelayedAndCancel):
     def summon_rescuer(self, pool: WorkerPool) -> bool:
         """Mayday from ``pool`` (P: held): summon this workqueue's rescuer there. False if the
         workqueue has no rescuer."""
+        assert_held(pool.lock)
         rescuer = self._rescuer
         if rescuer is None:
             return False
