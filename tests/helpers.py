@@ -16,8 +16,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from polling import wait_for
 
 from cmwq_exec import Work, WorkQueue, blocking, plugin
+
+__all__ = ["wait_for"]  # re-exported: the suite's one way to wait (tests/polling.py)
 
 
 def in_ci() -> bool:
@@ -25,20 +28,6 @@ def in_ci() -> bool:
     caller and CI services set it. The one switch the tests ask: in CI a missing broker, binary or
     kernel permission fails the test that needs it instead of skipping it."""
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0,
-             interval: float = 0.005) -> Any:
-    """Poll ``predicate`` until it returns something truthy and return that; fail after ``timeout``
-    seconds saying what was awaited. Tests wait for states this way, never with a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def hold_works(wq: WorkQueue, n: int, gate: threading.Event) -> tuple[list[Work], Callable[[], int]]:

@@ -23,12 +23,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import in_ci
+from helpers import in_ci, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 
@@ -103,19 +103,20 @@ def prometheus_binary() -> str:
     return binary
 
 
-def wait_until(what: str, predicate, deadline: float, interval: float = 0.2) -> Any:
-    """Call ``predicate`` until it returns something truthy; fail with ``what`` at ``deadline``."""
-    last_error: Exception | None = None
-    while True:
+def answering(predicate: Callable[[], Any]) -> Callable[[], Any]:
+    """``predicate`` for :func:`wait_for`, with a server not up yet (connection refused, a reply
+    cut short) counted as "not yet"; each new error is printed (pytest shows it if the wait fails)."""
+    seen: list[str] = []
+
+    def call() -> Any:
         try:
-            result = predicate()
-        except (OSError, ValueError) as exc:  # not up yet, connection refused, ...
-            result, last_error = None, exc
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what} (last error: {last_error!r})")
-        time.sleep(interval)
+            return predicate()
+        except (OSError, ValueError) as exc:
+            if not seen or seen[-1] != repr(exc):
+                seen.append(repr(exc))
+                print(f"not yet: {exc!r}")
+            return None
+    return call
 
 
 def http_get(url: str, timeout: float = 5.0) -> bytes:
@@ -235,7 +236,7 @@ def prometheus(tmp_path: Path, workload: int) -> Iterator[str]:
                 pytest.fail(f"prometheus exited with {proc.returncode}:\n{log_text}")
             return http_get(f"{base}/-/ready", timeout=1).startswith(b"Prometheus")
 
-        wait_until("prometheus to be ready", ready, time.monotonic() + 60)
+        wait_for("prometheus to be ready", answering(ready), 60, interval=0.2)
         yield base
     finally:
         proc.terminate()
@@ -272,11 +273,11 @@ def test_dashboard_has_the_panels_the_issue_asks_for() -> None:
 
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(prometheus: str) -> None:
     # First: Prometheus scraped the workload successfully, more than once (rate() needs two samples).
-    wait_until("a successful scrape of the workload",
-               lambda: query(prometheus, 'up{job="cmwq_exec"} == 1'), time.monotonic() + 60)
-    wait_until("several samples of the workload",
-               lambda: query(prometheus, 'count_over_time(cmwq_pool_workers{pool="unbound"}[1m]) >= 5'),
-               time.monotonic() + 60)
+    wait_for("a successful scrape of the workload",
+             answering(lambda: query(prometheus, 'up{job="cmwq_exec"} == 1')), 60, interval=0.2)
+    samples = 'count_over_time(cmwq_pool_workers{pool="unbound"}[1m]) >= 5'
+    wait_for("several samples of the workload", answering(lambda: query(prometheus, samples)), 60,
+             interval=0.2)
 
     exprs = dashboard_exprs() + variable_queries()
     assert len(exprs) >= 15
@@ -286,8 +287,9 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(prometheus: s
         promql = substitute(expr)
         assert "$" not in promql and "[[" not in promql, promql
         try:
-            wait_until(f"{title}: {promql}", lambda q=promql: query(prometheus, q), deadline)
-        except pytest.fail.Exception:
+            wait_for(f"{title}: {promql}", answering(lambda q=promql: query(prometheus, q)),
+                     max(0.0, deadline - time.monotonic()), interval=0.2)
+        except AssertionError:
             empty.append(f"{title}: {promql}")
     assert not empty, "queries without data:\n" + "\n".join(empty)
 

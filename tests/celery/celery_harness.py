@@ -1,7 +1,7 @@
 """The harness of the Celery integration tests: brokers, waiting, ``celery worker`` processes.
 
 Shared by conftest.py (fixtures), the test modules and benchmarks. Waits poll for a state with a
-deadline (:func:`wait_for`), never sleep for one.
+deadline (``wait_for`` of tests/polling.py), never sleep for one.
 """
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _path in (HERE, HERE.parent):  # app.py here; polling.py, the suite's one wait, in tests/
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from app import DEFAULT_BACKEND, POOL  # noqa: E402
+from polling import wait_for  # noqa: E402
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 
@@ -32,18 +32,6 @@ BROKERS = {
     "amqp": "amqp://guest:guest@127.0.0.1:5672//",
 }
 PORTS = {"redis": 6379, "amqp": 5672}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def broker_problem(kind: str) -> str | None:
@@ -129,7 +117,7 @@ class Worker:
                 raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
             return self.ping()
 
-        wait_for(ready, timeout, f"worker {self.name} to answer ping\n{self.tail()}", interval=0.1)
+        wait_for(f"worker {self.name} to answer ping\n{self.tail()}", ready, timeout, interval=0.1)
         return self
 
     def stats(self) -> dict[str, Any]:
@@ -189,7 +177,7 @@ class Worker:
             replies = self.app.control.ping(destination=names, timeout=0.5)
             return {name for reply in replies for name in reply} >= set(names)
 
-        wait_for(ready, timeout, f"the {n} children of {self.name} to answer ping\n{self.tail()}",
+        wait_for(f"the {n} children of {self.name} to answer ping\n{self.tail()}", ready, timeout,
                  interval=0.2)
         return names
 

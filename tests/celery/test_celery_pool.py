@@ -69,7 +69,7 @@ def test_time_limits_soft_hard_and_an_ignored_hard_limit(celery_app, start_worke
     r = t["t.spin_until"].apply_async((60, key + "h"), time_limit=1)
     with pytest.raises(TimeLimitExceeded):
         r.get(timeout=20)
-    wait_for(lambda: worker.stats()["pool"]["abandoned"] == 0, 10, "the hard-limited thread to unwind")
+    wait_for("the hard-limited thread to unwind", lambda: worker.stats()["pool"]["abandoned"] == 0, 10)
     assert worker.stats()["pool"]["running"] == 0
 
     # a task that swallows the hard limit: failed at once, its slot given back (-c 1 and another
@@ -82,9 +82,9 @@ def test_time_limits_soft_hard_and_an_ignored_hard_limit(celery_app, start_worke
     pool = worker.stats()["pool"]
     assert pool["abandoned"] == 1 and pool["max-concurrency"] == 1, pool
     # the limit is reported at once; the thread swallows the unwind when it next runs Python code
-    wait_for(lambda: int(results_redis.get(key + ":ignored") or 0) >= 1, 10, "the task to swallow the unwind")
-    wait_for(lambda: results_redis.get(key + ":done"), 20, "the stubborn task to end by itself")
-    wait_for(lambda: worker.stats()["pool"]["abandoned"] == 0, 10, "abandoned to drop to 0")
+    wait_for("the task to swallow the unwind", lambda: int(results_redis.get(key + ":ignored") or 0) >= 1, 10)
+    wait_for("the stubborn task to end by itself", lambda: results_redis.get(key + ":done"), 20)
+    wait_for("abandoned to drop to 0", lambda: worker.stats()["pool"]["abandoned"] == 0, 10)
     assert r.state == "FAILURE" and isinstance(r.result, TimeLimitExceeded)
     assert worker.alive()
 
@@ -94,8 +94,8 @@ def test_revoke_terminate_stops_only_that_task(celery_app, start_worker, results
     t = celery_app.tasks
     victim = t["t.long"].delay(key + "v", 60)
     survivor = t["t.long"].delay(key + "s", 1.5)
-    wait_for(lambda: results_redis.get(key + "v:started") and results_redis.get(key + "s:started"),
-             20, "both tasks to start")
+    wait_for("both tasks to start",
+             lambda: results_redis.get(key + "v:started") and results_redis.get(key + "s:started"), 20)
 
     active = celery_app.control.inspect([worker.name]).active()[worker.name]
     pids = {task["id"]: task["worker_pid"] for task in active}
@@ -104,14 +104,14 @@ def test_revoke_terminate_stops_only_that_task(celery_app, start_worker, results
     assert worker.pid not in pids.values()
 
     celery_app.control.revoke(victim.id, terminate=True, signal="SIGTERM")
-    wait_for(lambda: victim.state == "REVOKED", 10, "the victim to be REVOKED")
+    wait_for("the victim to be REVOKED", lambda: victim.state == "REVOKED", 10)
     # terminated tasks count as abandoned until their thread returns (see the hard limit test)
-    wait_for(lambda: worker.stats()["pool"]["abandoned"] == 0, 10, "the victim's thread to unwind")
+    wait_for("the victim's thread to unwind", lambda: worker.stats()["pool"]["abandoned"] == 0, 10)
     assert not results_redis.get(key + "v:finished")
     assert survivor.get(timeout=20) == "finished"  # the other task was not touched
     assert t["t.add"].delay(2, 2).get(timeout=10) == 4
     # the result is stored from inside the task: its job leaves the pool's table a moment later
-    wait_for(lambda: worker.stats()["pool"]["running"] == 0, 10, "no task running")
+    wait_for("no task running", lambda: worker.stats()["pool"]["running"] == 0, 10)
 
 
 def test_autoscale_grows_under_load_and_shrinks_when_idle(celery_app, start_worker, results_redis, key):
@@ -119,12 +119,12 @@ def test_autoscale_grows_under_load_and_shrinks_when_idle(celery_app, start_work
                           env={"AUTOSCALE_KEEPALIVE": "1"})
     assert worker.stats()["pool"]["max-concurrency"] == 1
     results = group(celery_app.tasks["t.gauge"].s(key, 0.5, annotated=False) for _ in range(18))()
-    grown = wait_for(lambda: worker.stats()["pool"]["max-concurrency"] >= 4 and worker.stats(), 20,
-                     "autoscale to grow the pool")
+    grown = wait_for("autoscale to grow the pool",
+                     lambda: worker.stats()["pool"]["max-concurrency"] >= 4 and worker.stats(), 20)
     assert grown["autoscaler"]["max"] == 6
     results.get(timeout=30)
     assert 1 < int(results_redis.get(key + ":peak")) <= 6
-    wait_for(lambda: worker.stats()["pool"]["max-concurrency"] == 1, 20, "autoscale to shrink back")
+    wait_for("autoscale to shrink back", lambda: worker.stats()["pool"]["max-concurrency"] == 1, 20)
 
 
 def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_worker, results_redis, key,
@@ -156,8 +156,8 @@ def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_w
     stats = worker.stats()
     assert stats["pool"]["max-concurrency"] == 1 and stats["prefetch_count"] == 1 * 4
     # a task's result is stored before its worker counts it completed: wait for the count
-    wait_for(lambda: worker.stats()["pool"]["workqueue"]["completed"] >= 15, 10,
-             "the workqueue to count the group's 15 tasks completed")
+    wait_for("the workqueue to count the group's 15 tasks completed",
+             lambda: worker.stats()["pool"]["workqueue"]["completed"] >= 15, 10)
 
     # the command line users run
     cli = subprocess.run([CELERY, "-A", "app", "inspect", "stats", "-d", worker.name, "--json"],
@@ -182,11 +182,11 @@ def test_sigkill_mid_batch_loses_no_task(celery_app, start_worker, results_redis
     tokens = [f"r{i}" for i in range(24)]
     for token in tokens:
         celery_app.tasks["t.record"].delay(key, token, 0.3)
-    wait_for(lambda: results_redis.scard(key) >= 4, 20, "a few tasks to finish")
+    wait_for("a few tasks to finish", lambda: results_redis.scard(key) >= 4, 20)
     assert results_redis.scard(key) < len(tokens), "the batch ended before the kill: nothing tested"
     first.kill()
     start_worker(concurrency=4, via="custom")
-    wait_for(lambda: members(results_redis, key) == set(tokens), 60, "every task to complete")
+    wait_for("every task to complete", lambda: members(results_redis, key) == set(tokens), 60)
 
 
 def test_warm_shutdown_finishes_started_tasks_and_returns_the_rest(celery_app, start_worker, results_redis,
@@ -197,7 +197,7 @@ def test_warm_shutdown_finishes_started_tasks_and_returns_the_rest(celery_app, s
     tokens = [f"w{i}" for i in range(12)]
     for token in tokens:
         celery_app.tasks["t.record_early"].delay(key, token, 0.6)
-    wait_for(lambda: results_redis.scard(key + ":started") >= 2, 20, "two tasks to start")
+    wait_for("two tasks to start", lambda: results_redis.scard(key + ":started") >= 2, 20)
     first.signal(signal.SIGTERM)
     assert first.wait_exit(30) == 0, first.tail()
     started = members(results_redis, key + ":started")
@@ -206,7 +206,7 @@ def test_warm_shutdown_finishes_started_tasks_and_returns_the_rest(celery_app, s
     assert len(done) < len(tokens), "every task ran before the shutdown: nothing tested"
 
     second = start_worker(concurrency=4, via="setting")
-    wait_for(lambda: members(results_redis, key) == set(tokens), 40, "the returned tasks to complete")
+    wait_for("the returned tasks to complete", lambda: members(results_redis, key) == set(tokens), 40)
     # A task adds its token before it counts its run: stop the second worker (warm, so its tasks
     # finish) before reading the count, or the last task may be caught between the two writes.
     second.signal(signal.SIGTERM)
@@ -241,8 +241,8 @@ def test_cold_shutdown_exits_promptly_and_acks_late_tasks_return(celery_app, sta
     tokens = [f"q{i}" for i in range(10)]
     for token in tokens:
         celery_app.tasks["t.record"].delay(key, token, 3.0)
-    wait_for(lambda: len(celery_app.control.inspect([first.name]).active().get(first.name, [])) >= 4, 20,
-             "four tasks or more to run (sleeping in blocking(), they free their slots)")
+    wait_for("four tasks or more to run (sleeping in blocking(), they free their slots)",
+             lambda: len(celery_app.control.inspect([first.name]).active().get(first.name, [])) >= 4, 20)
     started = time.monotonic()
     first.signal(signal.SIGQUIT)
     first.wait_exit(15)
@@ -253,8 +253,8 @@ def test_cold_shutdown_exits_promptly_and_acks_late_tasks_return(celery_app, sta
     # and it did not sleep on until its event loop's next timer (10 s on amqp) either
     assert took < 8, f"the cold shutdown took {took:.1f} s"
     start_worker(concurrency=10, via="custom")
-    wait_for(lambda: members(results_redis, key) == set(tokens), 60,
-             f"every task to complete (missing {set(tokens) - members(results_redis, key)})")
+    wait_for(f"every task to complete (missing {set(tokens) - members(results_redis, key)})",
+             lambda: members(results_redis, key) == set(tokens), 60)
 
 
 @pytest.mark.skipif(lockdep.ENABLED, reason="debug mode: the pools' CheckedLock.acquire is Python code, so a "
@@ -271,7 +271,7 @@ def test_a_caught_soft_limit_in_blocking_leaves_concurrency_management_whole(cel
     for _ in range(3):  # the tasks may run on any worker of the pool: each probe sees them all
         state = t["t.sleep_state"].delay().get(timeout=20)
         assert state["nr_running"] == 1 and not state["sleep_state_left"], (state, worker.tail())
-    wait_for(lambda: worker.stats()["pool"]["running"] == 0, 10, "no task running")
+    wait_for("no task running", lambda: worker.stats()["pool"]["running"] == 0, 10)
     pools = worker.stats()["pool"]["pools"]
     assert all(p.get("nr_running", 0) == 0 for p in pools), pools
 
@@ -284,8 +284,8 @@ def test_a_warm_shutdown_starts_no_queued_task(celery_app, start_worker, results
     tokens = [f"p{i}" for i in range(30)]
     for token in tokens:
         celery_app.tasks["t.record_plain"].delay(key, token, 0.3)
-    wait_for(lambda: results_redis.zcard(key + ":started") >= 2, 20, "two tasks to start")
-    wait_for(lambda: first.stats()["pool"]["queued"] >= 1, 20, "a task to wait in the pool")
+    wait_for("two tasks to start", lambda: results_redis.zcard(key + ":started") >= 2, 20)
+    wait_for("a task to wait in the pool", lambda: first.stats()["pool"]["queued"] >= 1, 20)
     first.signal(signal.SIGTERM)
     signalled = time.time()  # the tasks note their start on this machine's clock too
     assert first.wait_exit(30) == 0, first.tail()
@@ -296,7 +296,7 @@ def test_a_warm_shutdown_starts_no_queued_task(celery_app, start_worker, results
     assert len(started) < len(tokens), "every task ran before the shutdown: nothing tested"
 
     second = start_worker(concurrency=4, via="setting")
-    wait_for(lambda: members(results_redis, key) == set(tokens), 40, "the returned tasks to complete")
+    wait_for("the returned tasks to complete", lambda: members(results_redis, key) == set(tokens), 40)
     second.signal(signal.SIGTERM)
     assert second.wait_exit(30) == 0, second.tail()
     runs = int(results_redis.get(key + ":runs"))
@@ -319,17 +319,17 @@ def test_an_abandoned_task_is_listed_counted_and_logged(celery_app, start_worker
         active = celery_app.control.inspect([worker.name]).active() or {}
         return [task for task in active.get(worker.name, []) if task.get("abandoned")]
 
-    entries = wait_for(listed, 10, "the abandoned task in inspect active")
+    entries = wait_for("the abandoned task in inspect active", listed, 10)
     assert [e["id"] for e in entries] == [r.id] and entries[0]["abandoned"] == "hard", entries
     assert re.search(r"\.py:\d+ in \w+", entries[0]["abandoned_at"]), entries  # app.py, or a library it calls
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "cmwq_celery_tasks_abandoned 1.0" in body, body
-    wait_for(lambda: f"t.stubborn[{r.id}] survived its unwind" in worker.tail(200), 10, "the log line")
+    wait_for("the log line", lambda: f"t.stubborn[{r.id}] survived its unwind" in worker.tail(200), 10)
     line = next(line for line in worker.tail(200).splitlines() if "survived its unwind" in line)
     assert re.search(r"is abandoned.* its thread is at \S+\.py:\d+ in \w+", line), line
 
-    wait_for(lambda: results_redis.get(key + ":done"), 20, "the stubborn task to end by itself")
-    wait_for(lambda: not listed(), 10, "the task to leave inspect active")
+    wait_for("the stubborn task to end by itself", lambda: results_redis.get(key + ":done"), 20)
+    wait_for("the task to leave inspect active", lambda: not listed(), 10)
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "cmwq_celery_tasks_abandoned 0.0" in body, body
 

@@ -96,7 +96,7 @@ def test_a_task_that_expires_while_the_pool_holds_it_is_revoked(celery_app, star
     blockers = [t["t.sleep_raw"].delay(1.5, i) for i in range(3)]
     sent = time.monotonic()
     r = t[task].apply_async((key, "late"), expires=2)
-    wait_for(lambda: r.id in reserved_ids(celery_app, worker), 10, "the worker to hold the task")
+    wait_for("the worker to hold the task", lambda: r.id in reserved_ids(celery_app, worker), 10)
     assert time.monotonic() - sent < 2, "it arrived expired: Celery refused it, not the pool"
 
     with pytest.raises(TaskRevokedError, match="expired"):
@@ -105,7 +105,7 @@ def test_a_task_that_expires_while_the_pool_holds_it_is_revoked(celery_app, star
     assert [b.get(timeout=20) for b in blockers] == [0, 1, 2]
     assert not ran(results_redis, key, "late")
     # the signal comes after the state is stored
-    wait_for(lambda: revoked_signals(results_redis, r.id), 10, f"the task_revoked signal\n{worker.tail()}")
+    wait_for(f"the task_revoked signal\n{worker.tail()}", lambda: revoked_signals(results_redis, r.id), 10)
     assert revoked_signals(results_redis, r.id) == [{"terminated": False, "expired": True, "signum": None}]
     assert_acked(celery_app, worker, queue)
 
@@ -117,13 +117,13 @@ def test_a_task_revoked_while_the_pool_holds_it_is_revoked(celery_app, start_wor
     t = celery_app.tasks
     blocker = t["t.sleep_raw"].delay(2.0, "blocker")
     r = t[task].delay(key, "revoked")
-    wait_for(lambda: r.id in reserved_ids(celery_app, worker), 10, "the worker to hold the task")
+    wait_for("the worker to hold the task", lambda: r.id in reserved_ids(celery_app, worker), 10)
     celery_app.control.revoke(r.id)  # no terminate: it is not running
 
     assert blocker.get(timeout=20) == "blocker"
     # The revoke command itself marks a task it does not see running REVOKED in the backend; only
     # the refusal at start sends the signal (and keeps it from running and overwriting that).
-    wait_for(lambda: revoked_signals(results_redis, r.id), 10, f"the task_revoked signal\n{worker.tail()}")
+    wait_for(f"the task_revoked signal\n{worker.tail()}", lambda: revoked_signals(results_redis, r.id), 10)
     assert t["t.add"].delay(1, 1).get(timeout=10) == 2  # the pool goes on
     assert revoked_signals(results_redis, r.id) == [{"terminated": False, "expired": False, "signum": None}]
     assert r.state == "REVOKED" and not ran(results_redis, key, "revoked")
@@ -142,8 +142,8 @@ def test_revoke_by_stamped_header_refuses_only_the_matching_held_task(celery_app
     for batch, sig in signatures.items():
         sig.stamp(batch=batch)
         results[batch] = sig.apply_async()
-    wait_for(lambda: {r.id for r in results.values()} <= reserved_ids(celery_app, worker), 10,
-             "the worker to hold both tasks")
+    wait_for("the worker to hold both tasks",
+             lambda: {r.id for r in results.values()} <= reserved_ids(celery_app, worker), 10)
     celery_app.control.revoke_by_stamped_headers({"batch": "b1"}, destination=[worker.name], reply=True)
 
     assert blocker.get(timeout=20) == "blocker"
@@ -151,7 +151,7 @@ def test_revoke_by_stamped_header_refuses_only_the_matching_held_task(celery_app
     with pytest.raises(TaskRevokedError):
         results["b1"].get(timeout=20)
     assert not ran(results_redis, key, "b1")
-    wait_for(lambda: revoked_signals(results_redis, results["b1"].id), 10, "the task_revoked signal")
+    wait_for("the task_revoked signal", lambda: revoked_signals(results_redis, results["b1"].id), 10)
     assert revoked_signals(results_redis, results["b1"].id) == [
         {"terminated": False, "expired": False, "signum": None}]
     assert revoked_signals(results_redis, results["b2"].id) == []
@@ -166,11 +166,11 @@ def test_revoke_terminate_of_a_held_task_refuses_it_as_prefork_does(celery_app, 
     t = celery_app.tasks
     blocker = t["t.sleep_raw"].delay(2.0, "blocker")
     r = t["t.record"].delay(key, "terminated")
-    wait_for(lambda: r.id in reserved_ids(celery_app, worker), 10, "the worker to hold the task")
+    wait_for("the worker to hold the task", lambda: r.id in reserved_ids(celery_app, worker), 10)
     celery_app.control.revoke(r.id, terminate=True, signal="SIGKILL")
 
     assert blocker.get(timeout=20) == "blocker"
-    wait_for(lambda: revoked_signals(results_redis, r.id), 10, f"the task_revoked signal\n{worker.tail()}")
+    wait_for(f"the task_revoked signal\n{worker.tail()}", lambda: revoked_signals(results_redis, r.id), 10)
     assert t["t.add"].delay(1, 1).get(timeout=10) == 2
     assert revoked_signals(results_redis, r.id) == [{"terminated": False, "expired": False, "signum": None}]
     assert r.state == "REVOKED" and not ran(results_redis, key, "terminated")
@@ -186,8 +186,9 @@ def signals_of(results_redis: Any, task_id: str) -> list[str]:
 
 def wait_signals(results_redis: Any, task_id: str, last: str, count: int = 1) -> list[str]:
     """The task's signals once ``last`` was sent ``count`` times (postrun comes after the state)."""
-    return wait_for(lambda: signals_of(results_redis, task_id).count(last) >= count
-                    and signals_of(results_redis, task_id), 10, f"{last} x{count} for {task_id}")
+    return wait_for(f"{last} x{count} for {task_id}",
+                    lambda: signals_of(results_redis, task_id).count(last) >= count
+                    and signals_of(results_redis, task_id), 10)
 
 
 def test_task_signals_retry_and_autoretry(celery_app, start_worker, results_redis, key):
@@ -236,7 +237,7 @@ def test_countdown_eta_chain_and_ignore_result(celery_app, start_worker, results
     assert (t["t.add"].s(1, 1) | t["t.add"].s(2) | t["t.add"].s(3))().get(timeout=20) == 7
 
     ignored = t["t.no_result"].delay(key, "ignored")
-    wait_for(lambda: results_redis.sismember(key, "ignored"), 20, "the task to run")
+    wait_for("the task to run", lambda: results_redis.sismember(key, "ignored"), 20)
     wait_signals(results_redis, ignored.id, "postrun")
     assert results_redis.get(f"celery-task-meta-{ignored.id}") is None
     assert ignored.state == "PENDING"  # nothing stored, as with every pool
@@ -267,8 +268,8 @@ def test_reject_requeue_and_acks_on_failure_or_timeout(celery_app, start_worker,
     timed = t["t.timeout_once"].apply_async((key + "t",), time_limit=1)
     # FAILURE (TimeLimitExceeded) is stored first, then the second run's SUCCESS; read the backend
     # afresh each time (a result caches the first ready state it sees)
-    wait_for(lambda: celery_app.backend.get_task_meta(timed.id, cache=False)["status"] == "SUCCESS", 30,
-             "the requeued second run to succeed")
+    wait_for("the requeued second run to succeed",
+             lambda: celery_app.backend.get_task_meta(timed.id, cache=False)["status"] == "SUCCESS", 30)
     assert celery_app.backend.get_task_meta(timed.id, cache=False)["result"] == 2
     # The first run: prerun, then the timeout's task_failure (consumer thread), which comes before
     # the message is requeued and so before the second run's prerun. The first run's task_postrun

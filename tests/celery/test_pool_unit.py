@@ -73,8 +73,8 @@ def test_results_errors_and_a_distinct_id_per_task(make_pool):
     for i in range(6):
         pool.apply_async(lambda x: x * 10, (i,), **calls.callbacks(i))
     pool.apply_async(lambda: 1 / 0, **calls.callbacks("boom"))
-    wait_for(lambda: all(calls.of(i, "success") for i in range(6)) and calls.of("boom", "error"), 10,
-             "every job to report")
+    wait_for("every job to report",
+             lambda: all(calls.of(i, "success") for i in range(6)) and calls.of("boom", "error"), 10)
     assert [calls.of(i, "success")[0][0] for i in range(6)] == [0, 10, 20, 30, 40, 50]
     exc = calls.of("boom", "error")[0][0].exception  # billiard wraps it as Celery's Request expects
     assert isinstance(getattr(exc, "exc", exc), ZeroDivisionError)
@@ -94,14 +94,14 @@ def test_tasks_run_with_the_pools_app_as_current_app_and_only_they_do(make_pool)
     try:
         pool.apply_async(lambda: (current_app._get_current_object(), threading.get_ident()),
                          **calls.callbacks("task"))
-        wait_for(lambda: calls.of("task", "success"), 10, "the task to report")
+        wait_for("the task to report", lambda: calls.of("task", "success"), 10)
         seen, thread = calls.of("task", "success")[0][0]
         assert seen is app
         # a later work on the same thread, of a pool without an app, finds no app left behind
         bare, after = make_pool(limit=1), Calls()
         bare.apply_async(lambda: (getattr(_state._tls, "current_app", None), threading.get_ident()),
                          **after.callbacks("next"))
-        wait_for(lambda: after.of("next", "success"), 10, "the next task to report")
+        wait_for("the next task to report", lambda: after.of("next", "success"), 10)
         left, next_thread = after.of("next", "success")[0][0]
         assert left is None or next_thread != thread, "the task's app stayed on its thread"
     finally:
@@ -159,9 +159,9 @@ def test_a_revoked_or_expired_task_is_refused_when_it_would_start(make_pool, rev
     callbacks = calls.callbacks(request.id)
     callbacks["accept_callback"] = request.on_accepted
     pool.apply_async(ran.set, **callbacks)
-    wait_for(lambda: request.asked and not pool._jobs, 10, "the job to be refused")
+    wait_for("the job to be refused", lambda: request.asked and not pool._jobs, 10)
     pool.apply_async(lambda: "next", **calls.callbacks("next"))  # the pool goes on
-    wait_for(lambda: calls.of("next", "success"), 10, "the next job")
+    wait_for("the next job", lambda: calls.of("next", "success"), 10)
     assert not ran.is_set() and request.asked == 1 and calls.kinds(request.id) == []
 
 
@@ -176,7 +176,7 @@ def test_a_task_celery_does_not_refuse_after_all_runs_once(make_pool, revoked_st
         callbacks = calls.callbacks(request.id)
         callbacks["accept_callback"] = request.on_accepted
         pool.apply_async(lambda tag=request.id: tag, **callbacks)
-    wait_for(lambda: calls.of("stamped", "success") and calls.of("plain", "success"), 10, "both jobs")
+    wait_for("both jobs", lambda: calls.of("stamped", "success") and calls.of("plain", "success"), 10)
     assert calls.kinds("stamped") == ["accept", "success"] and asked.asked == 1
     assert calls.kinds("plain") == ["accept", "success"] and plain.asked == 0
 
@@ -212,7 +212,7 @@ def test_concurrency_counts_running_tasks_and_follows_grow_and_shrink(make_pool)
         for i in range(first, first + n):
             pool.apply_async(task, (annotated,), **calls.callbacks(i))
         try:
-            wait_for(lambda: now[0] == bound, 20, f"{bound} of tasks {first}..{first + n - 1} in")
+            wait_for(f"{bound} of tasks {first}..{first + n - 1} in", lambda: now[0] == bound, 20)
         except AssertionError as exc:  # say where the missing tasks are
             info, wq = pool.info, pool._wq
             counts = {k: info[k] for k in ("running", "queued", "max-running", "max-in-flight")}
@@ -222,8 +222,8 @@ def test_concurrency_counts_running_tasks_and_follows_grow_and_shrink(make_pool)
                 f"pools {info['pools']}") from None
         time.sleep(0.1)  # room for a task past the bound to start (none may)
         gate.set()
-        wait_for(lambda: all(calls.of(i, "success") for i in range(first, first + n)), 20,
-                 f"tasks {first}..{first + n - 1}")
+        wait_for(f"tasks {first}..{first + n - 1}",
+                 lambda: all(calls.of(i, "success") for i in range(first, first + n)), 20)
         return max(peaks)
 
     assert batch(0, 10, annotated=False, bound=2) == 2
@@ -246,7 +246,7 @@ def test_a_zero_limit_holds_tasks_until_the_pool_grows(make_pool):
     time.sleep(0.1)  # give it every chance to run wrongly; the state we wait for is "nothing"
     assert calls.of("held") == [] and pool.info["held"] == 1
     pool.grow(1)
-    wait_for(lambda: calls.of("held", "success"), 5, "the held task to run after grow")
+    wait_for("the held task to run after grow", lambda: calls.of("held", "success"), 5)
 
 
 def test_soft_limit_raises_inside_the_task(make_pool):
@@ -260,7 +260,7 @@ def test_soft_limit_raises_inside_the_task(make_pool):
             return "caught"
 
     pool.apply_async(polite, soft_timeout=0.1, **calls.callbacks("soft"))
-    wait_for(lambda: calls.of("soft", "success"), 10, "the task to catch its soft limit")
+    wait_for("the task to catch its soft limit", lambda: calls.of("soft", "success"), 10)
     assert calls.of("soft", "timeout") == [(True, 0.1)]
     assert calls.of("soft", "success") == [("caught",)]
 
@@ -282,14 +282,15 @@ def test_hard_limit_reports_at_once_and_unwinds_the_thread(make_pool):
             pass
 
     pool.apply_async(runaway, timeout=0.2, **calls.callbacks("hard"))
-    wait_for(lambda: calls.of("hard", "timeout"), 10, "the hard limit")
+    wait_for("the hard limit", lambda: calls.of("hard", "timeout"), 10)
     assert calls.of("hard", "timeout") == [(False, 0.2)]
-    wait_for(lambda: left_the_pool(pool), 5, "the runaway thread to unwind")
+    wait_for("the runaway thread to unwind", lambda: left_the_pool(pool), 5)
     pool.apply_async(lambda: "next", **calls.callbacks("next"))
-    wait_for(lambda: calls.of("next", "success"), 5, "the next task")
+    wait_for("the next task", lambda: calls.of("next", "success"), 5)
     assert calls.kinds("hard") == ["accept", "timeout"]  # never a second, late report
-    wait_for(lambda: not pool._job_limits.abandoned and (pool._wq.max_running, pool._wq.max_active) == (1, 4),
-             5, "the slot to be settled")
+    wait_for("the slot to be settled",
+             lambda: not pool._job_limits.abandoned and (pool._wq.max_running, pool._wq.max_active) == (1, 4),
+             5)
 
 
 def test_a_task_that_ignores_its_hard_limit_is_abandoned_not_counted(make_pool):
@@ -307,15 +308,15 @@ def test_a_task_that_ignores_its_hard_limit_is_abandoned_not_counted(make_pool):
         return "late"
 
     pool.apply_async(stubborn, timeout=0.1, **calls.callbacks("stubborn"))
-    wait_for(lambda: calls.of("stubborn", "timeout"), 10, "the hard limit")
-    wait_for(lambda: swallowed, 5, "the task to swallow the unwind")
+    wait_for("the hard limit", lambda: calls.of("stubborn", "timeout"), 10)
+    wait_for("the task to swallow the unwind", lambda: swallowed, 5)
     # its slot is given back: with limit 1 another task runs while it still runs
     pool.apply_async(lambda: "other", **calls.callbacks("other"))
-    wait_for(lambda: calls.of("other", "success"), 5, "another task to run beside the abandoned one")
+    wait_for("another task to run beside the abandoned one", lambda: calls.of("other", "success"), 5)
     info = pool.info
     assert info["abandoned"] == 1 and info["running"] == 0 and info["max-concurrency"] == 1
     release.set()
-    wait_for(lambda: pool.info["abandoned"] == 0, 5, "the abandoned task to end")
+    wait_for("the abandoned task to end", lambda: pool.info["abandoned"] == 0, 5)
     assert calls.kinds("stubborn") == ["accept", "timeout"]  # "late" is discarded
     assert (pool._wq.max_running, pool._wq.max_active) == (1, 4)
 
@@ -332,13 +333,13 @@ def test_terminate_job_unwinds_only_that_task(make_pool):
 
     pool.apply_async(long, ("victim",), **calls.callbacks("victim"))
     pool.apply_async(long, ("survivor",), **calls.callbacks("survivor"))
-    wait_for(lambda: calls.of("victim", "accept") and calls.of("survivor", "accept"), 5, "both to start")
+    wait_for("both to start", lambda: calls.of("victim", "accept") and calls.of("survivor", "accept"), 5)
     victim, survivor = calls.of("victim", "accept")[0][0], calls.of("survivor", "accept")[0][0]
     pool.terminate_job(victim, 15)
-    wait_for(lambda: victim not in pool._jobs, 5, "the victim to unwind")
+    wait_for("the victim to unwind", lambda: victim not in pool._jobs, 5)
     assert survivor in pool._jobs and pool.info["running"] == 1
     stop.set()
-    wait_for(lambda: calls.of("survivor", "success"), 5, "the survivor to finish")
+    wait_for("the survivor to finish", lambda: calls.of("survivor", "success"), 5)
     assert calls.kinds("victim") == ["accept"]  # Celery reports the revoke itself
 
 
@@ -354,9 +355,9 @@ def test_terminate_with_sigusr1_raises_the_soft_limit_as_prefork_does(make_pool)
             return "cleaned up"
 
     pool.apply_async(polite, **calls.callbacks("usr1"))
-    wait_for(lambda: calls.of("usr1", "accept"), 5, "the task to start")
+    wait_for("the task to start", lambda: calls.of("usr1", "accept"), 5)
     pool.terminate_job(calls.of("usr1", "accept")[0][0], signal.SIGUSR1)
-    wait_for(lambda: calls.of("usr1", "success"), 5, "the task to catch it and return")
+    wait_for("the task to catch it and return", lambda: calls.of("usr1", "success"), 5)
     assert calls.of("usr1", "success") == [("cleaned up",)]
 
 
@@ -368,8 +369,8 @@ def test_terminate_before_start_runs_nothing(make_pool):
     job = pool.apply_async(lambda: ran.append(1), **calls.callbacks("queued"))
     job.terminate(15)  # Request.terminate on a task not yet started
     gate.set()
-    wait_for(lambda: calls.of("queued", "accept"), 5, "the revoked task to report accepted")
-    wait_for(lambda: pool.info["running"] == 0, 5, "the pool to settle")
+    wait_for("the revoked task to report accepted", lambda: calls.of("queued", "accept"), 5)
+    wait_for("the pool to settle", lambda: pool.info["running"] == 0, 5)
     assert ran == [] and calls.kinds("queued") == ["accept"]
 
 
@@ -382,7 +383,7 @@ def test_warm_stop_finishes_running_tasks_and_never_starts_queued_ones(make_pool
 
     for name in ("running", "queued1", "queued2"):
         pool.apply_async(work, (name,), **calls.callbacks(name))
-    wait_for(lambda: calls.of("running", "accept"), 5, "the first task to start")
+    wait_for("the first task to start", lambda: calls.of("running", "accept"), 5)
     pool.stop()
     assert calls.of("running", "success") == [("running",)]
     assert calls.of("queued1") == [] and calls.of("queued2") == []
@@ -403,7 +404,7 @@ def test_cold_shutdown_unwinds_running_tasks(make_pool, monkeypatch, how):
                 time.sleep(0.005)
 
     pool.apply_async(forever, **calls.callbacks("forever"))
-    wait_for(lambda: calls.of("forever", "accept"), 5, "the task to start")
+    wait_for("the task to start", lambda: calls.of("forever", "accept"), 5)
     if how == "terminate":
         pool.terminate()
     else:
@@ -411,7 +412,7 @@ def test_cold_shutdown_unwinds_running_tasks(make_pool, monkeypatch, how):
         started = time.monotonic()
         pool.stop()
         assert time.monotonic() - started < 2, "stop() waited for a task during a cold shutdown"
-    wait_for(lambda: left_the_pool(pool), 5, "the running task to unwind")
+    wait_for("the running task to unwind", lambda: left_the_pool(pool), 5)
     assert calls.kinds("forever") == ["accept"]
 
 
@@ -444,7 +445,7 @@ def test_worker_default_limits_apply_when_the_task_has_none(make_pool):
             return "caught"
 
     pool.apply_async(polite, **calls.callbacks("t"))
-    wait_for(lambda: calls.of("t", "success"), 10, "the default soft limit")
+    wait_for("the default soft limit", lambda: calls.of("t", "success"), 10)
     assert pool.info["timeouts"] == [0.1, 5.0]
 
 
@@ -482,19 +483,19 @@ def test_injected_exceptions_never_escape_into_the_worker(make_pool, caplog, nap
         return bool(terminal & set(kinds)) or ("timeout", (False,)) in [
             (k, args[:1]) for k, t, args in calls.events if t == i]
 
-    wait_for(lambda: all(reported(i) for i in range(n)), 30, "every job to report")
+    wait_for("every job to report", lambda: all(reported(i) for i in range(n)), 30)
     for i in range(n):
         finals = [args for kind, tag, args in calls.events
                   if tag == i and (kind in terminal or (kind == "timeout" and args[0] is False))]
         assert len(finals) == 1, (i, calls.kinds(i))
-    wait_for(lambda: not pool._jobs and pool._job_limits.abandoned == 0, 10, "the pool to settle")
+    wait_for("the pool to settle", lambda: not pool._jobs and pool._job_limits.abandoned == 0, 10)
     assert (pool._wq.max_running, pool._wq.max_active) == (4, 16)
     wq = pool._wq
-    wait_for(lambda: (wq._nr_active, wq._nr_sleeping, len(wq._inactive)) == (0, 0, 0), 10,
-             "the workqueue's counts to settle at zero")
+    wait_for("the workqueue's counts to settle at zero",
+             lambda: (wq._nr_active, wq._nr_sleeping, len(wq._inactive)) == (0, 0, 0), 10)
     assert not [r for r in caplog.records if "raised" in r.getMessage()], caplog.text
     pool.apply_async(lambda: "still fine", **calls.callbacks("after"))
-    wait_for(lambda: calls.of("after", "success"), 5, "a task after the storm")
+    wait_for("a task after the storm", lambda: calls.of("after", "success"), 5)
 
 
 def test_no_task_starts_once_celery_is_told_to_shut_down(make_pool, monkeypatch):
@@ -505,12 +506,12 @@ def test_no_task_starts_once_celery_is_told_to_shut_down(make_pool, monkeypatch)
     pool, calls = make_pool(limit=1), Calls()
     release = threading.Event()
     pool.apply_async(release.wait, (10,), **calls.callbacks("running"))
-    wait_for(lambda: calls.of("running", "accept"), 5, "the first task to start")
+    wait_for("the first task to start", lambda: calls.of("running", "accept"), 5)
     pool.apply_async(lambda: "late", **calls.callbacks("queued"))
     monkeypatch.setattr(state, "should_stop", 0)
     release.set()
-    wait_for(lambda: calls.of("running", "success"), 5, "the running task to finish")
-    wait_for(lambda: not pool._jobs, 5, "the queued job to be dropped")
+    wait_for("the running task to finish", lambda: calls.of("running", "success"), 5)
+    wait_for("the queued job to be dropped", lambda: not pool._jobs, 5)
     assert calls.of("queued") == []
 
 
@@ -552,15 +553,15 @@ def test_an_abandoned_task_is_listed_logged_and_measured(make_pool, caplog):
 
     request = ListedRequest("abc")
     pool.apply_async(stubborn, accept_callback=request.on_accepted, timeout=0.1)
-    wait_for(lambda: pool.abandoned_active(), 10, "the task to be abandoned")
+    wait_for("the task to be abandoned", lambda: pool.abandoned_active(), 10)
     [entry] = pool.abandoned_active()
     assert entry["id"] == "abc" and entry["abandoned"] == "hard", entry
     assert "test_pool_unit.py:" in entry["abandoned_at"], entry
     assert b"cmwq_celery_tasks_abandoned 1.0" in generate_latest(registry)
-    wait_for(lambda: "survived its unwind" in caplog.text, 10, "the log line")
+    wait_for("the log line", lambda: "survived its unwind" in caplog.text, 10)
     assert "t.fake[abc]" in caplog.text and "test_pool_unit.py:" in caplog.text, caplog.text
     release.set()
-    wait_for(lambda: not (pool.abandoned_active() or pool._job_limits.abandoned), 5, "the thread to return")
+    wait_for("the thread to return", lambda: not (pool.abandoned_active() or pool._job_limits.abandoned), 5)
     assert b"cmwq_celery_tasks_abandoned 0.0" in generate_latest(registry)
 
 
@@ -615,7 +616,7 @@ def test_an_exception_at_every_call_return_of_the_window_close_is_absorbed(make_
             return k
 
         pool.apply_async(task, **calls.callbacks(k))
-        wait_for(lambda k=k: calls.of(k, "success") or calls.of(k, "error"), 10, f"job {k} to report")
+        wait_for(f"job {k} to report", lambda k=k: calls.of(k, "success") or calls.of(k, "error"), 10)
         assert calls.kinds(k) == ["accept", "success"] and calls.of(k, "success") == [(k,)], \
             (injections[k].where, calls.kinds(k), calls.of(k))
         if not injections[k].fired:
@@ -623,5 +624,5 @@ def test_an_exception_at_every_call_return_of_the_window_close_is_absorbed(make_
     else:
         pytest.fail("more than 200 call returns in the window's close")
     assert k > 3, "the close was not gone through"
-    wait_for(lambda: not pool._jobs, 5, "the pool to settle")
+    wait_for("the pool to settle", lambda: not pool._jobs, 5)
     assert not [r for r in caplog.records if "escaped" in r.getMessage()], caplog.text

@@ -144,7 +144,7 @@ def test_children_are_pinned_nodes_the_parent_only_supervises_and_serves_their_m
                                       workqueue="celery") or 0) >= ran.count(pid)
                         for i, pid in enumerate(pids)))
 
-    wait_for(metrics_of_both, 15, "the parent's /metrics to show both children's pools")
+    wait_for("the parent's /metrics to show both children's pools", metrics_of_both, 15)
     assert sample_value(port, "cmwq_celery_child_restarts_total", child="0") == 0
 
 
@@ -167,12 +167,12 @@ def test_time_limit_revoke_terminate_and_pool_grow_in_each_child(celery_app, sta
 
     victim = t["t.long"].delay(key + "v", 60)
     survivor = t["t.long"].delay(key + "s", 2)
-    wait_for(lambda: results_redis.get(key + "v:started") and results_redis.get(key + "s:started"),
-             20, "both tasks to start")
+    wait_for("both tasks to start",
+             lambda: results_redis.get(key + "v:started") and results_redis.get(key + "s:started"), 20)
     running = {task["id"]: name for name, tasks in active(celery_app, names).items() for task in tasks}
     assert victim.id in running, running
     celery_app.control.revoke(victim.id, terminate=True, signal="SIGTERM")
-    wait_for(lambda: victim.state == "REVOKED", 10, f"the victim (in {running[victim.id]}) to be REVOKED")
+    wait_for(f"the victim (in {running[victim.id]}) to be REVOKED", lambda: victim.state == "REVOKED", 10)
     assert not results_redis.get(key + "v:finished")
     assert survivor.get(timeout=20) == "finished"
     assert [s["pid"] for s in child_stats(worker, names)] == pids, "no child was replaced"
@@ -200,12 +200,12 @@ def test_autoscale_grows_and_shrinks_each_child(celery_app, start_worker, result
         stats = child_stats(worker, names)
         return stats if all(s["pool"]["max-concurrency"] >= 2 for s in stats) else None
 
-    grown = wait_for(each_grew, 30, "autoscale to grow every child")
+    grown = wait_for("autoscale to grow every child", each_grew, 30)
     assert all(s["autoscaler"]["max"] == 4 for s in grown), [s["autoscaler"] for s in grown]
     results.get(timeout=60)
     assert 2 < int(results_redis.get(key + ":peak")) <= 4 * CHILDREN
-    wait_for(lambda: all(s["pool"]["max-concurrency"] == 1 for s in child_stats(worker, names)), 30,
-             "autoscale to shrink every child back to one")
+    wait_for("autoscale to shrink every child back to one",
+             lambda: all(s["pool"]["max-concurrency"] == 1 for s in child_stats(worker, names)), 30)
 
 
 def test_a_killed_child_is_replaced_one_that_exits_by_itself_is_not(celery_app, start_worker,
@@ -221,31 +221,32 @@ def test_a_killed_child_is_replaced_one_that_exits_by_itself_is_not(celery_app, 
     tokens = [f"k{i}" for i in range(12)]
     for token in tokens:
         celery_app.tasks["t.record"].delay(key, token, 1.5)
-    running = wait_for(lambda: active(celery_app, names[:1])[names[0]], 20, f"{names[0]} to run tasks")
+    running = wait_for(f"{names[0]} to run tasks", lambda: active(celery_app, names[:1])[names[0]], 20)
     held = {task["args"][1] for task in running}
 
     os.kill(victim["pid"], signal.SIGKILL)
     assert held - members(results_redis, key), "the killed child had finished its tasks: nothing tested"
-    wait_for(lambda: members(results_redis, key) == set(tokens), 60,
-             f"every task to complete (missing {set(tokens) - members(results_redis, key)})")
+    wait_for(f"every task to complete (missing {set(tokens) - members(results_redis, key)})",
+             lambda: members(results_redis, key) == set(tokens), 60)
 
     def replaced() -> dict[str, Any] | None:
         reply = celery_app.control.inspect([names[0]], timeout=1.0).stats() or {}
         s = reply.get(names[0])
         return s if s and s["pid"] != victim["pid"] else None
 
-    after = wait_for(replaced, 30, f"a new {names[0]}\n{worker.tail()}", interval=0.2)
+    after = wait_for(f"a new {names[0]}\n{worker.tail()}", replaced, 30, interval=0.2)
     identity = victim["pool"]["cmwq-child"]
     assert after["pool"]["cmwq-child"] == identity, (identity, after["pool"]["cmwq-child"])
     assert cpus_allowed(after["pid"]) == str(identity["cpu"])
     assert sorted(worker.child_pids()) == sorted([after["pid"], before[1]["pid"]])
     assert worker.node_stats(names[1])["pid"] == before[1]["pid"], "the other child was not touched"
-    wait_for(lambda: sample_value(port, "cmwq_celery_child_restarts_total", child="0") == 1
-             and sample_value(port, "cmwq_celery_children") == CHILDREN, 15, "the restart in /metrics")
+    wait_for("the restart in /metrics",
+             lambda: sample_value(port, "cmwq_celery_child_restarts_total", child="0") == 1
+             and sample_value(port, "cmwq_celery_children") == CHILDREN, 15)
     assert sample_value(port, "cmwq_celery_child_restarts_total", child="1") == 0
 
     celery_app.control.shutdown(destination=[names[0]])
-    wait_for(lambda: process_gone(after["pid"]), 20, f"{names[0]} to stop")
+    wait_for(f"{names[0]} to stop", lambda: process_gone(after["pid"]), 20)
     celery_app.control.shutdown(destination=[names[1]])
     assert worker.wait_exit(30) == 0, worker.tail()  # a replaced child 0 would keep it running
 
@@ -257,7 +258,7 @@ def test_sigterm_to_the_parent_is_a_warm_shutdown_of_every_child(celery_app, sta
     worker, names = start(start_worker, concurrency=2)
     pids = worker.child_pids()
     results = {f"w{i}": celery_app.tasks["t.record_early"].delay(key, f"w{i}", 2.0) for i in range(12)}
-    wait_for(lambda: every_child_runs(celery_app, names), 20, "both children to run tasks")
+    wait_for("both children to run tasks", lambda: every_child_runs(celery_app, names), 20)
     in_progress = members(results_redis, key + ":started") - members(results_redis, key)
     worker.signal(signal.SIGTERM)
     assert in_progress, "no task was running at the shutdown: nothing tested"
@@ -267,7 +268,7 @@ def test_sigterm_to_the_parent_is_a_warm_shutdown_of_every_child(celery_app, sta
     assert started == done, f"started, not finished: {started - done}\n{worker.tail()}"
     for token in started:
         assert results[token].get(timeout=5) == token
-    wait_for(lambda: all(process_gone(pid) for pid in pids), 5, f"the children {pids} to be gone")
+    wait_for(f"the children {pids} to be gone", lambda: all(process_gone(pid) for pid in pids), 5)
 
 
 def test_a_killed_parent_is_a_warm_shutdown_of_every_child(celery_app, start_worker, results_redis, key):
@@ -278,12 +279,12 @@ def test_a_killed_parent_is_a_warm_shutdown_of_every_child(celery_app, start_wor
     pids = worker.child_pids()
     assert len(pids) == CHILDREN, pids
     results = {f"k{i}": celery_app.tasks["t.record_early"].delay(key, f"k{i}", 2.0) for i in range(12)}
-    wait_for(lambda: every_child_runs(celery_app, names), 20, "both children to run tasks")
+    wait_for("both children to run tasks", lambda: every_child_runs(celery_app, names), 20)
     in_progress = members(results_redis, key + ":started") - members(results_redis, key)
     os.kill(worker.pid, signal.SIGKILL)
     assert in_progress, "no task was running when the parent died: nothing tested"
 
-    wait_for(lambda: all(process_gone(pid) for pid in pids), 40, f"the children {pids} to exit")
+    wait_for(f"the children {pids} to exit", lambda: all(process_gone(pid) for pid in pids), 40)
     started, done = members(results_redis, key + ":started"), members(results_redis, key)
     assert started == done, f"started, not finished: {started - done}\n{worker.tail()}"
     for token in started:
@@ -298,10 +299,10 @@ def test_sigquit_to_the_parent_is_a_cold_shutdown_of_every_child(celery_app, sta
     pids = worker.child_pids()
     for i in range(4):
         celery_app.tasks["t.record"].delay(key, f"q{i}", 60)
-    wait_for(lambda: every_child_runs(celery_app, names), 20, "both children to run tasks")
+    wait_for("both children to run tasks", lambda: every_child_runs(celery_app, names), 20)
     worker.signal(signal.SIGQUIT)
     worker.wait_exit(20)  # a warm shutdown would wait for the tasks: 60 s
-    wait_for(lambda: all(process_gone(pid) for pid in pids), 10, f"the children {pids} to be gone")
+    wait_for(f"the children {pids} to be gone", lambda: all(process_gone(pid) for pid in pids), 10)
     assert results_redis.scard(key) == 0, "a task finished: the shutdown was not cold"
 
 
@@ -341,7 +342,7 @@ def test_a_childs_cpu_going_offline_and_back(celery_app, start_worker, results_r
         return masks
 
     # the kernel widened the mask of every thread it moved off CPU 1; the supervisor pins them back
-    wait_for(lambda: child1_masks() == {"1"}, 10, "every thread of child 1 to be on CPU 1 again")
+    wait_for("every thread of child 1 to be on CPU 1 again", lambda: child1_masks() == {"1"}, 10)
     assert cpus_allowed(pids[1]) == "1"
     assert spin_pids(celery_app, 40) == set(pids)
     assert sorted(worker.child_pids()) == sorted(pids), "a child was replaced"
@@ -394,7 +395,7 @@ def test_the_metrics_endpoint_answers_500_scrapes_at_once_with_every_childs_samp
     def both() -> bool:
         return {s.labels.get("child") for s in samples(port) if s.name == "cmwq_pool_workers"} >= {"0", "1"}
 
-    wait_for(both, 30, "both children's metrics")
+    wait_for("both children's metrics", both, 30)
     failures: list[str] = []
 
     def scrape() -> None:

@@ -41,7 +41,7 @@ def test_a_killed_childs_started_tasks_fail_with_worker_lost_and_acks_late_ones_
         ok = acked and all(t["args"][1] in started for t in acked)
         return running if ok else None
 
-    held = wait_for(running_in_child0, 60, f"{names[0]} to run a task acked at its start\n{worker.tail()}")
+    held = wait_for(f"{names[0]} to run a task acked at its start\n{worker.tail()}", running_in_child0, 60)
     victim = worker.node_stats(names[0])["pid"]
     os.kill(victim, signal.SIGKILL)
     held_early = {t["id"] for t in held if t["name"] == "t.record_early"}
@@ -58,7 +58,7 @@ def test_a_killed_childs_started_tasks_fail_with_worker_lost_and_acks_late_ones_
                          if result.state not in states.READY_STATES)
 
     try:
-        wait_for(all_ready, 120, "every result to be ready", interval=0.2)
+        wait_for("every result to be ready", all_ready, 120, interval=0.2)
     except AssertionError as exc:
         raise AssertionError(f"{exc}: not ready: {not_ready()} (child 0 held {sorted(held_early)} "
                              f"acked, {sorted(held_late)} acks_late)\n{worker.tail()}") from None
