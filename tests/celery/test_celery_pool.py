@@ -171,6 +171,20 @@ def test_inspect_stats_pool_grow_shrink_prefetch_and_metrics(celery_app, start_w
     assert "cmwq_pool_workers" in body and 'workqueue="celery"' in body
 
 
+def a_second_worker_runs_each_once(start_worker: Any, results_redis: Any, key: str,
+                                   tokens: list[str]) -> None:
+    """After a first worker's shutdown: a second one completes every token's task, and each ran
+    exactly once over both."""
+    second = start_worker(concurrency=4, via="setting")
+    wait_for("the returned tasks to complete", lambda: members(results_redis, key) == set(tokens), 40)
+    # A task adds its token before it counts its run: stop the second worker (warm, so its tasks
+    # finish) before reading the count, or the last task may be caught between the two writes.
+    second.signal(signal.SIGTERM)
+    assert second.wait_exit(30) == 0, second.tail()
+    runs = int(results_redis.get(key + ":runs"))
+    assert runs == len(tokens), f"{runs} runs for {len(tokens)} tasks: a task ran twice or was lost"
+
+
 # amqp only: kombu's Redis transport takes a message off the list (BRPOP) before it records it as
 # unacked, so a SIGKILL landing in between loses that one message whatever the pool does (seen here
 # about once in six runs: every task the killed worker had received was redone, the one in transit
@@ -205,14 +219,7 @@ def test_warm_shutdown_finishes_started_tasks_and_returns_the_rest(celery_app, s
     assert started == done, f"started but not finished at shutdown: {started - done}\n{first.tail()}"
     assert len(done) < len(tokens), "every task ran before the shutdown: nothing tested"
 
-    second = start_worker(concurrency=4, via="setting")
-    wait_for("the returned tasks to complete", lambda: members(results_redis, key) == set(tokens), 40)
-    # A task adds its token before it counts its run: stop the second worker (warm, so its tasks
-    # finish) before reading the count, or the last task may be caught between the two writes.
-    second.signal(signal.SIGTERM)
-    assert second.wait_exit(30) == 0, second.tail()
-    runs = int(results_redis.get(key + ":runs"))
-    assert runs == len(tokens), f"{runs} runs for {len(tokens)} tasks: a task ran twice or was lost"
+    a_second_worker_runs_each_once(start_worker, results_redis, key, tokens)
 
 
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)  # does not depend on the broker
@@ -295,12 +302,7 @@ def test_a_warm_shutdown_starts_no_queued_task(celery_app, start_worker, results
     assert members(results_redis, key) == started, first.tail()
     assert len(started) < len(tokens), "every task ran before the shutdown: nothing tested"
 
-    second = start_worker(concurrency=4, via="setting")
-    wait_for("the returned tasks to complete", lambda: members(results_redis, key) == set(tokens), 40)
-    second.signal(signal.SIGTERM)
-    assert second.wait_exit(30) == 0, second.tail()
-    runs = int(results_redis.get(key + ":runs"))
-    assert runs == len(tokens), f"{runs} runs for {len(tokens)} tasks: a task ran twice or was lost"
+    a_second_worker_runs_each_once(start_worker, results_redis, key, tokens)
 
 
 def test_an_abandoned_task_is_listed_counted_and_logged(celery_app, start_worker, results_redis, key):
