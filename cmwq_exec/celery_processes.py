@@ -88,8 +88,10 @@ from celery.exceptions import ImproperlyConfigured, WorkerShutdown, WorkerTermin
 from celery.worker import state as _worker_state
 
 from . import celery_process_ledger as ledger
+from . import celery_process_recycle as recycle
 from . import plugin as _plugin
 from .celery_process_command import child_command, child_nodename, is_worker_command
+from .celery_process_files import STATUS_DIR_PREFIX, remove_stale_status_dirs
 from .celery_process_metrics import ChildrenCollector, serve
 from .core import system as _core_system
 from .core.config import from_environment
@@ -204,6 +206,11 @@ def become_child(index: int, environ: Mapping[str, str] = os.environ) -> ledger.
     if parent and os.getppid() != int(parent):
         os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before we could ask to follow it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    files = environ.get(recycle.CHILD_FILES)
+    if files:  # its limits (celery_process_recycle); a replacement holds until its predecessor stops
+        recycle.ChildLimits(files).connect()
+        if environ.get(recycle.CHILD_HOLD):
+            recycle.hold(files, index)
     path = environ.get(CHILD_LEDGER)
     return ledger.keep_ledger(path) if path else None
 
@@ -241,51 +248,22 @@ def report_metrics_port(port: int, environ: Mapping[str, str] = os.environ) -> N
 
 # -- the supervisor ----------------------------------------------------------------------------------
 
-#: The supervisor's status directory is ``<tmp>/cmwq-children-<pid>-<random>``.
-STATUS_DIR_PREFIX = "cmwq-children-"
-
-
-def remove_stale_status_dirs(tmp: str | None = None) -> list[str]:
-    """Remove the status directories of supervisors that are gone (killed before they could
-    clean up) from ``tmp`` (the temporary directory by default); return their paths. Only this
-    user's directories whose supervisor pid no longer runs are touched."""
-    tmp = tempfile.gettempdir() if tmp is None else tmp
-    removed: list[str] = []
-    try:
-        names = os.listdir(tmp)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(STATUS_DIR_PREFIX):
-            continue
-        pid_text = name[len(STATUS_DIR_PREFIX):].partition("-")[0]
-        if not pid_text.isdigit():
-            continue
-        path = os.path.join(tmp, name)
-        try:
-            if os.lstat(path).st_uid != os.getuid():
-                continue
-            os.kill(int(pid_text), 0)
-            continue  # its supervisor still runs (or the pid was reused: kept, to be safe)
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue  # not ours to judge (another user's process)
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-
 class Child:
-    """One child process slot: its index, CPU and node name stay; its process is replaced."""
+    """One child process slot: its index, CPU and node name stay; its process is replaced.
 
-    def __init__(self, index: int, cpu: int, nodename: str, status_path: str, ledger_path: str) -> None:
+    Each process of the slot (a *generation*) has its own files, ``{base}.{generation}.*``: a
+    recycled process drains while its replacement runs (celery_process_recycle)."""
+
+    def __init__(self, index: int, cpu: int, nodename: str, base: str) -> None:
         self.index = index  # I
         self.cpu = cpu  # I
         self.nodename = nodename  # I
-        self.status_path = status_path  # I
-        self.ledger_path = ledger_path  # I: the tasks its process started (celery_process_ledger)
+        self.base = base  # I: the prefix of its processes' files
+        self.generation = 0  # S: the current process's
+        self.files = f"{base}.0"  # S: the current process's file prefix (recycling files)
+        self.status_path = f"{base}.0.port"  # S: where the current process writes its metrics port
+        self.ledger_path = f"{base}.0.tasks"  # S: the tasks it started (celery_process_ledger)
+        self.handover = recycle.Handover()  # S: its recycled processes that have not exited yet
         self.proc: subprocess.Popen[bytes] | None = None  # S: the supervisor's thread
         self.started_at = 0.0  # S
         self.restarts = 0  # S: read by scrapes (an int: a torn read cannot happen)
@@ -326,6 +304,7 @@ class Supervisor:
             check_configuration()
         except ValueError as exc:
             raise ImproperlyConfigured(f"cmwq_exec: {exc}") from exc
+        recycle.check_limits(_app_of(app).conf)
         cpus = usable_cpus()
         self.nodename = nodename  # I
         self.app = app  # I: whose result backend hears of a dead child's tasks (None: current_app)
@@ -336,8 +315,7 @@ class Supervisor:
         # directory if we are killed before we can (SIGKILL)
         self.dir = tempfile.mkdtemp(prefix=f"{STATUS_DIR_PREFIX}{os.getpid()}-")
         self.children = [Child(i, cpus[i % len(cpus)], child_nodename(nodename, i),
-                               os.path.join(self.dir, f"child{i}.port"),
-                               os.path.join(self.dir, f"child{i}.tasks")) for i in range(count)]  # I
+                               os.path.join(self.dir, f"child{i}")) for i in range(count)]  # I
         self.metrics = metrics  # I: (port, addr) of the worker's endpoint
         self._server: Any = None
         self.stopping = False  # S
@@ -380,15 +358,19 @@ class Supervisor:
             raise
 
     def _spawn(self, child: Child) -> None:
+        """Start a process for ``child``, a new generation with files of its own; it holds before
+        consuming while a recycled process of the slot may still consume (celery_process_recycle)."""
+        child.generation += 1
+        child.files = f"{child.base}.{child.generation}"
+        child.status_path, child.ledger_path = f"{child.files}.port", f"{child.files}.tasks"
         environ = dict(os.environ)
         environ.update({CHILD: str(child.index), CHILD_CPU: str(child.cpu), CHILD_STATUS: child.status_path,
-                        CHILD_LEDGER: child.ledger_path, "CMWQ_CHILD_PARENT": str(os.getpid())})
+                        CHILD_LEDGER: child.ledger_path, "CMWQ_CHILD_PARENT": str(os.getpid()),
+                        recycle.CHILD_FILES: child.files})
+        environ.pop(recycle.CHILD_HOLD, None)
+        if child.handover.holding():
+            environ[recycle.CHILD_HOLD] = "1"
         command = child_command(self.orig_argv, sys.executable, child.nodename, child.index)
-        for path in (child.status_path, child.ledger_path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
         try:
             child.proc = subprocess.Popen(command, env=environ, close_fds=True)
         except OSError as exc:
@@ -410,6 +392,7 @@ class Supervisor:
     def _watch(self) -> None:
         now = time.monotonic()
         for child in self.children:
+            self._recycle(child, now)
             if child.done:
                 continue
             if child.respawn_at is not None:
@@ -435,6 +418,26 @@ class Supervisor:
             log.warning("cmwq_exec: child %s (%s, pid %s) died with %s; starting a new one",
                         child.index, child.nodename, proc.pid if proc else "?", how)
             self._schedule_respawn(child)
+
+    def _recycle(self, child: Child, now: float) -> None:
+        """The handover of ``child``'s CPU from a process that asked to be recycled to its
+        replacement (see celery_process_recycle), and the reaping of recycled processes."""
+        handover = child.handover
+        if not self.stopping and child.respawn_at is None:
+            reason = handover.asked(child.proc, child.files)
+            if reason is not None and child.proc is not None:
+                log.info("cmwq_exec: child %s (%s, pid %s) is replaced: %s", child.index, child.nodename,
+                         child.proc.pid, reason)
+                handover.begin(child.proc, child.files, child.ledger_path, reason)
+                self._spawn(child)
+            # one CPU at a time between two consumers: the others consume meanwhile
+            others_between = any(other.handover.gap for other in self.children if other is not child)
+            handover.advance(child.proc, child.files, now, may_stop=not others_between)
+        for out in handover.exited():
+            self._reap_process(child, out.proc, out.ledger_path)
+            recycle.remove_files(out.files)
+            log.info("cmwq_exec: child %s (%s): recycled pid %s exited (%s)", child.index, child.nodename,
+                     out.proc.pid, human_status(out.proc.returncode or 0))
 
     def _count_death(self, child: Child, how: str) -> None:
         """Count a death of ``child``'s process; stop the worker (RuntimeError, after a warm stop of
@@ -470,28 +473,30 @@ class Supervisor:
     # -- a dead child's tasks --
 
     def _reap(self, child: Child) -> None:
-        """Once per exited process: if it died (not exit code 0, not in a cold shutdown we asked
-        for), record the tasks of its ledger as failed with WorkerLostError, on a thread of its
-        own (a slow result backend must not stop the watching)."""
+        """Once per exited process of the slot (see _reap_process)."""
         proc = child.proc
         if proc is None or proc.returncode is None or child.reaped == proc.pid:
             return
         child.reaped = proc.pid
-        records = ledger.read_ledger(child.ledger_path)
-        try:
-            os.unlink(child.ledger_path)
-        except FileNotFoundError:
-            pass
+        self._reap_process(child, proc, child.ledger_path)
+        recycle.remove_files(child.files)
+
+    def _reap_process(self, child: Child, proc: subprocess.Popen[bytes], ledger_path: str) -> None:
+        """An exited process of ``child``: if it died (not exit code 0, not in a cold shutdown we
+        asked for), record the tasks of its ledger as failed with WorkerLostError, on a thread of
+        its own (a slow result backend must not stop the watching)."""
+        records = ledger.read_ledger(ledger_path)
+        for path in (ledger_path, ledger_path[:-len(".tasks")] + ".port"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         if proc.returncode == 0 or self.cold or not records:
             return
         exc = ledger.lost_error(proc.returncode, f"{child.index} ({child.nodename}, pid {proc.pid})")
         log.error("cmwq_exec: child %s (%s) died with %s while running %s tasks: recording them as failed",
                   child.index, child.nodename, human_status(proc.returncode), len(records))
-        app = self.app
-        if app is None:
-            from celery import current_app
-
-            app = current_app._get_current_object()
+        app = _app_of(self.app)
         thread = threading.Thread(target=ledger.report_lost, args=(app, records, exc),
                                   name=f"cmwq-lost-child{child.index}", daemon=True)
         thread.start()
@@ -510,13 +515,15 @@ class Supervisor:
         elif cold:
             self._signal_all(signal.SIGQUIT)
         escalated = cold
-        while any(child.alive() for child in self.children):
+        while any(child.alive() or child.handover.alive() for child in self.children):
             if not escalated and _worker_state.should_terminate not in (None, False):
                 escalated = True
                 self._signal_all(signal.SIGQUIT)
             time.sleep(TICK)
         for child in self.children:
             self._reap(child)  # one killed while the worker stopped
+            for out in child.handover.exited():
+                self._reap_process(child, out.proc, out.ledger_path)
         deadline = time.monotonic() + REPORT_WAIT
         for thread in self._reports:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -530,6 +537,7 @@ class Supervisor:
         if signum == signal.SIGQUIT:
             self.cold = True
         for child in self.children:
+            child.handover.signal(signum)
             if child.alive():
                 assert child.proc is not None
                 try:
@@ -555,6 +563,15 @@ class Supervisor:
         except OSError as exc:
             raise ImproperlyConfigured(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
         log.info("cmwq_exec: serving the children's Prometheus metrics on http://%s:%s/metrics", addr, port)
+
+
+def _app_of(app: Any) -> Any:
+    """``app``, or the current app (the worker's) when None."""
+    if app is not None:
+        return app
+    from celery import current_app
+
+    return current_app._get_current_object()
 
 
 #: seconds a stopping supervisor waits for the failures of dead children's tasks to be recorded

@@ -27,6 +27,7 @@ from celery.signals import (
     task_revoked,
     task_success,
     worker_process_init,
+    worker_process_shutdown,
 )
 
 import cmwq_exec
@@ -217,6 +218,29 @@ def _register_tasks(app: Celery) -> None:
                 _redis(app).incr(key + ":ignored")
         _redis(app).set(key + ":done", "1")
         return "stubborn-finished"
+
+    @app.task(name="t.where", shared=False)
+    def where(key: str, token: str, seconds: float = 0.0) -> dict[str, Any]:
+        """Note when it started and in which process, sleep ``seconds``, then SADD ``token`` to
+        ``key`` and count the run in ``key:runs``; returns the start, the pid and the child index."""
+        started = time.time()
+        if seconds:
+            with cmwq_exec.blocking():
+                time.sleep(seconds)
+        client = _redis(app)
+        client.sadd(key, token)
+        client.incr(key + ":runs")
+        return {"start": started, "pid": os.getpid(), "child": os.environ.get("CMWQ_CHILD")}
+
+    @app.task(name="t.hog", shared=False)
+    def hog(mib: int) -> int:
+        """Touch ``mib`` MiB of memory (the process's resident set grows by that), let it go; returns
+        the pid."""
+        block = bytearray(mib * 1024 * 1024)
+        for offset in range(0, len(block), 4096):
+            block[offset] = 1
+        del block
+        return os.getpid()
 
     # -- the benchmark's tasks: no result stored, completion counted in Redis -----------------
 
@@ -422,6 +446,20 @@ def _record_process_init(sender: Any = None, **_: Any) -> None:
     client = redis.Redis.from_url(os.environ.get("CMWQ_TEST_BACKEND", DEFAULT_BACKEND))
     client.rpush(process_init_key(sender), os.getpid())
     client.expire(process_init_key(sender), 600)
+
+
+def process_shutdown_key(hostname: str) -> str:
+    """The Redis list of the pids that sent ``worker_process_shutdown`` for worker ``hostname``."""
+    return f"cmwq-test:process-shutdown:{hostname}"
+
+
+@worker_process_shutdown.connect
+def _record_process_shutdown(sender: Any = None, pid: Any = None, **_: Any) -> None:
+    if sender is None:
+        return
+    client = redis.Redis.from_url(os.environ.get("CMWQ_TEST_BACKEND", DEFAULT_BACKEND))
+    client.rpush(process_shutdown_key(sender), pid if pid is not None else os.getpid())
+    client.expire(process_shutdown_key(sender), 600)
 
 
 #: The app ``celery -A tests.celery.app worker`` runs.

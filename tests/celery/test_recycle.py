@@ -1,0 +1,156 @@
+"""Processes mode (``CMWQ_PROCESSES``) recycles its children as prefork does, against real workers
+on Redis and RabbitMQ: ``--max-tasks-per-child``, ``--max-memory-per-child``, and a task that will
+not die (see :mod:`cmwq_exec.celery_process_recycle`). Each worker has two children (the machine
+may have only two CPUs); see test_processes.py for the mode itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from app import process_init_key, process_shutdown_key
+from celery import group, states
+from celery.exceptions import TimeLimitExceeded
+from celery_harness import Worker, process_gone, wait_for
+from test_processes import CHILDREN, members, start
+
+pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def pids_of(results_redis: Any, key: str) -> list[int]:
+    return [int(pid) for pid in results_redis.lrange(key, 0, -1)]
+
+
+def started_pids(worker: Worker) -> dict[int, list[int]]:
+    """The processes the supervisor started, by child index, in order (from its log)."""
+    started: dict[int, list[int]] = defaultdict(list)
+    for match in re.finditer(r"child (\d+) \(\S+\) started on CPU \d+, pid (\d+)", worker.log.read_text()):
+        started[int(match.group(1))].append(int(match.group(2)))
+    return started
+
+
+def generations(runs: list[dict[str, Any]]) -> dict[int, list[tuple[int, float, float, int]]]:
+    """By child index: (pid, first start, last start, tasks) of each process that ran tasks, in order."""
+    by_pid: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by_pid[run["pid"]].append(run)
+    slots: dict[int, list[tuple[int, float, float, int]]] = defaultdict(list)
+    for pid, mine in by_pid.items():
+        starts = sorted(run["start"] for run in mine)
+        slots[int(mine[0]["child"])].append((pid, starts[0], starts[-1], len(mine)))
+    return {index: sorted(gens, key=lambda gen: gen[1]) for index, gens in slots.items()}
+
+
+def test_max_tasks_per_child_replaces_children_and_runs_every_task_once(
+        celery_app, start_worker, results_redis, key, broker):
+    """--max-tasks-per-child 50, 1,000 tasks of 10 ms: every task runs once and succeeds while the
+    children are replaced. Each replaced process ran at least its 50 tasks, the last task one
+    started came before its replacement's first (the two never consume at once: they have one
+    node name), and while a CPU changed hands the other child consumed. Each process started sent
+    worker_process_init; each replaced one sent worker_process_shutdown and exited."""
+    worker, names = start(start_worker, concurrency=2, args=("--max-tasks-per-child", "50"))
+    tokens = [f"t{i}" for i in range(1000)]
+    results = group(celery_app.tasks["t.where"].s(key, token, 0.01) for token in tokens)()
+    runs = results.get(timeout=240)
+    assert members(results_redis, key) == set(tokens)
+    assert int(results_redis.get(key + ":runs")) == len(tokens), "a task ran twice"
+
+    slots = generations(runs)
+    assert sorted(slots) == list(range(CHILDREN)), slots
+    replaced = [gen for gens in slots.values() for gen in gens[:-1]]
+    assert len(replaced) >= CHILDREN, f"too few replacements to test anything: {slots}"
+    gaps = []
+    for index, gens in slots.items():
+        others = [run["start"] for run in runs if int(run["child"]) != index]
+        for old, new in zip(gens, gens[1:], strict=False):
+            assert old[3] >= 50, f"child {index} pid {old[0]} was replaced after {old[3]} tasks: {slots}"
+            assert old[2] < new[1], f"child {index}: pid {old[0]} and pid {new[0]} consumed at once: {slots}"
+            gaps.append((index, new[1] - old[2], sum(1 for t in others if old[2] < t < new[1])))
+    assert any(consumed for _, _, consumed in gaps), f"no other child consumed during a handover: {gaps}"
+    print(f"\n{len(replaced)} replacements; tasks per replaced process "
+          f"{sorted(gen[3] for gen in replaced)}; gaps (child, s, tasks elsewhere) "
+          f"{[(i, round(g, 2), n) for i, g, n in gaps]}")
+
+    started = started_pids(worker)
+    def inits_match() -> bool:
+        return all(pids_of(results_redis, process_init_key(name)) == started[index]
+                   for index, name in enumerate(names))
+
+    wait_for(f"worker_process_init from each process started ({dict(started)})", inits_match, 30)
+    wait_for("the replaced processes to exit", lambda: all(process_gone(gen[0]) for gen in replaced), 60)
+    shut_down = {pid for name in names for pid in pids_of(results_redis, process_shutdown_key(name))}
+    assert {gen[0] for gen in replaced} <= shut_down, "a replaced child sent no worker_process_shutdown"
+
+
+def wait_replaced(worker: Worker, name: str, old_pid: int) -> int:
+    """Wait until node ``name`` answers from a process other than ``old_pid`` and ``old_pid`` has
+    exited; returns the new pid."""
+    def replaced() -> int | None:
+        try:
+            pid = worker.node_stats(name)["pid"]
+        except AssertionError:
+            return None  # between two processes
+        return pid if pid != old_pid and process_gone(old_pid) else None
+
+    return wait_for(f"{name} (pid {old_pid}) to be replaced\n{worker.tail()}", replaced, 90, interval=0.3)
+
+
+def test_a_child_past_max_memory_per_child_is_replaced_after_its_task(
+        celery_app, start_worker, results_redis, key):
+    """--max-memory-per-child 250000 KiB: short tasks leave the children alone; a task touching
+    400 MiB succeeds, then its child (its resident set now above the limit, as prefork measures it)
+    is replaced while tasks sent meanwhile all run once."""
+    worker, names = start(start_worker, concurrency=2, args=("--max-memory-per-child", "250000"))
+    before = {name: worker.node_stats(name)["pid"] for name in names}
+    group(celery_app.tasks["t.where"].s(key, f"a{i}", 0.01) for i in range(40))().get(timeout=60)
+    assert {name: worker.node_stats(name)["pid"] for name in names} == before, \
+        f"a child under its memory limit was replaced\n{worker.tail()}"
+
+    hogged = celery_app.tasks["t.hog"].delay(400)
+    stream = group(celery_app.tasks["t.where"].s(key, f"b{i}", 0.02) for i in range(200))()
+    pid = hogged.get(timeout=60)
+    name = next(name for name, child_pid in before.items() if child_pid == pid)
+    new_pid = wait_replaced(worker, name, pid)
+    assert "passed --max-memory-per-child (250000 KiB)" in worker.log.read_text()
+    stream.get(timeout=120)
+    assert members(results_redis, key) == {f"a{i}" for i in range(40)} | {f"b{i}" for i in range(200)}
+    assert int(results_redis.get(key + ":runs")) == 240, "a task ran twice"
+    other = next(n for n in names if n != name)
+    assert worker.node_stats(other)["pid"] == before[other], "the other child was replaced too"
+    assert new_pid in pids_of(results_redis, process_init_key(name))
+
+
+def test_a_task_swallowing_its_hard_limit_fails_and_its_child_is_replaced_while_tasks_flow(
+        celery_app, start_worker, results_redis, key):
+    """A task that swallows every interruption, with a 1 s hard time limit and CMWQ_ABANDON_GRACE=1:
+    it ends FAILURE TimeLimitExceeded at its limit; a second later its child is replaced: the
+    child's other started tasks finish, it exits, and the stuck thread with it (the task, meant to
+    run 60 s, never reaches its end). A stream of other tasks keeps flowing meanwhile and each of
+    them runs once."""
+    worker, names = start(start_worker, concurrency=2, env={"CMWQ_ABANDON_GRACE": "1"})
+    before = {name: worker.node_stats(name)["pid"] for name in names}
+    stuck = celery_app.tasks["t.stubborn"].apply_async((key, 60.0), time_limit=1)
+    stream = group(celery_app.tasks["t.where"].s(key, f"s{i}", 0.05) for i in range(300))()
+
+    def abandoned_on() -> str | None:
+        reply = celery_app.control.inspect(names, timeout=1.0).active() or {}
+        return next((name for name, tasks in reply.items()
+                     for task in tasks if task["id"] == stuck.id and task.get("abandoned")), None)
+
+    name = wait_for(f"the stubborn task to be abandoned\n{worker.tail()}", abandoned_on, 60, interval=0.2)
+    with pytest.raises(TimeLimitExceeded):
+        stuck.get(timeout=30, propagate=True)
+    assert stuck.state == states.FAILURE
+    wait_replaced(worker, name, before[name])
+    assert "survived its unwind (hard) for more than 1 s" in worker.log.read_text()
+    runs = stream.get(timeout=120)
+    assert members(results_redis, key) == {f"s{i}" for i in range(300)}
+    assert int(results_redis.get(key + ":runs")) == 300, "a task ran twice"
+    assert {run["pid"] for run in runs} >= {before[n] for n in names if n != name}, "the other child stopped"
+    assert results_redis.get(key + ":done") is None, "the stuck thread outlived its child"
+    shut_down = pids_of(results_redis, process_shutdown_key(name))
+    assert before[name] in shut_down, "the replaced child sent no worker_process_shutdown"
+
