@@ -7,10 +7,10 @@ workers too: loky and multiprocessing's spawn run a worker's main module again (
 ``__mp_main__``) and import the module of every function they unpickle, so a module that imports
 ``cmwq_exec.joblib`` at the top has the name registered in each worker that runs its functions.
 A :class:`CMWQBackend` *instance* (``parallel_config(backend=CMWQBackend())``) needs no name at
-all: unpickled in another process it imports this module itself. Where a loky worker runs functions
-from modules that name ``"cmwq"`` without importing this module, give the workers the name with
-``parallel_config(backend="loky", initializer=cmwq_exec.joblib.register)`` (loky runs the
-initializer, unpickled by reference, so importing this module, in each worker it starts).
+all: unpickled in another process it imports this module itself. And every loky worker started by
+a process that imported this module knows the name too, whatever module its functions come from:
+joblib's loky backend here starts its workers with an initializer (:class:`RegisterFirst`, around
+the ``initializer`` asked for, if any) that registers it in each worker.
 
 ``n_jobs`` under concurrency management (what a ``Parallel`` call asks of the pools):
 
@@ -28,6 +28,7 @@ with its ``loky`` backend). ``return_as="generator"`` and ``"generator_unordered
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -35,14 +36,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from joblib import parallel as _parallel
-from joblib._parallel_backends import FallbackToBackend, ParallelBackendBase, SequentialBackend
+from joblib._parallel_backends import FallbackToBackend, LokyBackend, ParallelBackendBase, SequentialBackend
 from joblib._utils import _retrieve_traceback_capturing_wrapped_call, _TracebackCapturingWrapper
 
 from .core.worker import current
 from .core.workqueue import waiting
 from .executor import CMWQExecutor
 
-__all__ = ["IN_FLIGHT_PER_CPU", "CMWQBackend", "register"]
+__all__ = ["IN_FLIGHT_PER_CPU", "CMWQBackend", "RegisterFirst", "register"]
 
 #: ``n_jobs=-1``'s worth of calls dispatched ahead, per CPU: enough to keep the CPUs busy while
 #: some calls block, few enough that joblib's ordered dispatch still bounds memory.
@@ -148,10 +149,56 @@ class CMWQBackend(ParallelBackendBase):  # type: ignore[misc]
 
 def register() -> None:
     """Register the ``"cmwq"`` backend in this process (importing this module already did; calling
-    it again changes nothing). Also the ``initializer`` that gives joblib's loky workers the name:
-    ``parallel_config(backend="loky", initializer=cmwq_exec.joblib.register)``."""
+    it again changes nothing)."""
     if _parallel.BACKENDS.get("cmwq") is not CMWQBackend:
         _parallel.register_parallel_backend("cmwq", CMWQBackend)
 
 
+class RegisterFirst:
+    """A loky worker's initializer: register ``"cmwq"`` in the worker (unpickling this object
+    imports this module there), then run the user's own initializer, if any, with its initargs.
+    Equal to another one with the same user initializer, so loky still reuses its executor."""
+
+    __slots__ = ("then",)
+
+    def __init__(self, then: Callable[..., Any] | None) -> None:
+        self.then = then
+
+    def __call__(self, *initargs: Any) -> None:
+        register()
+        if self.then is not None:
+            self.then(*initargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RegisterFirst) and other.then == self.then
+
+    def __hash__(self) -> int:
+        return hash((RegisterFirst, self.then))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RegisterFirst, (self.then,))
+
+
+def _follow_into_loky_workers() -> None:
+    """Give every loky worker this process starts the ``"cmwq"`` name: joblib's ``LokyBackend``
+    (and its subclasses) start their executors with a :class:`RegisterFirst` initializer wrapped
+    around the one asked for. joblib has no other hook in its workers (no plugin entry points: a
+    backend exists where ``register_parallel_backend`` ran), and code running in a loky worker may
+    name ``"cmwq"`` without importing this module. Done once per process, on import."""
+    configure = LokyBackend.configure
+    if getattr(configure, "cmwq_follows", False):
+        return
+
+    @functools.wraps(configure)
+    def configure_with_cmwq(self: LokyBackend, *args: Any, **kwargs: Any) -> Any:
+        asked = kwargs.get("initializer", self.backend_kwargs.get("initializer"))
+        if not isinstance(asked, RegisterFirst):
+            kwargs["initializer"] = RegisterFirst(asked)
+        return configure(self, *args, **kwargs)
+
+    configure_with_cmwq.cmwq_follows = True  # type: ignore[attr-defined]
+    LokyBackend.configure = configure_with_cmwq
+
+
 register()
+_follow_into_loky_workers()

@@ -4,6 +4,7 @@ from the initializer."""
 
 from __future__ import annotations
 
+import os
 import threading
 import traceback
 from typing import Any
@@ -87,11 +88,32 @@ def test_bad_n_jobs_is_named(n_jobs: Any) -> None:
         cmwq_joblib.CMWQBackend().configure(n_jobs=n_jobs)
 
 
-def test_loky_workers_get_the_name_from_the_initializer() -> None:
+def _pid_and_mark() -> tuple[int, str | None]:
+    return os.getpid(), os.environ.get("CMWQ_TEST_LOKY_MARK")
+
+
+def _mark(value: str) -> None:
+    os.environ["CMWQ_TEST_LOKY_MARK"] = value
+
+
+def test_loky_workers_know_the_name_and_still_run_the_initializer_asked_for() -> None:
     # joblib's nested_loop names the backend in a module that does not import cmwq_exec.joblib:
-    # without the initializer a loky worker raises "Invalid backend: cmwq"
+    # a loky worker started from a process that imported it knows the name all the same
     suite = pytest.importorskip("joblib.test.test_parallel")
-    with parallel_config(backend="loky", initializer=cmwq_joblib.register):
+    with parallel_config(backend="loky"):
         assert Parallel(n_jobs=2)(delayed(suite.nested_loop)("cmwq") for _ in range(2)) == [None, None]
-    with parallel_config(backend="loky"), pytest.raises(ValueError, match="Invalid backend: cmwq"):
-        Parallel(n_jobs=2)(delayed(suite.nested_loop)("cmwq") for _ in range(2))
+    # the user's own initializer runs after ours, with its initargs; loky reuses its workers
+    with parallel_config(backend="loky", initializer=_mark, initargs=("set",)):
+        first = Parallel(n_jobs=2)(delayed(_pid_and_mark)() for _ in range(4))
+        assert Parallel(n_jobs=2)(delayed(suite.nested_loop)("cmwq") for _ in range(2)) == [None, None]
+        again = Parallel(n_jobs=2)(delayed(_pid_and_mark)() for _ in range(4))
+    assert {mark for _, mark in first + again} == {"set"}
+    workers = {pid for pid, _ in first + again}
+    assert len(workers) <= 2, f"loky started new workers: {workers}"  # a restart would add two
+    assert os.getpid() not in workers
+
+
+def test_the_loky_initializer_compares_equal_for_the_same_user_initializer() -> None:
+    assert cmwq_joblib.RegisterFirst(_mark) == cmwq_joblib.RegisterFirst(_mark)
+    assert cmwq_joblib.RegisterFirst(None) != cmwq_joblib.RegisterFirst(_mark)
+    assert hash(cmwq_joblib.RegisterFirst(None)) == hash(cmwq_joblib.RegisterFirst(None))
