@@ -1,0 +1,431 @@
+"""A Huey consumer whose tasks run as works on cmwq_exec's shared per-CPU pools.
+
+Start it as ``huey_consumer`` is started, with the same options (``python -m cmwq_exec.huey
+--help``)::
+
+    python -m cmwq_exec.huey app.huey -l consumer.log
+
+or build it in code: ``cmwq_exec.huey.Consumer(huey, **options).run()`` takes the options of
+``huey.consumer.Consumer``.
+
+No number of workers to guess
+    The stock consumer runs tasks on ``-w`` threads (default 1). Here one thread, the *dispatcher*,
+    dequeues a task only when the cmwq pool can start it at once: it hands the task over as a work
+    and dequeues the next one when that work has started. A pool starts another worker only when
+    its running one blocks (in :func:`cmwq_exec.blocking`, waiting on a cmwq future, or as the
+    watchdog sees it), so tasks that wait overlap, CPU-bound ones run one at a time (one process has
+    one GIL), and never more than one dequeued task waits for a worker. ``-w N``, if given, bounds
+    the tasks *running* at once, where a task asleep in ``blocking()`` does not count
+    (``max_running`` of the consumer's workqueue, as the Celery pool's ``-c``). Only the thread
+    worker type exists here: ``-k process`` and ``-k greenlet`` are refused.
+
+Timeouts on threads
+    A task's ``timeout`` raises :class:`huey.exceptions.TaskTimeout` inside the task's thread when it
+    expires (an asynchronous exception, :mod:`cmwq_exec.injection`), as the process worker type does
+    with ``SIGALRM``; Huey records it as it records any timeout (``SIGNAL_TIMEOUT``, the error
+    stored). The stock thread worker has only ``task.check_timeout()``, which still works.
+
+Shutdown, as Huey's
+    The graceful signal (SIGINT, or SIGTERM with ``-g TERM``) stops dequeuing and waits for every
+    dequeued task to finish, up to ``-t/--shutdown-timeout``; the other signal, or the timeout,
+    interrupts the running tasks: ``KeyboardInterrupt`` is raised in each (as in the process worker
+    type), Huey reports them ``SIGNAL_INTERRUPTED``, and a dequeued task that had not started is
+    reported ``SIGNAL_INTERRUPTED`` without running. Nothing is put back in the queue (Huey's
+    queues have no acknowledgement): what was not dequeued stays there.
+
+Per-thread hooks
+    ``@huey.on_startup`` hooks run on each thread before the first task it runs for the consumer
+    (a cmwq thread runs works of every workqueue, and is reaped after 10 s idle; a new one runs
+    them again); ``@huey.on_shutdown`` hooks run once, on the dispatcher thread, after the last
+    task.
+
+Metrics: with ``CMWQ_METRICS_PORT`` set (0 to 65535; ``CMWQ_METRICS_ADDR``, default ``127.0.0.1``)
+the consumer serves Prometheus metrics (:mod:`cmwq_exec.metrics`, the workqueue is ``huey``), which
+``cmwq-exec top`` reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+from huey import signals as huey_signals
+from huey.constants import WORKER_THREAD
+from huey.consumer import Consumer as HueyConsumer
+from huey.consumer import Worker as HueyWorker
+from huey.consumer import WorkerRecycle
+from huey.exceptions import ConfigurationError, TaskTimeout
+
+from .core import timer as _timer
+from .core.lockdep import make_lock, must_hold
+from .core.system import get_system
+from .core.workqueue import WQ, Work, WorkQueue
+from .injection import close_window_surely, inject, open_window
+
+__all__ = ["Consumer", "Worker", "main"]
+
+log = logging.getLogger("cmwq_exec.huey")
+
+#: Seconds the interrupting shutdown waits for interrupted tasks to end before Huey reports what is
+#: still in flight (the process worker type waits the same second for its children).
+INTERRUPT_GRACE = 1.0
+#: Seconds between two looks at the stop flag while the dispatcher waits for the pool to take its
+#: last task (the stop flag has no way to wake it; the stock consumer looks every 0.1 s too).
+_ROOM_POLL = 0.1
+PORT_VARIABLE, ADDR_VARIABLE = "CMWQ_METRICS_PORT", "CMWQ_METRICS_ADDR"
+
+
+class _Job:
+    """One task's injection window (see cmwq_exec.injection) while its thread runs it.
+
+    ``G:`` under ``gate``; ``P:`` under the consumer's ``_lock``; ``I:`` set at creation.
+    """
+
+    __slots__ = ("pool", "gate", "thread_id", "in_target", "finished", "unwind", "revoked_early",
+                 "timer")
+
+    def __init__(self, pool: Consumer) -> None:
+        self.pool = pool  # I: the consumer (its _lock is held to inject)
+        self.gate = threading.Lock()  # I
+        self.thread_id = threading.get_ident()  # I
+        self.in_target = False  # G
+        self.finished = False  # G
+        self.unwind: str | None = None  # P: "timeout" or "interrupted" once injected (one per job)
+        self.revoked_early = False  # I: Huey checks revocation before a task runs
+        self.timer: _timer.Timer | None = None  # X: its timeout
+
+
+class _Timeout(TaskTimeout):
+    """TaskTimeout raised into a task's thread; the interpreter makes it with no arguments."""
+
+    seconds: float = 0.0
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(args or (f"timeout ({self.seconds}s)",)))
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout_class(seconds: float) -> type[TaskTimeout]:
+    return type("TaskTimeout", (_Timeout,), {"seconds": seconds, "__module__": __name__})
+
+
+class _Window:
+    """The context Huey runs ``task.execute()`` in (its ``_timeout_context``): the injection window,
+    and the task's timeout timer if it has one."""
+
+    __slots__ = ("consumer", "seconds", "job")
+
+    def __init__(self, consumer: Consumer, seconds: float | None) -> None:
+        self.consumer = consumer
+        self.seconds = seconds
+        self.job: _Job | None = None
+
+    def __enter__(self) -> None:
+        job = self.job = _Job(self.consumer)
+        self.consumer._enter(job)
+        if not open_window(job):
+            self.consumer._leave(job)
+            raise KeyboardInterrupt  # interrupted before it could start: Huey reports it so
+        if self.seconds:
+            job.timer = _timer.add_timer(self.seconds, functools.partial(
+                self.consumer._expire, job, _timeout_class(self.seconds)))
+
+    def __exit__(self, *exc_info: Any) -> None:
+        job = self.job
+        assert job is not None
+        close_window_surely(job)
+        if job.timer is not None:
+            job.timer.cancel()
+        self.consumer._leave(job)
+
+
+class Worker(HueyWorker):
+    """The dispatcher: dequeues a task when the pool can start it and hands it to the consumer."""
+
+    process_name = "Dispatcher"
+
+    def __init__(self, huey: Any, stop_flag: Any, default_delay: float, max_delay: float,
+                 backoff: float, max_tasks: int | None = None, consumer: Consumer | None = None) -> None:
+        if consumer is None:
+            raise TypeError("cmwq_exec.huey.Worker: consumer is required (the cmwq_exec.huey.Consumer "
+                            "whose workqueue runs the tasks)")
+        self.consumer = consumer
+        super().__init__(huey, stop_flag, default_delay, max_delay, backoff, max_tasks)
+
+    def initialize(self) -> None:
+        """Nothing here: the startup hooks run on the threads that run the tasks."""
+
+    def shutdown(self) -> None:
+        """The dispatcher stops: once the consumer stops, wait for every task it handed over, then
+        run the shutdown hooks (a recycled dispatcher leaves its tasks running)."""
+        if self.stop_flag.is_set():
+            self.consumer._wait_idle()
+            super().shutdown()
+
+    def loop(self, now: Any = None) -> None:
+        if not self.consumer._wait_for_room(self.stop_flag):
+            return
+        try:
+            task = self.huey.dequeue()
+        except Exception:
+            self._logger.exception("Error reading from queue")
+            self.sleep()
+            return
+        if task is None:
+            if not self.huey.storage.blocking:
+                self.sleep()
+            return
+        self.delay = self.default_delay
+        self.task_count += 1
+        self.consumer._submit(self, task, now)
+        if self.max_tasks and self.task_count >= self.max_tasks:
+            self._logger.info("Dispatcher reached max tasks (%d), restarting.", self.max_tasks)
+            raise WorkerRecycle()
+
+
+class Consumer(HueyConsumer):
+    """A Huey consumer running tasks on a cmwq workqueue; options as ``huey.consumer.Consumer``,
+    except ``workers``: None (default) for no limit, or the most tasks running at once.
+
+    Fields: ``I:`` set in ``__init__``; ``P:`` under ``_lock``.
+
+    Invariants (under ``_lock``): ``_unstarted <= _inflight``; ``_unstarted <= 1`` unless
+    ``_submit`` is called by hand; ``_jobs`` holds the windows of the tasks inside
+    ``task.execute()``; after ``_interrupting`` no queued task runs.
+    """
+
+    worker_class = Worker
+
+    def __init__(self, huey: Any, workers: int | None = None, *args: Any, **kwargs: Any) -> None:
+        worker_type = kwargs.get("worker_type", WORKER_THREAD)
+        if worker_type != WORKER_THREAD:
+            raise ConfigurationError(
+                f"cmwq_exec.huey.Consumer: worker_type must be {WORKER_THREAD!r} (tasks run on cmwq's "
+                f"threads), got {worker_type!r}; use huey_consumer for the process or greenlet types")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                    or workers < 1):
+            raise ConfigurationError(
+                "cmwq_exec.huey.Consumer: workers must be None (no limit: concurrency management "
+                f"decides) or a positive integer (the most tasks running at once), got {workers!r}")
+        self._lock = make_lock("executor")
+        self._room = threading.Condition(self._lock)  # notified when a task starts or ends
+        self._unstarted = 0  # P: tasks handed to the workqueue that have not started
+        self._inflight = 0  # P: tasks handed to the workqueue that have not ended
+        self._queued: list[tuple[Work, Any]] = []  # P: (work, task) not started yet
+        self._jobs: dict[int, _Job] = {}  # P: thread id -> the window of the task it runs
+        self._interrupting = False  # P
+        self._wq: WorkQueue | None = None  # P; written by the dispatcher thread only: made on its
+        # first task, destroyed when the consumer stops
+        self._cpu: int | None = None  # P: the CPU whose pool runs the tasks (None: any)
+        self._local = threading.local()  # per thread: the startup hooks ran
+        self._metrics_server: Any = None
+        super().__init__(huey, 1, *args, **kwargs)
+        self.workers = workers  # I: max_running of the workqueue (None: no limit)
+        huey._timeout_context = self._window  # every task runs in a window, with or without timeout
+
+    def _create_worker(self) -> Worker:
+        return self.worker_class(huey=self.huey, stop_flag=self.stop_flag,
+                                 default_delay=self.default_delay, max_delay=self.max_delay,
+                                 backoff=self.backoff, max_tasks=self.max_tasks, consumer=self)
+
+    def _window(self, task: Any) -> _Window:
+        return _Window(self, task.timeout or None)
+
+    # -- start and stop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler and the dispatcher, and the metrics endpoint if one is configured."""
+        address = metrics_address()
+        if address is not None and self._metrics_server is None:
+            from . import metrics
+
+            self._metrics_server, _ = metrics.start_http_server(*address)
+            log.info("cmwq_exec: serving Prometheus metrics on http://%s:%s/metrics", address[1],
+                     self._metrics_server.server_port)
+        super().start()
+
+    def stop(self, graceful: bool = False) -> None:
+        super().stop(graceful)
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def _interrupt_workers(self) -> None:
+        """Interrupt what runs (KeyboardInterrupt in each task, as the process worker type's
+        SIGTERM), report what was dequeued and has not started, and give the interrupted tasks
+        INTERRUPT_GRACE seconds to end (Huey reports one as it unwinds, and the process may exit
+        right after this), so that Huey reports each once."""
+        with self._lock:
+            self._interrupting = True
+            for job in self._jobs.values():
+                if job.unwind is None:
+                    job.unwind = "interrupted"
+                    inject(job, KeyboardInterrupt)
+            queued, self._queued = self._queued, []
+        for work, task in queued:
+            if work.cancel():
+                self._ended(started=False)
+                log.warning("Task %s was dequeued and had not started: interrupted", task.id)
+                self.huey._emit(huey_signals.SIGNAL_INTERRUPTED, task)
+        with self._lock:
+            self._room.wait_for(lambda: not self._inflight, INTERRUPT_GRACE)
+        super()._interrupt_workers()
+
+    # -- the dispatcher's side --------------------------------------------------------------------
+
+    def _wait_for_room(self, stop_flag: Any) -> bool:
+        """Wait until every task handed over has started (the pool can take another); False if
+        the stop flag was set meanwhile."""
+        with self._lock:
+            while self._unstarted:
+                if stop_flag.is_set():
+                    return False
+                self._room.wait(_ROOM_POLL)
+        return not stop_flag.is_set()
+
+    def _submit(self, dispatcher: Worker, task: Any, now: Any) -> None:
+        """Hand ``task`` to the workqueue (on the dispatcher's thread)."""
+        work = Work(self._run, dispatcher, task, now)
+        if self._wq is None:  # only the dispatcher makes it, and only it destroys it (_wait_idle)
+            wq = WorkQueue("huey", WQ.RESCUER, max_running=self.workers)
+            wq.flush_at_exit = False  # Huey's own shutdown decides what to wait for
+            cpu = get_system().local_pool().cpu
+            with self._lock:
+                self._wq, self._cpu = wq, cpu
+        with self._lock:
+            wq, cpu = self._wq, self._cpu
+            self._unstarted += 1
+            self._inflight += 1
+            self._queued.append((work, task))
+        if cpu is None:
+            wq.queue_work(work)
+        else:
+            wq.queue_work_on(cpu, work)  # one pool: one GIL, as few idle threads as the load needs
+
+    def _wait_idle(self) -> None:
+        """Wait until every task handed over has ended (or was interrupted), then destroy the
+        workqueue (a later start makes another)."""
+        with self._lock:
+            self._room.wait_for(lambda: not self._inflight)
+            wq, self._wq = self._wq, None
+        if wq is not None:
+            wq.destroy()
+
+    # -- a task's thread --------------------------------------------------------------------------
+
+    def _run(self, dispatcher: Worker, task: Any, now: Any) -> None:
+        """Run one task as a work: the startup hooks first if this thread has not run them."""
+        with self._lock:
+            self._queued = [(w, t) for w, t in self._queued if t is not task]
+            interrupted = self._interrupting
+            self._unstarted -= 1
+            self._room.notify_all()
+        try:
+            if interrupted:
+                self.huey._emit(huey_signals.SIGNAL_INTERRUPTED, task)
+                return
+            if getattr(self._local, "consumer", None) is not self:
+                self._local.consumer = self
+                HueyWorker.initialize(dispatcher)
+            try:
+                self.huey.execute(task, now)
+            except Exception:
+                dispatcher._logger.exception("Unhandled error during execution of task %s.", task.id)
+        finally:
+            self._ended(started=True)
+
+    def _ended(self, started: bool) -> None:
+        with self._lock:
+            if not started:
+                self._unstarted -= 1
+            self._inflight -= 1
+            self._room.notify_all()
+
+    def _enter(self, job: _Job) -> None:
+        with self._lock:
+            if self._interrupting:
+                job.unwind = "interrupted"
+            self._jobs[job.thread_id] = job
+
+    def _leave(self, job: _Job) -> None:
+        with self._lock:
+            if self._jobs.get(job.thread_id) is job:
+                del self._jobs[job.thread_id]
+            self._room.notify_all()
+
+    def _expire(self, job: _Job, exc_type: type[TaskTimeout]) -> None:
+        """The task's timeout passed (timer thread): raise it in the task's thread."""
+        with self._lock:
+            self._expire_locked(job, exc_type)
+
+    @must_hold("_lock")
+    def _expire_locked(self, job: _Job, exc_type: type[TaskTimeout]) -> None:
+        if job.unwind is None:
+            job.unwind = "timeout"
+            inject(job, exc_type)
+
+    def stats(self) -> dict[str, Any]:
+        """The consumer's task counts and its workqueue's counters."""
+        with self._lock:
+            counts: dict[str, Any] = {"running": len(self._jobs), "unstarted": self._unstarted,
+                                      "in-flight": self._inflight, "max-running": self.workers}
+            wq = self._wq
+        if wq is not None:
+            counts["workqueue"] = {k: v for k, v in wq.stats().items()
+                                   if k not in ("queue_latency", "execution")}
+        return counts
+
+
+def metrics_address() -> tuple[int, str] | None:
+    """(port, address) from ``CMWQ_METRICS_PORT`` / ``CMWQ_METRICS_ADDR``, or None if no port is set;
+    a bad port is a ValueError naming the variable and what is allowed."""
+    raw = os.environ.get(PORT_VARIABLE, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ValueError(f"{PORT_VARIABLE} must be a TCP port number from 0 to 65535 (0 picks a free "
+                         f"port), got {raw!r}")
+    return int(raw), os.environ.get(ADDR_VARIABLE) or "127.0.0.1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``huey_consumer``'s command line, with the cmwq consumer: ``python -m cmwq_exec.huey``."""
+    from huey.bin.huey_consumer import load_huey
+    from huey.consumer_options import ConsumerConfig, OptionParserHandler
+
+    parser = OptionParserHandler().get_option_parser()
+    parser.prog = "python -m cmwq_exec.huey"
+    options, args = parser.parse_args(argv)
+    if len(args) != 1:
+        parser.error("expected one argument, the import path of the Huey instance "
+                     "(e.g. python -m cmwq_exec.huey app.queue.huey)")
+    given = {k: v for k, v in vars(options).items() if v is not None}
+    if given.get("worker_type", WORKER_THREAD) != WORKER_THREAD:
+        parser.error(f"-k/--worker-type: only {WORKER_THREAD!r} runs on cmwq, got "
+                     f"{given['worker_type']!r} (use huey_consumer for it)")
+    if "workers" in given and given["workers"] < 1:
+        parser.error(f"-w/--workers: the most tasks running at once must be at least 1, got "
+                     f"{given['workers']} (leave it out for no limit)")
+    config = ConsumerConfig(**given)
+    try:
+        config.validate()
+        metrics_address()
+    except ValueError as exc:
+        parser.error(str(exc))
+    huey = load_huey(args[0])
+    config.setup_logger(logging.getLogger("huey"))
+    values = config.values
+    values["workers"] = given.get("workers")  # not given: no limit (Huey's default would be 1)
+    Consumer(huey, **values).run()
+    return 0
+
+
+if __name__ == "__main__":
+    from cmwq_exec.huey import main as _main  # the importable module's classes, not __main__'s
+
+    sys.exit(_main())
