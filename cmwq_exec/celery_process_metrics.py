@@ -46,12 +46,16 @@ class _Child(Protocol):
 
     def alive(self) -> bool: ...
 
+    def recycles(self) -> int: ...
+
     def metrics_port(self) -> int | None: ...
 
 
 class ChildrenCollector:
     """The supervisor's metrics: the children's own, labelled ``child``, then
-    ``cmwq_celery_children`` (live children) and ``cmwq_celery_child_restarts_total``.
+    ``cmwq_celery_children`` (live children), ``cmwq_celery_child_restarts_total`` (processes that
+    died, replaced) and ``cmwq_celery_child_recycles_total`` (processes replaced at their request:
+    :mod:`cmwq_exec.celery_process_recycle`).
 
     Fields: ``I:`` set in ``__init__``; ``R:`` under ``_reading``."""
 
@@ -78,6 +82,12 @@ class ChildrenCollector:
         for child in self.children:
             restarts.add_metric([str(child.index)], child.restarts)
         yield restarts
+        recycles = CounterMetricFamily("cmwq_celery_child_recycles", "Times a child process was recycled "
+                                       "(max tasks or memory per child, a task that would not die)",
+                                       labels=["child"])
+        for child in self.children:
+            recycles.add_metric([str(child.index)], child.recycles())
+        yield recycles
         yield from self.children_families()
 
     def children_families(self) -> list[Any]:

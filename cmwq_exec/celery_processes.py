@@ -57,6 +57,11 @@ The supervisor
       them to another child (RabbitMQ at once; Redis after its ``visibility_timeout``), as do the
       tasks the child had received and not started (not acknowledged yet, whatever ``acks_late``
       says);
+    * recycling: a child past ``--max-tasks-per-child`` or ``--max-memory-per-child``, or with a
+      task abandoned for longer than ``cmwq_abandon_grace``, asks for a replacement; the
+      supervisor starts it first and hands the CPU over without two consumers of one node name
+      at once (:mod:`cmwq_exec.celery_process_recycle`). Each process of a slot has files of its
+      own in the status directory (:mod:`cmwq_exec.celery_process_files`);
     * metrics: with ``cmwq_metrics_port`` / ``CMWQ_METRICS_PORT`` set, the supervisor serves the
       one endpoint of the whole worker (:mod:`cmwq_exec.celery_process_metrics`). Each child
       serves its own metrics on a free loopback port it writes into a status file of the
@@ -275,6 +280,10 @@ class Child:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def recycles(self) -> int:
+        """Processes of this slot replaced at their request (read by scrapes: an int)."""
+        return self.handover.recycles
 
     def metrics_port(self) -> int | None:
         try:

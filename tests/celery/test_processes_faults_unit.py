@@ -321,6 +321,9 @@ class _FakeChild:
     def alive(self) -> bool:
         return True
 
+    def recycles(self) -> int:
+        return 0
+
     def metrics_port(self) -> int | None:
         return self.port
 

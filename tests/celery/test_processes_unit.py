@@ -139,6 +139,7 @@ def test_the_supervisor_endpoint_merges_the_children_with_a_child_label(tmp_path
             child.proc = subprocess.Popen([sys.executable, "-c", serve], env=env)
             procs.append(child.proc)
         supervisor.children[1].restarts = 3
+        supervisor.children[0].handover.recycles = 2
         import time
 
         deadline = time.monotonic() + 30
@@ -154,6 +155,7 @@ def test_the_supervisor_endpoint_merges_the_children_with_a_child_label(tmp_path
             proc.wait()
     assert "cmwq_celery_children 2.0" in text
     assert 'cmwq_celery_child_restarts_total{child="1"} 3.0' in text
+    assert 'cmwq_celery_child_recycles_total{child="0"} 2.0' in text
     for index in ("0", "1"):
         assert f'cmwq_pool_workers{{child="{index}",' in text
 
