@@ -21,6 +21,12 @@ and waits for each of them to answer. Its peer at the same number of processes i
     python benchmarks/bench_celery.py                # larger batches, median of 3: ~15 minutes
     python benchmarks/bench_celery.py --io-ms 50 --workloads io   # I/O tasks that wait 50 ms
     python benchmarks/bench_celery.py --quick --json runs.json    # also every run's figures
+    python benchmarks/bench_celery.py --quick --workloads io --max-tasks-per-child 100 \
+        --pools 'cmwq procs -c 8,prefork -c 2'                    # recycling children, and not
+
+``--max-tasks-per-child N`` adds, for ``cmwq procs -c C`` and ``prefork -c N``, a twin started with
+``--max-tasks-per-child N`` (labelled ``... mtpc N``; ``--pools`` names the plain ones), and a
+table of what recycling costs each and how the two compare with it.
 
 Prints one table, one row per pool and workload (the median run by tasks/s): tasks/s, tasks/s
 relative to ``-P threads`` at the same -c, peak threads and peak RSS of the worker's process tree
@@ -73,11 +79,16 @@ class Config:
     pool: str  # "cmwq", "threads", "prefork"
     concurrency: int
     processes: int = 0  # cmwq only: child processes (CMWQ_PROCESSES=auto), 0 for the pool in-process
+    max_tasks: int = 0  # --max-tasks-per-child, 0 for none
 
     @property
     def slug(self) -> str:
         """A file name part that tells configurations apart."""
         return self.label.replace(" -c ", "-").replace(" ", "-")
+
+    def recycling(self, max_tasks: int) -> Config:
+        """This configuration with ``--max-tasks-per-child max_tasks``."""
+        return replace(self, label=f"{self.label} mtpc {max_tasks}", max_tasks=max_tasks)
 
 
 @dataclass
@@ -90,6 +101,7 @@ class Result:
     peak_threads: int
     peak_rss_kib: int  # sum of VmRSS over the worker's process tree, the most sampled
     cpu_seconds: float  # user + system CPU of the worker's process tree during the batch
+    new_processes: int = 0  # processes seen in the tree during the batch that were not there before
 
     @property
     def complete(self) -> bool:
@@ -173,8 +185,11 @@ class TreeSampler(threading.Thread):
         self.pid = pid
         self.peak_threads = self.peak_rss_kib = 0
         self.stopping = threading.Event()
+        self.before = set(tree_pids(pid))  # the processes of the tree when sampling starts
+        self.seen: set[int] = set()  # every process seen in the tree since
 
     def sample(self) -> None:
+        self.seen.update(tree_pids(self.pid))
         threads, rss = tree_threads_rss(self.pid)
         self.peak_threads = max(self.peak_threads, threads)
         self.peak_rss_kib = max(self.peak_rss_kib, rss)
@@ -205,13 +220,29 @@ def replied(replies: list[dict[str, Any]] | None) -> set[str]:
     return {node for reply in replies or () for node in reply}
 
 
-def control_every_node(setup: Setup, command: str) -> None:
-    """``add_consumer`` or ``cancel_consumer`` of the setup's queue on every node; fails unless
-    each node confirms."""
+def control_every_node(setup: Setup, command: str, patience: float = 30.0) -> None:
+    """``add_consumer`` or ``cancel_consumer`` of the setup's queue on every node, sent again to
+    the nodes that did not answer (a recycled child's node does not answer while its CPU changes
+    hands); fails unless each node confirms within ``patience`` seconds."""
     send = getattr(setup.app.control, command)
-    replies = send(setup.queue, destination=setup.nodes, reply=True, timeout=5)
-    missing = set(setup.nodes) - replied(replies)
-    assert not missing, f"{command}: no reply from {sorted(missing)}\n{setup.worker.tail()}"
+    missing = set(setup.nodes)
+    deadline = time.monotonic() + patience
+    while missing:
+        missing -= replied(send(setup.queue, destination=sorted(missing), reply=True, timeout=2))
+        assert not missing or time.monotonic() < deadline, \
+            f"{command}: no reply from {sorted(missing)}\n{setup.worker.tail()}"
+
+
+def settle(setup: Setup, timeout: float = 60.0) -> None:
+    """Before a batch of a recycling ``cmwq procs`` worker: wait until no child is being replaced
+    (the supervisor has no more processes than slots), then pause every node's consumer again. A
+    replacement consumes the queues of the command line when it starts, so one that started
+    after the last batch's pause would otherwise take tasks before the clock starts."""
+    wait = time.monotonic() + timeout
+    while len(setup.worker.child_pids()) > setup.config.processes:
+        assert time.monotonic() < wait, f"children still being replaced\n{setup.worker.tail()}"
+        time.sleep(0.1)
+    control_every_node(setup, "cancel_consumer")
 
 
 def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: float,
@@ -221,6 +252,8 @@ def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: 
     app, worker = setup.app, setup.worker
     key = f"cmwq-bench:{uuid.uuid4().hex[:8]}"
     io, cpu = app.tasks["b.io"], app.tasks["b.cpu"]
+    if setup.config.max_tasks and setup.config.processes:
+        settle(setup)
     with app.producer_or_acquire() as producer:
         for i in range(n):
             if workload == "io" or (workload == "mix" and i % 2 == 0):
@@ -246,7 +279,8 @@ def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: 
         print(f"  {workload}: only {done}/{n} done within {timeout}s", file=sys.stderr)
         with app.connection_for_write() as conn:  # drop what is left before the next batch
             conn.default_channel.queue_purge(setup.queue)
-    return Result(setup.config, workload, n, done, seconds, peak_threads, peak_rss, cpu_seconds)
+    return Result(setup.config, workload, n, done, seconds, peak_threads, peak_rss, cpu_seconds,
+                  len(sampler.seen - sampler.before))
 
 
 def start(config: Config, broker: str, backend: str, logs: Path) -> Setup:
@@ -257,8 +291,9 @@ def start(config: Config, broker: str, backend: str, logs: Path) -> Setup:
     env = {"CMWQ_TEST_BACKEND": backend}
     if config.processes:
         env["CMWQ_PROCESSES"] = "auto"
+    args = ("--max-tasks-per-child", str(config.max_tasks)) if config.max_tasks else ()
     worker = Worker(app, broker, queue, logs / f"bench-{config.slug}.log", concurrency=config.concurrency,
-                    via=via, env=env, loglevel="warning")
+                    via=via, env=env, loglevel="warning", args=args)
     nodes = children_names(worker, config.processes) if config.processes else [worker.name]
     return Setup(config, app, worker, queue, nodes)
 
@@ -284,6 +319,8 @@ def main() -> int:
                         help=f"the Redis database of --broker redis (default {REDIS_BROKER_DB})")
     parser.add_argument("--redis-backend-db", type=int, default=REDIS_BACKEND_DB, metavar="N",
                         help=f"the Redis database of the results and counters (default {REDIS_BACKEND_DB})")
+    parser.add_argument("--max-tasks-per-child", type=int, default=0, metavar="N",
+                        help="also run cmwq procs and prefork with --max-tasks-per-child N (default: not)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write the conditions and every run's figures (all repeats) to PATH")
     args = parser.parse_args()
@@ -313,6 +350,12 @@ def main() -> int:
         if unknown:
             parser.error(f"unknown --pools {sorted(unknown)}; known: {[config.label for config in configs]}")
         configs = [config for config in configs if config.label in wanted]
+    if args.max_tasks_per_child < 0:
+        parser.error(f"--max-tasks-per-child must be >= 1 (0: not run), got {args.max_tasks_per_child}")
+    if args.max_tasks_per_child:
+        recycled = [config.recycling(args.max_tasks_per_child) for config in configs
+                    if config.processes or config.pool == "prefork"]
+        configs += recycled
     repeat = args.repeat or (1 if args.quick else 3)
     workloads = [w for w in args.workloads.split(",") if w]
     backend = f"{REDIS}/{args.redis_backend_db}"
@@ -357,6 +400,8 @@ def main() -> int:
     results = medians([r for _, r in runs], configs, workloads)
     targets = target_lines(results, configs, workloads, c, cpus, args.io_ms)
     print_table(results, targets, c)
+    if args.max_tasks_per_child:
+        print_recycling(results, configs, args.max_tasks_per_child)
     load_ended = os.getloadavg()[0]
     print(f"\nload average {load_started:.2f} at the start, {load_ended:.2f} at the end")
     if args.json:
@@ -364,7 +409,7 @@ def main() -> int:
                       "python": sys.version.split()[0], "io_ms": args.io_ms,
                       "cpu_iterations": CPU_ITERATIONS, "repeat": repeat, "sizes": sizes,
                       "load_average_start": load_started, "load_average_end": load_ended,
-                      "started": started}
+                      "started": started, "max_tasks_per_child": args.max_tasks_per_child}
         document = {"conditions": conditions, "runs": [run_record(round_, r) for round_, r in runs],
                     "targets": targets}
         args.json.write_text(json.dumps(document, indent=1) + "\n")
@@ -388,10 +433,12 @@ def medians(runs: list[Result], configs: list[Config], workloads: list[str]) -> 
 
 def run_record(round_: int, r: Result) -> dict[str, Any]:
     return {"pool": r.config.label, "kind": r.config.pool, "concurrency": r.config.concurrency,
-            "cmwq_processes": r.config.processes, "workload": r.workload, "round": round_,
+            "cmwq_processes": r.config.processes, "max_tasks_per_child": r.config.max_tasks,
+            "workload": r.workload, "round": round_,
             "tasks": r.tasks, "done": r.done, "complete": r.complete, "seconds": r.seconds,
             "tasks_per_s": r.rate, "peak_threads": r.peak_threads, "peak_rss_kib": r.peak_rss_kib,
-            "cpu_seconds": r.cpu_seconds, "cpu_ms_per_task": r.cpu_ms_per_task}
+            "cpu_seconds": r.cpu_seconds, "cpu_ms_per_task": r.cpu_ms_per_task,
+            "new_processes": r.new_processes}
 
 
 #: Per workload, what ``cmwq procs -c C`` should reach: the peers it is compared with ("threads":
@@ -460,6 +507,36 @@ def print_table(results: list[Result], targets: list[dict[str, Any]], c: int) ->
                   for key in ("vs_threads", "vs_prefork")]
         met = {True: "met", False: "**not met**", None: "not measured"}[line["met"]]
         print(f"| {line['target']} | {line['workload']} | {ratios[0]} | {ratios[1]} | {met} |")
+
+
+def print_recycling(results: list[Result], configs: list[Config], max_tasks: int) -> None:
+    """Per workload: cmwq procs and prefork without and with ``--max-tasks-per-child``, what
+    recycling costs each (with / without), cmwq procs against prefork, both recycling, and how
+    many processes the recycling worker started during its median batch (replacements)."""
+    rates = {(r.config.label, r.workload): r.rate for r in results}
+    started = {(r.config.label, r.workload): r.new_processes for r in results}
+    plain = [config for config in configs
+             if not config.max_tasks and (config.processes or config.pool == "prefork")]
+    procs = [config for config in plain if config.processes]
+    prefork = [config for config in plain if config.pool == "prefork"]
+    print()
+    print(f"| workload | pool | tasks/s | tasks/s with --max-tasks-per-child {max_tasks} | with / without "
+          f"| with: vs {prefork[0].label if prefork else 'prefork'} | processes started in the batch |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for workload in sorted({r.workload for r in results}):
+        base = rates.get((prefork[0].recycling(max_tasks).label, workload)) if prefork else None
+        for config in procs + prefork:
+            without = rates.get((config.label, workload))
+            with_ = rates.get((config.recycling(max_tasks).label, workload))
+            cost = with_ / without if with_ and without else None
+            versus = with_ / base if with_ and base else None
+            count = started.get((config.recycling(max_tasks).label, workload))
+            print(f"| {workload} | {config.label} | {cell(without, '.0f')} | {cell(with_, '.0f')} "
+                  f"| {cell(cost, '.2f')}x | {cell(versus, '.2f')}x | {cell(count, 'd')} |")
 
 
 if __name__ == "__main__":
