@@ -9,15 +9,15 @@ or build it in code: ``cmwq_exec.huey.Consumer(huey, **options).run()`` takes th
 ``huey.consumer.Consumer``.
 
 No number of workers to guess
-    The stock consumer runs tasks on ``-w`` threads (default 1). Here one thread, the *dispatcher*,
-    dequeues a task only when the cmwq pool can start it at once: it hands the task over as a work
-    and dequeues the next one when that work has started. A pool starts another worker only when
-    its running one blocks (in :func:`cmwq_exec.blocking`, waiting on a cmwq future, or as the
-    watchdog sees it), so tasks that wait overlap, CPU-bound ones run one at a time (one process has
-    one GIL), and never more than one dequeued task waits for a worker. ``-w N``, if given, bounds
-    the tasks *running* at once, where a task asleep in ``blocking()`` does not count
-    (``max_running`` of the consumer's workqueue, as the Celery pool's ``-c``). Only the thread
-    worker type exists here: ``-k process`` and ``-k greenlet`` are refused.
+    The stock consumer runs tasks on ``-w`` threads (default 1). Here tasks are dequeued and run
+    by a chain of works on one cmwq pool (see :class:`Consumer`): a task that blocks (in
+    :func:`cmwq_exec.blocking`, waiting on a cmwq future, or as the watchdog sees it) lets the pool
+    start the next link, which dequeues the next task, so tasks that wait overlap; CPU-bound ones
+    run back to back on one thread (one process has one GIL), as on Huey's single worker, and only
+    the task being run is out of the queue. ``-w N``, if given, bounds the tasks *running* at once,
+    where a task asleep in ``blocking()`` does not count (``max_running`` of the consumer's
+    workqueue, as the Celery pool's ``-c``). Only the thread worker type exists here: ``-k
+    process`` and ``-k greenlet`` are refused.
 
 Timeouts on threads
     A task's ``timeout`` raises :class:`huey.exceptions.TaskTimeout` inside the task's thread when it
@@ -29,15 +29,14 @@ Shutdown, as Huey's
     The graceful signal (SIGINT, or SIGTERM with ``-g TERM``) stops dequeuing and waits for every
     dequeued task to finish, up to ``-t/--shutdown-timeout``; the other signal, or the timeout,
     interrupts the running tasks: ``KeyboardInterrupt`` is raised in each (as in the process worker
-    type), Huey reports them ``SIGNAL_INTERRUPTED``, and a dequeued task that had not started is
-    reported ``SIGNAL_INTERRUPTED`` without running. Nothing is put back in the queue (Huey's
+    type), and Huey reports them ``SIGNAL_INTERRUPTED``. Nothing is put back in the queue (Huey's
     queues have no acknowledgement): what was not dequeued stays there.
 
 Per-thread hooks
     ``@huey.on_startup`` hooks run on each thread before the first task it runs for the consumer
     (a cmwq thread runs works of every workqueue, and is reaped after 10 s idle; a new one runs
-    them again); ``@huey.on_shutdown`` hooks run once, on the dispatcher thread, after the last
-    task.
+    them again); ``@huey.on_shutdown`` hooks run once, on the consumer's worker thread, after the
+    last task.
 
 Metrics: with ``CMWQ_METRICS_PORT`` set (0 to 65535; ``CMWQ_METRICS_ADDR``, default ``127.0.0.1``)
 the consumer serves Prometheus metrics (:mod:`cmwq_exec.metrics`, the workqueue is ``huey``), which
@@ -53,13 +52,12 @@ import sys
 import threading
 from typing import Any
 
-from huey import signals as huey_signals
 from huey.constants import WORKER_THREAD
 from huey.consumer import Consumer as HueyConsumer
 from huey.consumer import Worker as HueyWorker
-from huey.consumer import WorkerRecycle
 from huey.exceptions import ConfigurationError, TaskTimeout
 
+from .blocking import blocking
 from .core import timer as _timer
 from .core.lockdep import make_lock, must_hold
 from .core.system import get_system
@@ -73,9 +71,6 @@ log = logging.getLogger("cmwq_exec.huey")
 #: Seconds the interrupting shutdown waits for interrupted tasks to end before Huey reports what is
 #: still in flight (the process worker type waits the same second for its children).
 INTERRUPT_GRACE = 1.0
-#: Seconds between two looks at the stop flag while the dispatcher waits for the pool to take its
-#: last task (the stop flag has no way to wake it; the stock consumer looks every 0.1 s too).
-_ROOM_POLL = 0.1
 PORT_VARIABLE, ADDR_VARIABLE = "CMWQ_METRICS_PORT", "CMWQ_METRICS_ADDR"
 
 
@@ -105,7 +100,7 @@ class _Timeout(TaskTimeout):
     seconds: float = 0.0
 
     def __init__(self, *args: Any) -> None:
-        super().__init__(*(args or (f"timeout ({self.seconds}s)",)))
+        super().__init__(*(args or (f"timeout {self.seconds}s",)))  # as check_timeout() says it
 
 
 @functools.lru_cache(maxsize=64)
@@ -144,9 +139,10 @@ class _Window:
 
 
 class Worker(HueyWorker):
-    """The dispatcher: dequeues a task when the pool can start it and hands it to the consumer."""
+    """Dequeues a task and runs it, as Huey's worker does (``loop()``); the consumer runs it as a
+    chain of works instead of a thread of its own (see :class:`Consumer`)."""
 
-    process_name = "Dispatcher"
+    process_name = "Worker"
 
     def __init__(self, huey: Any, stop_flag: Any, default_delay: float, max_delay: float,
                  backoff: float, max_tasks: int | None = None, consumer: Consumer | None = None) -> None:
@@ -159,43 +155,50 @@ class Worker(HueyWorker):
     def initialize(self) -> None:
         """Nothing here: the startup hooks run on the threads that run the tasks."""
 
-    def shutdown(self) -> None:
-        """The dispatcher stops: once the consumer stops, wait for every task it handed over, then
-        run the shutdown hooks (a recycled dispatcher leaves its tasks running)."""
-        if self.stop_flag.is_set():
-            self.consumer._wait_idle()
-            super().shutdown()
-
-    def loop(self, now: Any = None) -> None:
-        if not self.consumer._wait_for_room(self.stop_flag):
-            return
+    def loop(self, now: Any = None) -> bool:
+        """Dequeue one task and run it on this thread; False if, meanwhile, another work took over
+        the dispatching (the chain's next link started while this task waited)."""
         try:
-            task = self.huey.dequeue()
+            with blocking():
+                task = self.huey.dequeue()
         except Exception:
             self._logger.exception("Error reading from queue")
             self.sleep()
-            return
+            return True
         if task is None:
             if not self.huey.storage.blocking:
                 self.sleep()
-            return
+            return True
         self.delay = self.default_delay
         self.task_count += 1
-        self.consumer._submit(self, task, now)
-        if self.max_tasks and self.task_count >= self.max_tasks:
-            self._logger.info("Dispatcher reached max tasks (%d), restarting.", self.max_tasks)
-            raise WorkerRecycle()
+        return self.consumer._run_task(self, task, now)
+
+    def sleep(self) -> None:
+        with blocking():  # an empty queue's backoff is a wait, not work
+            super().sleep()
 
 
 class Consumer(HueyConsumer):
     """A Huey consumer running tasks on a cmwq workqueue; options as ``huey.consumer.Consumer``,
-    except ``workers``: None (default) for no limit, or the most tasks running at once.
+    except ``workers``: None (default) for no limit, or the most tasks running at once; and
+    ``max_tasks``, which has nothing to recycle (cmwq's threads serve every workqueue).
 
-    Fields: ``I:`` set in ``__init__``; ``P:`` under ``_lock``.
+    How tasks are dispatched: a *chain* of works of the consumer's workqueue. A link dequeues a
+    task (asleep in ``blocking()`` while the queue is empty), queues the next link, and runs the
+    task. If the task finishes before the pool started the next link (it never blocked: the pool
+    runs one work at a time while one is running), the link takes the next link back off the queue
+    (``Work.cancel``) and dequeues again itself: CPU-bound tasks run back to back on one thread, as
+    on Huey's single worker. If the task blocked, the pool started the next link meanwhile, which
+    dequeues the next task: waiting tasks overlap, on as many threads as wait. The consumer's
+    worker thread only starts the chain, restarts it if it ever ends while the consumer runs, and
+    waits for it at shutdown (Huey joins that thread).
 
-    Invariants (under ``_lock``): ``_unstarted <= _inflight``; ``_unstarted <= 1`` unless
-    ``_submit`` is called by hand; ``_jobs`` holds the windows of the tasks inside
-    ``task.execute()``; after ``_interrupting`` no queued task runs.
+    Fields: ``I:`` set in ``__init__``; ``P:`` under ``_lock``; ``D:`` the worker thread's.
+
+    Invariants (under ``_lock``): ``_links`` counts the links queued or running (0 only before the
+    start, after the stop, or for a moment after a link failed); ``_inflight`` the tasks running
+    in links; ``_jobs`` holds the windows of the tasks inside ``task.execute()``; after
+    ``_interrupting`` no task starts its code.
     """
 
     worker_class = Worker
@@ -212,16 +215,14 @@ class Consumer(HueyConsumer):
                 "cmwq_exec.huey.Consumer: workers must be None (no limit: concurrency management "
                 f"decides) or a positive integer (the most tasks running at once), got {workers!r}")
         self._lock = make_lock("executor")
-        self._room = threading.Condition(self._lock)  # notified when a task starts or ends
-        self._unstarted = 0  # P: tasks handed to the workqueue that have not started
-        self._inflight = 0  # P: tasks handed to the workqueue that have not ended
-        self._queued: list[tuple[Work, Any]] = []  # P: (work, task) not started yet
+        self._idle = threading.Condition(self._lock)  # notified when a link or a task ends
+        self._links = 0  # P
+        self._inflight = 0  # P
         self._jobs: dict[int, _Job] = {}  # P: thread id -> the window of the task it runs
         self._interrupting = False  # P
-        self._wq: WorkQueue | None = None  # P; written by the dispatcher thread only: made on its
-        # first task, destroyed when the consumer stops
-        self._cpu: int | None = None  # P: the CPU whose pool runs the tasks (None: any)
-        self._local = threading.local()  # per thread: the startup hooks ran
+        self._wq: WorkQueue | None = None  # D: made when the chain starts, destroyed at the stop
+        self._cpu: int | None = None  # D: the CPU whose pool runs the chain (None: any)
+        self._local = threading.local()  # per thread: in a link; the startup hooks ran
         self._metrics_server: Any = None
         super().__init__(huey, 1, *args, **kwargs)
         self.workers = workers  # I: max_running of the workqueue (None: no limit)
@@ -232,13 +233,18 @@ class Consumer(HueyConsumer):
                                  default_delay=self.default_delay, max_delay=self.max_delay,
                                  backoff=self.backoff, max_tasks=self.max_tasks, consumer=self)
 
+    def _create_process(self, process: Any, name: str) -> Any:
+        if not isinstance(process, Worker):
+            return super()._create_process(process, name)  # the scheduler
+        return self.environment.create_process(functools.partial(self._supervise, process), name)
+
     def _window(self, task: Any) -> _Window:
         return _Window(self, task.timeout or None)
 
     # -- start and stop ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the scheduler and the dispatcher, and the metrics endpoint if one is configured."""
+        """Start the scheduler and the chain, and the metrics endpoint if one is configured."""
         address = metrics_address()
         if address is not None and self._metrics_server is None:
             from . import metrics
@@ -257,94 +263,92 @@ class Consumer(HueyConsumer):
 
     def _interrupt_workers(self) -> None:
         """Interrupt what runs (KeyboardInterrupt in each task, as the process worker type's
-        SIGTERM), report what was dequeued and has not started, and give the interrupted tasks
-        INTERRUPT_GRACE seconds to end (Huey reports one as it unwinds, and the process may exit
-        right after this), so that Huey reports each once."""
+        SIGTERM) and give the interrupted tasks INTERRUPT_GRACE seconds to end (Huey reports one
+        as it unwinds, and the process may exit right after this), so that Huey reports each once."""
         with self._lock:
             self._interrupting = True
             for job in self._jobs.values():
                 if job.unwind is None:
                     job.unwind = "interrupted"
                     inject(job, KeyboardInterrupt)
-            queued, self._queued = self._queued, []
-        for work, task in queued:
-            if work.cancel():
-                self._ended(started=False)
-                log.warning("Task %s was dequeued and had not started: interrupted", task.id)
-                self.huey._emit(huey_signals.SIGNAL_INTERRUPTED, task)
-        with self._lock:
-            self._room.wait_for(lambda: not self._inflight, INTERRUPT_GRACE)
+            self._idle.wait_for(lambda: not self._inflight, INTERRUPT_GRACE)
         super()._interrupt_workers()
 
-    # -- the dispatcher's side --------------------------------------------------------------------
-
-    def _wait_for_room(self, stop_flag: Any) -> bool:
-        """Wait until every task handed over has started (the pool can take another); False if
-        the stop flag was set meanwhile."""
-        with self._lock:
-            while self._unstarted:
-                if stop_flag.is_set():
-                    return False
-                self._room.wait(_ROOM_POLL)
-        return not stop_flag.is_set()
-
-    def _submit(self, dispatcher: Worker, task: Any, now: Any) -> None:
-        """Hand ``task`` to the workqueue (on the dispatcher's thread)."""
-        work = Work(self._run, dispatcher, task, now)
-        if self._wq is None:  # only the dispatcher makes it, and only it destroys it (_wait_idle)
-            wq = WorkQueue("huey", WQ.RESCUER, max_running=self.workers)
-            wq.flush_at_exit = False  # Huey's own shutdown decides what to wait for
-            cpu = get_system().local_pool().cpu
-            with self._lock:
-                self._wq, self._cpu = wq, cpu
-        with self._lock:
-            wq, cpu = self._wq, self._cpu
-            self._unstarted += 1
-            self._inflight += 1
-            self._queued.append((work, task))
-        if cpu is None:
-            wq.queue_work(work)
-        else:
-            wq.queue_work_on(cpu, work)  # one pool: one GIL, as few idle threads as the load needs
-
-    def _wait_idle(self) -> None:
-        """Wait until every task handed over has ended (or was interrupted), then destroy the
-        workqueue (a later start makes another)."""
-        with self._lock:
-            self._room.wait_for(lambda: not self._inflight)
-            wq, self._wq = self._wq, None
-        if wq is not None:
-            wq.destroy()
-
-    # -- a task's thread --------------------------------------------------------------------------
-
-    def _run(self, dispatcher: Worker, task: Any, now: Any) -> None:
-        """Run one task as a work: the startup hooks first if this thread has not run them."""
-        with self._lock:
-            self._queued = [(w, t) for w, t in self._queued if t is not task]
-            interrupted = self._interrupting
-            self._unstarted -= 1
-            self._room.notify_all()
+    def _supervise(self, worker: Worker) -> None:
+        """The consumer's worker thread: start the chain, restart it if it ends while the consumer
+        runs, and at the stop wait for its links and tasks to end, then run the shutdown hooks."""
+        self._wq = WorkQueue("huey", WQ.RESCUER, max_running=self.workers)
+        self._wq.flush_at_exit = False  # Huey's own shutdown decides what to wait for
+        self._cpu = get_system().local_pool().cpu
         try:
-            if interrupted:
-                self.huey._emit(huey_signals.SIGNAL_INTERRUPTED, task)
-                return
+            while True:
+                with self._lock:
+                    lost = not self._links and not self.stop_flag.is_set()
+                    if lost:
+                        self._links += 1
+                if lost:
+                    self._queue_link(worker)
+                if self.stop_flag.wait(self._stop_flag_timeout):
+                    break
+            with self._lock:
+                self._idle.wait_for(lambda: not self._links and not self._inflight)
+        finally:
+            try:
+                HueyWorker.shutdown(worker)
+            finally:
+                wq, self._wq = self._wq, None
+                wq.destroy()
+
+    # -- the chain --------------------------------------------------------------------------------
+
+    def _queue_link(self, worker: Worker) -> Work:
+        """Queue a link of the chain (``_links`` already counts it)."""
+        link, wq, cpu = Work(self._link, worker), self._wq, self._cpu
+        assert wq is not None
+        if cpu is None:
+            wq.queue_work(link)
+        else:
+            wq.queue_work_on(cpu, link)  # one pool: one GIL, as few idle threads as the load needs
+        return link
+
+    def _link(self, worker: Worker) -> None:
+        """One link: dequeue and run tasks until the stop, or until the next link took over."""
+        self._local.link = True
+        try:
+            while not self.stop_flag.is_set():
+                if worker.loop() is False:
+                    return
+        finally:
+            self._local.link = False
+            with self._lock:
+                self._links -= 1
+                self._idle.notify_all()
+
+    def _run_task(self, worker: Worker, task: Any, now: Any) -> bool:
+        """Run a dequeued task on this thread; in a link, with the next link queued meanwhile.
+        True if this thread goes on dispatching (no link, or the next one had not started)."""
+        following = None
+        if getattr(self._local, "link", False):
+            with self._lock:
+                self._links += 1
+            following = self._queue_link(worker)  # started by the pool if this task blocks
+        with self._lock:
+            self._inflight += 1
+        try:
             if getattr(self._local, "consumer", None) is not self:
                 self._local.consumer = self
-                HueyWorker.initialize(dispatcher)
+                HueyWorker.initialize(worker)
             try:
                 self.huey.execute(task, now)
             except Exception:
-                dispatcher._logger.exception("Unhandled error during execution of task %s.", task.id)
+                worker._logger.exception("Unhandled error during execution of task %s.", task.id)
         finally:
-            self._ended(started=True)
+            with self._lock:
+                self._inflight -= 1
+                self._idle.notify_all()
+        return following is None
 
-    def _ended(self, started: bool) -> None:
-        with self._lock:
-            if not started:
-                self._unstarted -= 1
-            self._inflight -= 1
-            self._room.notify_all()
+    # -- a task's window --------------------------------------------------------------------------
 
     def _enter(self, job: _Job) -> None:
         with self._lock:
@@ -356,7 +360,6 @@ class Consumer(HueyConsumer):
         with self._lock:
             if self._jobs.get(job.thread_id) is job:
                 del self._jobs[job.thread_id]
-            self._room.notify_all()
 
     def _expire(self, job: _Job, exc_type: type[TaskTimeout]) -> None:
         """The task's timeout passed (timer thread): raise it in the task's thread."""
@@ -372,9 +375,9 @@ class Consumer(HueyConsumer):
     def stats(self) -> dict[str, Any]:
         """The consumer's task counts and its workqueue's counters."""
         with self._lock:
-            counts: dict[str, Any] = {"running": len(self._jobs), "unstarted": self._unstarted,
-                                      "in-flight": self._inflight, "max-running": self.workers}
-            wq = self._wq
+            counts: dict[str, Any] = {"running": len(self._jobs), "in-flight": self._inflight,
+                                      "links": self._links, "max-running": self.workers}
+        wq = self._wq
         if wq is not None:
             counts["workqueue"] = {k: v for k, v in wq.stats().items()
                                    if k not in ("queue_latency", "execution")}

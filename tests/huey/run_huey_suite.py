@@ -15,8 +15,7 @@ The plugin ``cmwq_huey_suite`` (beside this file) puts the unpacked tests in fro
 ``Huey.create_consumer`` returns). ``--consumer stock`` runs the same tests on Huey's own consumer,
 to tell this consumer's failures from the suite's. The tests that are not the cmwq consumer's to
 pass are deselected, each with its reason (``NOT_CMWQS``: the process worker type, which this
-consumer refuses, and the three tests that need ``Worker.loop()`` to run the task before it
-returns, which is the one-at-a-time execution this consumer removes).
+consumer refuses).
 
 Every test of these files uses ``MemoryHuey`` or a SQLite file of its own: no Redis server is
 needed (Huey's Redis tests, in test_storage.py, test Redis storage, not the consumer; they use
@@ -46,17 +45,6 @@ NOT_CMWQS = {
         "worker_type='process' (refused, as above)",
     "huey/tests/test_consumer.py::TestProcessWorkers::test_process_worker_integration":
         "worker_type='process' (refused, as above)",
-    # The three below call the consumer's Worker.loop() by hand and read the task's result as soon
-    # as it returns. Huey's worker runs the task inside loop(), one at a time; the cmwq dispatcher's
-    # loop() dequeues a task and hands it to the pool, which runs it on another thread, so that
-    # the next one can be dequeued while it waits. tests/huey/test_huey_consumer.py runs the same
-    # three behaviours through a running consumer (timeout, scheduled and periodic tasks).
-    "huey/tests/test_consumer.py::TestConsumerIntegration::test_consumer_timeout":
-        "reads the result right after Worker.loop() returns (the task runs on a pool thread)",
-    "huey/tests/test_consumer.py::TestConsumerIntegration::test_consumer_schedule_task":
-        "reads the result right after Worker.loop() returns (the task runs on a pool thread)",
-    "huey/tests/test_consumer.py::TestConsumerIntegration::test_consumer_periodic_tasks":
-        "reads the task's effect right after Worker.loop() returns (the task runs on a pool thread)",
 }
 
 
