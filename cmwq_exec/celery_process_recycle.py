@@ -177,8 +177,10 @@ class ChildLimits:
             self.grace = abandon_grace(consumer.app.conf)
         except ImproperlyConfigured as exc:  # the supervisor checked it already: not expected here
             log.error("cmwq_exec: %s; using %s s", exc, ABANDON_GRACE)
+        first = self.consumer is None
         self.consumer = consumer
-        threading.Thread(target=self._look, name="cmwq-recycle", daemon=True).start()
+        if first:  # (ready again after a reconnect: the same thread goes on looking)
+            threading.Thread(target=self._look, name="cmwq-recycle", daemon=True).start()
         self._check_tasks()
 
     def after_task(self, **_: Any) -> None:
@@ -244,8 +246,8 @@ class ChildLimits:
     def on_shutdown(self, sender: Any = None, **_: Any) -> None:
         """The worker has stopped (its started tasks are done): as prefork's child at its exit."""
         code = getattr(sender, "exitcode", None)
-        signals.worker_process_shutdown.send(sender=self.hostname, pid=os.getpid(),
-                                             exitcode=0 if code is None else code)
+        signals.worker_process_shutdown.send(sender=self.hostname or getattr(sender, "hostname", None),
+                                             pid=os.getpid(), exitcode=0 if code is None else code)
 
 
 def hold(files: str, index: int) -> None:
