@@ -98,6 +98,7 @@ from .celery_jobs import (
     call_target,
     check_seconds,
     current_app,
+    in_signal_handler,
     may_be_revoked,
     shutting_down,
     terminating,
@@ -219,7 +220,10 @@ class TaskPool(BasePool):
 
     def on_terminate(self) -> None:
         """Cold shutdown: drop unstarted tasks and unwind the running ones (no result is written
-        for them; with acks_late their messages return to the broker)."""
+        for them; with acks_late their messages return to the broker). From the signal handler it
+        only wakes the loop, which ends and terminates the pool again (see in_signal_handler)."""
+        if in_signal_handler():
+            return self._outbox.poke_loop()
         self._outbox.stop_delivering_to_hub()
         with self._lock:
             self._cancel_queued_locked(closing=True)
@@ -401,11 +405,6 @@ class TaskPool(BasePool):
                 raise ValueError(f"cannot shrink the pool by {n}: its limit is {self.limit}")
             self.limit -= n
             self._update_max_active_locked()
-
-    @property
-    def num_processes(self) -> int:
-        """The concurrency limit (Celery sizes prefetch and autoscaling by it)."""
-        return self.limit
 
     # -- what it shows ------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 from celery import _state as _celery_state
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils import log as _celery_log
 from celery.worker import state as _worker_state
 
 from .core import timer as _timer
@@ -211,6 +212,14 @@ def terminating() -> bool:
     """Has the worker begun a cold shutdown (Celery's own test, celery.worker.state.maybe_shutdown)?"""
     should_terminate = getattr(_worker_state, "should_terminate", None)
     return should_terminate is not None and should_terminate is not False
+
+
+def in_signal_handler() -> bool:
+    """Does Celery call us from its cold-shutdown signal handler (``on_cold_shutdown`` stops the
+    pool there)? The handler runs on the event loop's thread wherever the signal caught it: maybe
+    inside one of the pool's critical sections (``on_apply`` under the pool's lock, a callback
+    delivery), so it must take no lock of ours. Celery's own flag (celery.utils.log.in_sighandler)."""
+    return bool(getattr(_celery_log, "_in_sighandler", False))
 
 
 def shutting_down() -> bool:

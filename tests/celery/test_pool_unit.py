@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from typing import Any
@@ -626,3 +628,56 @@ def test_an_exception_at_every_call_return_of_the_window_close_is_absorbed(make_
     assert k > 3, "the close was not gone through"
     wait_for("the pool to settle", lambda: not pool._jobs, 5)
     assert not [r for r in caplog.records if "escaped" in r.getMessage()], caplog.text
+
+
+def test_a_cold_shutdown_signal_inside_a_critical_section_does_not_deadlock():
+    """Celery's cold-shutdown handler (on_cold_shutdown) stops the pool from inside the signal
+    handler, on the event loop's thread, wherever the signal caught it: here inside on_apply's
+    critical section (the pool's lock held). The handler must not take that lock (it deadlocked:
+    the worker hung in its cold shutdown); the pool terminates when Celery's loop terminates it
+    next, and a job running then is unwound. A subprocess, so a deadlock ends in its timeout."""
+    script = textwrap.dedent("""
+        import os, signal, threading, time
+        from celery.utils.log import in_sighandler
+        from celery.worker import state
+        from cmwq_exec.celery import TaskPool
+
+        pool = TaskPool(limit=2)
+        pool.start()
+        started, ended = threading.Event(), []
+
+        def task():
+            started.set()
+            try:
+                for _ in range(3000):
+                    time.sleep(0.01)  # an asynchronous exception lands between two sleeps
+            except BaseException as exc:
+                ended.append(type(exc).__name__)
+                raise
+
+        pool.apply_async(task)
+        assert started.wait(10)
+
+        def cold_shutdown(*_):
+            with in_sighandler():
+                state.should_terminate = True
+                pool.stop()
+
+        signal.signal(signal.SIGUSR1, cold_shutdown)
+        with pool._lock:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(10):  # the handler runs here, at a bytecode boundary
+                pass
+        print("handler returned", flush=True)
+        pool.terminate()  # what Celery's event loop does once it sees should_terminate
+        deadline = time.monotonic() + 20
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("unwound:", ended, flush=True)
+    """)
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"deadlocked in the signal handler: {exc.stdout!r}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["handler returned", "unwound: ['Unwind']"], proc.stdout
