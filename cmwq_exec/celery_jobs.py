@@ -6,28 +6,13 @@ or expired request at its start, the asynchronous exceptions that carry its limi
 survives the unwind (*abandoned*: not counted, logged with where its thread is, shown in
 ``inspect active``). The pool itself (cmwq_exec.celery) queues, runs and reports jobs.
 
-Asynchronous exceptions. A limit raises into the task's thread with ``PyThreadState_SetAsyncExc``;
-the interpreter raises it where that thread next checks, a call's return at the latest, so it can
-land in any Python code the thread runs, ours included. So a job has an injection *window*: the
-job's thread opens it just before the task's code and closes it right after, and nothing is
-injected outside it. The window is guarded by the job's ``gate``, a plain lock (like a worker's
-park lock, it is not one of the lock-order classes): taking a C lock in a ``with`` block cannot be
-cut short by an asynchronous exception, where the pool's lock, a checked Python lock in lockdep's
-debug mode, could be left held by one landing inside its ``acquire``. The numbered race the gate
-prevents:
-
-1. the timer thread, holding the pool's lock, sees the job in its target and decides to inject;
-2. the job's thread returns from the target and starts closing the window;
-3. the injection lands in the closing code, after the thread took a lock and before it recorded
-   that it holds it: the lock is never released.
-
-With the gate, step 3 can only land after the gate's release, in code that closes the window
-again (idempotent) and clears what is pending. ``INJECTIONS`` says how many can reach the thread.
+Asynchronous exceptions. The limits raise into the task's thread inside the job's injection
+window, with the one implementation every task-queue front-end shares (:mod:`cmwq_exec.injection`:
+the window, its gate, the numbered race the gate prevents, and ``INJECTIONS``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import sys
@@ -46,30 +31,14 @@ from celery.utils import log as _celery_log
 from celery.worker import state as _worker_state
 
 from .core import timer as _timer
-from .core.lockdep import assert_held, must_hold
+from .core.lockdep import must_hold
+from .injection import async_raise, close_window_surely, inject, open_window
 
 log = logging.getLogger("cmwq_exec.celery")
-
-# A private prototype rather than ctypes.pythonapi's shared function object, whose argtypes other
-# code may set differently. ``exc`` is a class pointer (the interpreter raises ``exc()``), or NULL to
-# clear a pending one. PyDLL-style: the GIL is held during the call.
-_SetAsyncExc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
-
-#: The most asynchronous exceptions one job's thread can receive: one SoftTimeLimitExceeded (soft
-#: limit, or a terminate with SIGUSR1 as prefork delivers it) and one :class:`Unwind` (hard limit or
-#: terminate, whichever comes first). The job's end closes the window once per injection that may
-#: land in it, plus once (see close_window_surely).
-INJECTIONS = 2
 
 #: Seconds a job's thread has to return after its unwind before it is logged as abandoned: long
 #: enough for any thread that is not swallowing the unwind (an arbitrary figure).
 ABANDON_GRACE = 1.0
-
-
-def async_raise(thread_id: int, exc_type: type[BaseException] | None) -> None:
-    """Make ``exc_type`` raise in thread ``thread_id`` at its next check; None clears it."""
-    _SetAsyncExc(thread_id, None if exc_type is None else id(exc_type))
 
 
 class Unwind(BaseException):
@@ -247,46 +216,6 @@ def workqueue_limits(limit: int, window: int, abandoned: int) -> tuple[int, int]
 
 
 # -- the window ------------------------------------------------------------------------------------
-
-
-def open_window(job: Job) -> bool:
-    """On the job's thread, just before its target: open the injection window, unless the job
-    was unwound or terminated before it could start (then False)."""
-    with job.gate:
-        if job.unwind is not None or job.revoked_early:
-            return False
-        job.in_target = True
-        return True
-
-
-def close_window(job: Job) -> None:
-    """On the job's thread, after its target: close the window for good and clear what is
-    pending. Idempotent: called again if an exception injected before the close lands in it."""
-    with job.gate:
-        job.in_target = False
-        job.finished = True
-    async_raise(job.thread_id, None)
-
-
-def close_window_surely(job: Job) -> None:
-    """Close the window even if injections made before the close land in it: each one that lands
-    is caught by the next level, which closes again; there are at most ``INJECTIONS`` (the levels
-    are written out, not looped: a loop's backward jump is a place one may land too)."""
-    try:
-        close_window(job)
-    except BaseException:
-        try:
-            close_window(job)
-        except BaseException:
-            close_window(job)
-
-
-def inject(job: Job, exc_type: type[BaseException]) -> None:
-    """Raise ``exc_type`` in the job's thread if its window is open. P: held (``job.pool._lock``)."""
-    assert_held(job.pool._lock)
-    with job.gate:
-        if job.in_target:
-            async_raise(job.thread_id, exc_type)
 
 
 def call_target(job: Job) -> tuple[Callable[..., Any], Any] | None:

@@ -598,7 +598,7 @@ def test_the_setting_selects_the_supervising_pool(monkeypatch):
     "some of these call returns (an artefact of injecting through sys.setprofile, seen on 3.11 only; "
     "3.10, 3.12 and 3.13 run the test)"))
 def test_an_exception_at_every_call_return_of_the_window_close_is_absorbed(make_pool, caplog):
-    """The pool closes a task's injection window with celery_jobs.INJECTIONS + 1 nested closes: an
+    """The pool closes a task's injection window with injection.INJECTIONS + 1 nested closes: an
     exception injected before the close that lands in it, at any call return, is caught by the
     next level. The task reports its own outcome exactly once and nothing reaches the worker."""
     import os
