@@ -123,29 +123,51 @@ def test_a_child_past_max_memory_per_child_is_replaced_after_its_task(
     assert new_pid in pids_of(results_redis, process_init_key(name))
 
 
-def test_a_task_swallowing_its_hard_limit_fails_and_its_child_is_replaced_while_tasks_flow(
-        celery_app, start_worker, results_redis, key):
-    """A task that swallows every interruption, with a 1 s hard time limit and CMWQ_ABANDON_GRACE=1:
-    it ends FAILURE TimeLimitExceeded at its limit; a second later its child is replaced: the
-    child's other started tasks finish, it exits, and the stuck thread with it (the task, meant to
-    run 60 s, never reaches its end). A stream of other tasks keeps flowing meanwhile and each of
-    them runs once."""
+def which_replaced(worker: Worker, before: dict[str, int]) -> str:
+    """Wait until one of the nodes in ``before`` (name -> pid) answers from another process and its
+    old process has exited; returns its name."""
+    def replaced() -> str | None:
+        for name, old_pid in before.items():
+            try:
+                pid = worker.node_stats(name)["pid"]
+            except AssertionError:
+                continue  # between two processes
+            if pid != old_pid and process_gone(old_pid):
+                return name
+        return None
+
+    return wait_for(f"a child to be replaced\n{worker.tail()}", replaced, 90, interval=0.3)
+
+
+@pytest.mark.parametrize("how", ["hard", "terminated"])
+def test_a_task_swallowing_its_unwind_fails_and_its_child_is_replaced_while_tasks_flow(
+        celery_app, start_worker, results_redis, key, how):
+    """A task that swallows every interruption, unwound by a 1 s hard time limit (or by
+    revoke(terminate=True) once it runs), with CMWQ_ABANDON_GRACE=1: it ends FAILURE
+    TimeLimitExceeded at its limit (REVOKED when terminated), as prefork reports the task of a
+    child it killed; a second later its child is replaced: the child's other started tasks
+    finish, it exits, and the stuck thread with it (the task, meant to run 60 s, never reaches its
+    end). A stream of other tasks keeps flowing meanwhile and each of them runs once."""
     worker, names = start(start_worker, concurrency=2, env={"CMWQ_ABANDON_GRACE": "1"})
     before = {name: worker.node_stats(name)["pid"] for name in names}
-    stuck = celery_app.tasks["t.stubborn"].apply_async((key, 60.0), time_limit=1)
+    stubborn = celery_app.tasks["t.stubborn"]
+    stuck = stubborn.apply_async((key, 60.0), time_limit=1) if how == "hard" else stubborn.delay(key, 60.0)
     stream = group(celery_app.tasks["t.where"].s(key, f"s{i}", 0.05) for i in range(300))()
+    if how == "terminated":
+        def running() -> bool:
+            reply = celery_app.control.inspect(names, timeout=1.0).active() or {}
+            return any(task["id"] == stuck.id for tasks in reply.values() for task in tasks)
 
-    def abandoned_on() -> str | None:
-        reply = celery_app.control.inspect(names, timeout=1.0).active() or {}
-        return next((name for name, tasks in reply.items()
-                     for task in tasks if task["id"] == stuck.id and task.get("abandoned")), None)
-
-    name = wait_for(f"the stubborn task to be abandoned\n{worker.tail()}", abandoned_on, 60, interval=0.2)
-    with pytest.raises(TimeLimitExceeded):
-        stuck.get(timeout=30, propagate=True)
-    assert stuck.state == states.FAILURE
-    wait_replaced(worker, name, before[name])
-    assert "survived its unwind (hard) for more than 1 s" in worker.log.read_text()
+        wait_for(f"the stubborn task to run\n{worker.tail()}", running, 60, interval=0.2)
+        celery_app.control.revoke(stuck.id, terminate=True)
+    name = which_replaced(worker, before)
+    if how == "hard":
+        with pytest.raises(TimeLimitExceeded):
+            stuck.get(timeout=30, propagate=True)
+        assert stuck.state == states.FAILURE
+    else:
+        wait_for("the terminated task to be REVOKED", lambda: stuck.state == states.REVOKED, 30)
+    assert f"survived its unwind ({how}) for more than 1 s" in worker.log.read_text()
     runs = stream.get(timeout=120)
     assert members(results_redis, key) == {f"s{i}" for i in range(300)}
     assert int(results_redis.get(key + ":runs")) == 300, "a task ran twice"
@@ -153,4 +175,3 @@ def test_a_task_swallowing_its_hard_limit_fails_and_its_child_is_replaced_while_
     assert results_redis.get(key + ":done") is None, "the stuck thread outlived its child"
     shut_down = pids_of(results_redis, process_shutdown_key(name))
     assert before[name] in shut_down, "the replaced child sent no worker_process_shutdown"
-
