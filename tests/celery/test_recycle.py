@@ -7,6 +7,7 @@ may have only two CPUs); see test_processes.py for the mode itself.
 from __future__ import annotations
 
 import re
+import signal
 from collections import defaultdict
 from typing import Any
 
@@ -15,6 +16,7 @@ from app import process_init_key, process_shutdown_key
 from celery import group, states
 from celery.exceptions import TimeLimitExceeded
 from celery_harness import Worker, process_gone, wait_for
+from test_celery_pool import a_second_worker_runs_each_once
 from test_processes import CHILDREN, members, start
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -175,3 +177,25 @@ def test_a_task_swallowing_its_unwind_fails_and_its_child_is_replaced_while_task
     assert results_redis.get(key + ":done") is None, "the stuck thread outlived its child"
     shut_down = pids_of(results_redis, process_shutdown_key(name))
     assert before[name] in shut_down, "the replaced child sent no worker_process_shutdown"
+
+
+def test_a_warm_shutdown_during_a_handover_finishes_started_tasks_and_loses_none(
+        celery_app, start_worker, results_redis, key):
+    """SIGTERM to the worker while a child is being replaced (its replacement starting or holding,
+    the old child consuming or draining): every process exits, each task an old or new child had
+    started finished there, and a second worker runs the rest: each task ran once."""
+    worker, names = start(start_worker, concurrency=2, args=("--max-tasks-per-child", "3"))
+    tokens = [f"h{i}" for i in range(40)]
+    for token in tokens:
+        celery_app.tasks["t.record_early"].delay(key, token, 0.5)
+    wait_for(f"a child to be replaced\n{worker.tail()}",
+             lambda: " is replaced: " in worker.log.read_text(), 60)
+    pids = worker.child_pids()
+    assert len(pids) > CHILDREN, f"no handover under way: {pids}\n{worker.tail()}"
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit(90) == 0, worker.tail(80)
+    assert all(process_gone(pid) for pid in pids), "a child outlived the worker"
+    started = members(results_redis, key + ":started")
+    assert started <= members(results_redis, key), "a task started by a child did not finish"
+    assert members(results_redis, key) < set(tokens), "every task ran before the shutdown: nothing tested"
+    a_second_worker_runs_each_once(start_worker, results_redis, key, tokens)
