@@ -212,3 +212,25 @@ def test_the_check_finds_a_documented_function_that_does_not_check(tmp_path: Pat
         "class C:\n    @must_hold('lock')\n    def decorated(self):\n        '''W: held.'''\n\n"
         "def free():\n    '''No lock held (P: held by nobody).'''\n")
     assert documented_but_unchecked(package) == (["pkg/m.py:2 unchecked"], 3)
+
+
+def test_a_future_finished_before_anyone_waited_passes_the_check() -> None:
+    """A future that finished before anyone asked for its Condition gets the shared stand-in
+    (future_waits._FINISHED_CONDITION), which _wait_done asserts held like a real one: in debug
+    mode it must say it is (it raised AttributeError: the bench's no-op loop failed so in CI)."""
+    # _get reads the state, then the Condition: a future that finishes between the two hands
+    # _wait_done the stand-in; done here in that order on purpose
+    code = ("from cmwq_exec import CMWQExecutor\n"
+            "with CMWQExecutor() as ex:\n"
+            "    future = ex.submit(pow, 2, 10)\n"
+            "    while future._state != 'FINISHED':  # done() would make its Condition\n"
+            "        pass\n"
+            "    condition = future._condition\n"
+            "    assert type(condition).__name__ == '_FinishedCondition', condition\n"
+            "    with condition:\n"
+            "        future._wait_done(None)\n"
+            "    print(future.result())\n")
+    env = {**os.environ, "CMWQ_LOCKDEP": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1024"
