@@ -188,6 +188,7 @@ class TaskPool(BasePool):
         if address is not None:
             self._metrics.start(address, self._child, self._task_counts)
         celery_pool_info.show_abandoned_in_inspect_active()
+        self._outbox.wake_at_shutdown_signals(True)  # an idle loop sees a SIGTERM at once
         # This process runs every task, as with solo: like solo, tell per-process setup code
         # (worker_process_init handlers: database connections, tracing) once, before any task.
         hostname = (self.options.get("initargs") or (None, None))[1]
@@ -271,6 +272,7 @@ class TaskPool(BasePool):
         relies on its event loop noticing ``should_terminate``; a loop asleep in poll would only
         notice at its next timer (10 s on amqp). So the wakeup pipe is poked."""
         self._outbox.poke_loop()
+        self._outbox.wake_at_shutdown_signals(False)
         self._metrics.stop()
         with self._lock:
             idle = not self._jobs
@@ -438,7 +440,7 @@ class SupervisorPool(BasePool):
         """Supervise the children; raises WorkerShutdown / WorkerTerminate once they are gone."""
         address = celery_pool_info.metrics_address(self.app.conf if self.app is not None else {})
         hostname = (self.options.get("initargs") or (None, None))[1]
-        celery_processes.Supervisor(default_nodename(hostname), self.processes, address).run()
+        celery_processes.Supervisor(default_nodename(hostname), self.processes, address, app=self.app).run()
 
     def on_apply(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("cmwq_exec.celery.SupervisorPool runs no task: its children do")

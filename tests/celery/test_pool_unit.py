@@ -681,3 +681,39 @@ def test_a_cold_shutdown_signal_inside_a_critical_section_does_not_deadlock():
         pytest.fail(f"deadlocked in the signal handler: {exc.stdout!r}")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["handler returned", "unwound: ['Unwind']"], proc.stdout
+
+
+def test_a_shutdown_signal_wakes_the_event_loop_at_once(make_pool):
+    """Celery's SIGTERM handler only sets should_stop (sending worker_shutting_down first); an idle
+    loop asleep in poll would see it only at its next timer (seconds: an idle worker's SIGTERM took
+    up to 8 s). The pool pokes the loop's wakeup pipe on that signal, and stops once it is shut."""
+    import os
+
+    from celery import signals
+
+    class Hub:
+        def __init__(self) -> None:
+            self.readers: dict[int, Any] = {}
+
+        def add_reader(self, fd: int, callback: Any) -> None:
+            self.readers[fd] = callback
+
+    pool = make_pool(limit=1)
+    hub = Hub()
+    pool.register_with_event_loop(hub)
+    (fd,) = hub.readers
+    hub.readers[fd]()  # the loop drains what registering queued
+
+    def poked() -> bool:
+        try:
+            return bool(os.read(fd, 4096))
+        except BlockingIOError:
+            return False
+
+    assert not poked()
+    signals.worker_shutting_down.send(sender="w@h", sig="SIGTERM", how="Warm", exitcode=0)
+    assert poked(), "the loop was not woken by the shutdown signal"
+    pool.stop()
+    poked()  # the stop pokes the loop itself (_shutdown)
+    signals.worker_shutting_down.send(sender="w@h", sig="SIGTERM", how="Warm", exitcode=0)
+    assert not poked(), "a stopped pool still listens to the shutdown signal"
