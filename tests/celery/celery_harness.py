@@ -108,7 +108,15 @@ class Worker:
         return self.proc.poll() is None
 
     def ping(self) -> bool:
-        replies = self.app.control.ping(destination=[self.name], timeout=0.5)
+        """Whether the worker answers ``inspect ping``. A broker connection the test's app pooled
+        may have been closed by the broker meanwhile (RabbitMQ resets one it found idle on a busy
+        machine); such a ping is a "not yet": the app's connections are dropped and the next
+        ping connects afresh."""
+        try:
+            replies = self.app.control.ping(destination=[self.name], timeout=0.5)
+        except self.app.connection_for_write().connection_errors:
+            self.app.pool.force_close_all()
+            return False
         return any(self.name in reply for reply in replies)
 
     def wait_ready(self, timeout: float = 30.0) -> Worker:
