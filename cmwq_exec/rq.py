@@ -242,6 +242,21 @@ class Worker(BaseWorker):
         finally:
             self._handing_over = False
 
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """RQ's dequeue; in burst mode (no timeout) an empty queue ends the burst only once no job
+        handed over is running: a running job may still enqueue its dependents, which RQ's worker,
+        one job at a time, finds on its next dequeue."""
+        while True:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            if result is not None or timeout is not None:
+                return result
+            with self._lock:
+                if not self._running:
+                    return None
+                ended = len(self._running)
+                while len(self._running) >= ended:
+                    self._changed.wait()
+
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """IDLE while jobs still run is BUSY: RQ sets IDLE before each dequeue."""
         if state == WorkerStatus.IDLE and self._running:

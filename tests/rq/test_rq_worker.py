@@ -86,6 +86,20 @@ def test_stop_command_stops_the_job(queue: Any, connection: Any) -> None:
     connection.delete(job.id + ":stopped-callback")
 
 
+def test_burst_runs_the_dependents_its_jobs_enqueue(queue: Any, connection: Any) -> None:
+    """A burst ends when the queue is empty and no job runs: a job that ends after the last dequeue
+    still has its dependents run, as with RQ's worker, which runs one job at a time."""
+    rqjobs.gate.clear()
+    rqjobs.inside.clear()
+    first = queue.enqueue(rqjobs.meet, 1)
+    second = queue.enqueue(pow, 2, 4, depends_on=first)
+    beside("the first job waiting", lambda: rqjobs.inside, rqjobs.gate.set)
+    work_in_burst(queue, connection)
+    assert first.latest_result().return_value == 1
+    assert second.get_status(refresh=True) == JobStatus.FINISHED
+    assert second.latest_result().return_value == 16
+
+
 # -- as users start it ---------------------------------------------------------------------------
 
 
