@@ -93,7 +93,7 @@ class _Job:
     """
 
     __slots__ = ("pool", "gate", "thread_id", "in_target", "finished", "unwind", "revoked_early",
-                 "opens", "timer", "notify", "notified")
+                 "opens", "timer", "notified")
 
     def __init__(self, pool: _Dispatcher) -> None:
         self.pool = pool  # I: the dispatcher (its _lock is held to inject)
@@ -105,7 +105,6 @@ class _Job:
         self.revoked_early = False  # I: nothing revokes a Dramatiq message before it starts
         self.opens = 0  # X: managers that opened the window (it closes when the last one leaves)
         self.timer: _timer.Timer | None = None  # X: its time limit
-        self.notify = False  # P: the message asked for a shutdown notification
         self.notified = False  # P: Shutdown was injected
 
 
@@ -153,33 +152,38 @@ class _TimeLimits:
 
 
 class _ShutdownNotices:
-    """Replaces a ``ShutdownNotifications`` middleware's manager, as :class:`_TimeLimits`."""
+    """Replaces a ``ShutdownNotifications`` middleware's manager, as :class:`_TimeLimits`: the
+    messages of cmwq workers that asked for a notification get ``Shutdown`` through their window."""
 
     def __init__(self, dramatiqs: Any) -> None:
         self.dramatiqs = dramatiqs
+        self._lock = threading.Lock()  # a leaf: guards ``jobs`` only
+        self.jobs: set[_Job] = set()  # the messages of cmwq workers to notify at the stop
 
     def add_notification(self) -> None:
         job: _Job | None = getattr(_current, "job", None)
         if job is None:
             return self.dramatiqs.add_notification()
         _enter(job)
-        with job.pool._lock:
-            job.notify = True
+        with self._lock:
+            self.jobs.add(job)
         return None
 
     def remove_notification(self) -> None:
         job: _Job | None = getattr(_current, "job", None)
         if job is None:
             return self.dramatiqs.remove_notification()
-        with job.pool._lock:
-            job.notify = False
+        with self._lock:
+            self.jobs.discard(job)
         _leave(job)
         return None
 
     def shutdown(self) -> None:
         self.dramatiqs.shutdown()
-        for dispatcher in list(_Dispatcher.running_ones):
-            dispatcher._notify_shutdown()
+        with self._lock:
+            jobs = list(self.jobs)
+        for job in jobs:
+            job.pool._notify_shutdown(job)
 
 
 def _take_over_managers(broker: Any) -> None:
@@ -190,6 +194,29 @@ def _take_over_managers(broker: Any) -> None:
         elif (isinstance(middleware, ShutdownNotifications)
               and not isinstance(middleware.manager, _ShutdownNotices)):
             middleware.manager = _ShutdownNotices(middleware.manager)  # type: ignore[assignment]
+
+
+class _Acks:
+    """The worker's consumers as ``process_message`` sees them: its ack or nack (a round trip to the
+    broker) is a wait, said with ``blocking()``, so that the pool runs another message meanwhile
+    instead of finding the wait late by its watchdog."""
+
+    def __init__(self, consumers: dict[str, Any]) -> None:
+        self.consumers = consumers
+
+    def __getitem__(self, queue_name: str) -> _Ack:
+        return _Ack(self.consumers[queue_name])
+
+
+class _Ack:
+    __slots__ = ("consumer",)
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+
+    def post_process_message(self, message: Any) -> None:
+        with blocking():
+            self.consumer.post_process_message(message)
 
 
 class _Dispatcher:
@@ -214,12 +241,9 @@ class _Dispatcher:
     messages being processed; ``_jobs`` holds the windows of the messages running.
     """
 
-    #: The dispatchers started and not yet stopped (ShutdownNotifications notifies them all).
-    running_ones: set[_Dispatcher] = set()
-
     def __init__(self, worker: Worker) -> None:
         self.broker = worker.broker  # I: with the next three, what process_message uses
-        self.consumers = worker.consumers  # I
+        self.consumers = _Acks(worker.consumers)  # I
         self.work_queue = worker.work_queue  # I
         self.logger = dramatiq.worker.get_logger(dramatiq.worker.__name__, "WorkerThread")  # I
         self.timeout = worker.worker_timeout / 1000  # I
@@ -246,7 +270,6 @@ class _Dispatcher:
         with self._lock:
             self.running = True
             self._links = 1
-        _Dispatcher.running_ones.add(self)
         self._queue_link()
 
     def stop(self) -> None:
@@ -261,7 +284,6 @@ class _Dispatcher:
             done = self._idle.wait_for(lambda: not self._links and not self._inflight, timeout)
         if not done or self._wq is None:
             return  # as a WorkerThread still running: Dramatiq goes on with its shutdown
-        _Dispatcher.running_ones.discard(self)
         self.broker.emit_before("worker_thread_shutdown", self)
         wq, self._wq = self._wq, None
         wq.destroy()
@@ -371,14 +393,13 @@ class _Dispatcher:
             log.warning("Time limit exceeded. Raising exception in worker thread %r.", job.thread_id)
             inject(job, TimeLimitExceeded)
 
-    def _notify_shutdown(self) -> None:
+    def _notify_shutdown(self, job: _Job) -> None:
         with self._lock:
-            for job in self._jobs.values():
-                if job.notify and not job.notified:
-                    job.notified = True
-                    log.info("Worker shutdown notification. Raising exception in worker thread %r.",
-                             job.thread_id)
-                    inject(job, Shutdown)
+            if not job.notified and not job.finished:
+                job.notified = True
+                log.info("Worker shutdown notification. Raising exception in worker thread %r.",
+                         job.thread_id)
+                inject(job, Shutdown)
 
     def stats(self) -> dict[str, Any]:
         """The chain's message counts and its workqueue's counters."""
