@@ -177,8 +177,8 @@ class Worker(BaseWorker):
     """``rq worker -w cmwq_exec.rq.Worker``: jobs run as works of one cmwq workqueue.
 
     The main thread runs RQ's work loop: it dequeues a job, registers its execution, hands it to
-    the workqueue and waits until it has started before dequeuing the next one. ``P:`` under
-    ``_lock``; ``M:`` the main thread's.
+    the workqueue and waits until the pool has room for another (the job finished or blocked)
+    before dequeuing the next one. ``P:`` under ``_lock``; ``M:`` the main thread's.
 
     Invariants (under ``_lock``): ``_unstarted <= 1``; ``_running`` holds the job and execution of
     every job handed over and not ended (started or not), by execution id.
@@ -223,22 +223,23 @@ class Worker(BaseWorker):
             exception_handler=self._pubsub_exception_handler)  # type: ignore[assignment]
 
     def execute_job(self, job: Any, queue: Any) -> None:
-        """Hand ``job`` to the workqueue and return once it has started (main thread)."""
+        """Hand ``job`` to the workqueue and return once the pool has room for another (main
+        thread): a *probe*, an empty work queued behind the job on the same pool, runs when the
+        job has finished or blocked, as the pool's concurrency management decides."""
         wq = self._workqueue()
         execution = self.prepare_execution(job)
         with self._lock:
             self._unstarted += 1
             self._running[execution.id] = (job, execution)
-        work = Work(self._perform, job, queue, execution)
-        if self._cpu is None:
-            wq.queue_work(work)
-        else:
-            wq.queue_work_on(self._cpu, work)  # one pool: one GIL, as few idle threads as the load needs
+        room = threading.Event()
         self._handing_over = True
         try:
-            with self._lock:
-                while self._unstarted:
-                    self._changed.wait()
+            for work in (Work(self._perform, job, queue, execution), Work(room.set)):
+                if self._cpu is None:
+                    wq.queue_work(work)
+                else:
+                    wq.queue_work_on(self._cpu, work)  # one pool: one GIL, as few idle threads as needed
+            room.wait()
         finally:
             self._handing_over = False
 
@@ -332,36 +333,46 @@ class Worker(BaseWorker):
 
     @property  # type: ignore[override]
     def _stopped_job_id(self) -> str | None:
-        """The job this thread runs, if it was told to stop (RQ reads it to mark the job STOPPED)."""
-        job_id = _current.job_id if hasattr(_current, "job_id") else None
+        """The job this thread is failing or running, if it was told to stop (RQ compares it with
+        the job it marks: STOPPED rather than FAILED). Per thread: this worker runs several jobs."""
+        job_id = getattr(_current, "failing", None) or getattr(_current, "job_id", None)
         return job_id if job_id is not None and job_id in _windows.stopped else None
 
     @_stopped_job_id.setter
     def _stopped_job_id(self, value: str | None) -> None:
-        if value is None:
-            return  # RQ clears it once the job is marked; the set is cleared when the job ends
         with _windows._lock:
-            _windows.stopped.add(value)
+            if value is not None:
+                _windows.stopped.add(value)  # a stop-job command, or a caller marking the job
+            else:  # RQ marked this thread's job
+                _windows.stopped.discard(getattr(_current, "failing", None) or "")
+
+    def handle_job_failure(self, job: Any, queue: Any, started_job_registry: Any = None, exc_string: str = "",
+                           execution: Any = None) -> None:
+        _current.failing = job.id  # the job _stopped_job_id answers for, on this thread
+        try:
+            super().handle_job_failure(job, queue, started_job_registry=started_job_registry,
+                                       exc_string=exc_string, execution=execution)
+        finally:
+            _current.failing = None
 
     def _finalize_failure(self, job: Any, queue: Any, execution: Any, exc_info: Any) -> None:
         """A job stopped by command ends as RQ ends a stopped work horse."""
-        if not isinstance(exc_info[1], JobStopped):
+        if isinstance(exc_info[1], JobStopped):
+            job.ended_at = job.ended_at or _now()
+            self._handle_stopped_job(job, queue, execution)
+        else:
             super()._finalize_failure(job, queue, execution, exc_info)
-            return
+
+    def _handle_stopped_job(self, job: Any, queue: Any, execution: Any) -> None:
+        """As RQ's Worker for a horse killed by a stop command: the stopped callback (one that
+        raises is logged), then STOPPED and the FailedJobRegistry."""
         self.log.warning("Worker %s: job %s stopped by user, moving job to FailedJobRegistry",
                          self.name, job.id)
-        job.ended_at = job.ended_at or _now()
         try:
             execute_stopped_callback(job, self.death_penalty_class)
         except Exception:
             self.log.exception("Worker %s: stopped callback for job %s raised", self.name, job.id)
         self.handle_job_failure(job, queue=queue, exc_string=STOPPED_MESSAGE, execution=execution)
-
-    def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
-        """As RQ's SimpleWorker: the job's timeout plus a minute (its thread cannot be killed)."""
-        if job.timeout == -1:
-            return int(self.worker_ttl)
-        return int(job.timeout or self.worker_ttl) + 60
 
     # -- the jobs' threads ------------------------------------------------------------------------
 
@@ -372,6 +383,8 @@ class Worker(BaseWorker):
         _current.job_id = job.id
         try:
             self.perform_job(job, queue, execution)
+        except BaseException as exc:  # noqa: BLE001 - RQ's perform_job catches all; what escapes it
+            self._lost(job, queue, execution, exc)  # is a dead work horse
         finally:
             _current.job_id = None
             self.executions.pop(execution.id, None)
@@ -381,6 +394,21 @@ class Worker(BaseWorker):
             with self._lock:
                 self._running.pop(execution.id, None)
                 self._changed.notify_all()
+
+    def _lost(self, job: Any, queue: Any, execution: Any, exc: BaseException) -> None:
+        """The job's thread left perform_job by an exception: as RQ's Worker for a work horse that
+        died, the job fails unless it has ended already."""
+        from rq.job import JobStatus
+
+        try:
+            if job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED):
+                return
+            job.ended_at = _now()
+            exc_string = f"Work-horse terminated unexpectedly: {exc!r}"
+            self.log.warning("Worker %s: job %s failed (%s)", self.name, job.id, exc_string)
+            self.handle_job_failure(job, queue=queue, exc_string=exc_string, execution=execution)
+        except Exception:  # noqa: BLE001 - logged: the job is left in the StartedJobRegistry for RQ's cleanup
+            self.log.exception("Worker %s: could not record the failure of job %s", self.name, job.id)
 
     def _heartbeats(self) -> None:
         """Every job_monitoring_interval while jobs run: their heartbeats, as RQ's monitor sends."""
@@ -418,7 +446,7 @@ class Worker(BaseWorker):
             server.server_close()
 
 
-_current = threading.local()  # job_id: the job this thread performs
+_current = threading.local()  # job_id: the job this thread performs; failing: the one it fails
 
 
 def _now() -> Any:
