@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuned", type=int, default=8, help="rq worker-pool's -n (default 8)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workloads", default="io,io-plain,cpu", help="comma-separated (default: all three)")
+    parser.add_argument("--skip-pool", action="store_true",
+                        help="leave rq worker-pool out (it is slow to run)")
     args = parser.parse_args(argv)
 
     from redis import Redis
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "-l", "ERROR", name],
         "cmwq": [rq_bin, "worker", "-w", "cmwq_exec.rq.Worker", *common, name],
     }
+    if args.skip_pool:
+        del configs[f"pool -n {args.tuned}"]
     with tempfile.TemporaryDirectory(prefix="cmwq-bench-rq-") as scratch:
         (Path(scratch) / "benchjobs.py").write_text(JOBS)
         sys.path.insert(0, scratch)
