@@ -24,6 +24,8 @@ ROOT = HERE.parents[1]
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+pytestmark = pytest.mark.slow  # every test here needs Redis
+
 rq = pytest.importorskip("rq")
 import rqjobs  # noqa: E402
 from rq.command import send_stop_job_command  # noqa: E402
@@ -131,7 +133,6 @@ def rq_worker(queue: Any) -> Iterator[Any]:
         print(proc.communicate(timeout=30)[0])  # shown if the test failed
 
 
-@pytest.mark.slow
 def test_warm_shutdown_finishes_the_running_job(queue: Any, connection: Any, rq_worker: Any) -> None:
     """SIGINT: the running job finishes and its result is stored; the worker exits; a job
     enqueued meanwhile is not run."""
@@ -152,7 +153,6 @@ def test_warm_shutdown_finishes_the_running_job(queue: Any, connection: Any, rq_
     assert later.id in queue.job_ids or later.id in intermediate
 
 
-@pytest.mark.slow
 def test_cold_shutdown_leaves_the_running_job_started(queue: Any, connection: Any, rq_worker: Any) -> None:
     """The signal again: the worker exits at once, as RQ's after killing its horse; the job is left
     in the StartedJobRegistry for RQ's cleanup, with no result."""
@@ -171,7 +171,6 @@ def test_cold_shutdown_leaves_the_running_job_started(queue: Any, connection: An
     assert held.latest_result() is None
 
 
-@pytest.mark.slow
 def test_metrics_show_the_rq_workqueue(queue: Any, connection: Any, rq_worker: Any) -> None:
     port = free_port()
     proc = rq_worker(CMWQ_METRICS_PORT=str(port))
