@@ -2,9 +2,10 @@
 
 Every task-queue front-end raises its limits into the thread that runs a task this way: the Celery
 pool (soft and hard time limits, ``revoke(terminate=True)``: cmwq_exec.celery_jobs), the Huey
-consumer (task timeouts, the interrupting shutdown: cmwq_exec.huey) and the RQ worker (job
-timeouts, ``send_stop_job_command``: cmwq_exec.rq). This module is the one implementation they
-share; it knows no task queue.
+consumer (task timeouts, the interrupting shutdown: cmwq_exec.huey), the RQ worker (job timeouts,
+``send_stop_job_command``: cmwq_exec.rq) and the Dramatiq worker (time limits, shutdown
+notifications: cmwq_exec.dramatiq). This module is the one implementation they share; it knows no
+task queue.
 
 A limit raises into the task's thread with ``PyThreadState_SetAsyncExc``; the interpreter raises it
 where that thread next checks, a call's return at the latest, so it can land in any Python code the
