@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         (tests / "common.py").write_text(COMMON)
         env = dict(os.environ, CMWQ_DRAMATIQ_SUITE_WORKER=options.worker)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), str(root), env.get("PYTHONPATH")]))
+        # Dramatiq's reload on SIGHUP re-executes "python -m dramatiq": the python of this environment
+        env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
         files = sorted(str(p.relative_to(root)) for p in tests.glob("test_*.py")
                        if str(p.relative_to(root)) not in SKIPPED_FILES)
         if any(arg.startswith("tests/") for arg in pytest_args):
