@@ -233,6 +233,7 @@ def test_sigterm_finishes_running_messages_and_leaves_the_rest(app: Any, start: 
     assert again.wait(timeout=60) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("options", "message"), [
     (["dqapp", "--threads", "0"], "--threads must be a positive integer, got '0'"),
     (["dqapp", "--processes", "none"], "--processes must be a positive integer, got 'none'"),
@@ -247,6 +248,7 @@ def test_launcher_refuses_bad_options(options: list[str], message: str) -> None:
     assert message in done.stderr
 
 
+@pytest.mark.slow
 def test_launcher_refuses_a_bad_metrics_port() -> None:
     pytest.importorskip("dramatiq")
     done = subprocess.run([sys.executable, "-m", "cmwq_exec.dramatiq", "dqapp"], capture_output=True,
