@@ -23,9 +23,10 @@ Timeouts and stop commands on threads
 
 Shutdown, as RQ's
     A warm shutdown (SIGINT or SIGTERM) dequeues nothing more and waits for every job handed over
-    to finish, then the worker registers its death. A cold shutdown (the signal again) exits at
-    once, as RQ's worker does after killing its horse: the running jobs end with the process,
-    stay in the StartedJobRegistry, and are handled by RQ's registry cleanup as abandoned jobs.
+    to finish, then the worker registers its death. A cold shutdown (the signal again) raises
+    :class:`Killed` in each running job's thread and exits, as RQ's worker kills its horse: the jobs
+    end with nothing recorded, stay in the StartedJobRegistry, and are handled by RQ's registry
+    cleanup as abandoned jobs.
 
 Metrics: with ``CMWQ_METRICS_PORT`` set (0 to 65535; ``CMWQ_METRICS_ADDR``, default ``127.0.0.1``)
 the worker serves Prometheus metrics (:mod:`cmwq_exec.metrics`, the workqueue is ``rq``), which
@@ -50,7 +51,7 @@ from .core.system import get_system
 from .core.workqueue import WQ, DelayedWork, Work, WorkQueue
 from .injection import close_window_surely, inject, open_window
 
-__all__ = ["DeathPenalty", "JobStopped", "Worker"]
+__all__ = ["DeathPenalty", "JobStopped", "Killed", "Worker"]
 
 PORT_VARIABLE, ADDR_VARIABLE = "CMWQ_METRICS_PORT", "CMWQ_METRICS_ADDR"
 STOPPED_MESSAGE = "Job stopped by user, work-horse terminated."
@@ -63,6 +64,11 @@ class JobStopped(BaseException):
     A BaseException, so that ``except Exception`` in the job does not swallow it."""
 
 
+class Killed(BaseException):
+    """Raised in a job's thread by a cold shutdown, as RQ's worker kills its work horse: the job
+    ends with nothing recorded."""
+
+
 class _Windows:
     """The injection windows open in this process, by thread: what timeouts and stop commands
     raise into. ``P:`` under ``_lock``."""
@@ -71,21 +77,23 @@ class _Windows:
         self._lock = make_lock("executor")
         self.by_thread: dict[int, _Window] = {}  # P
         self.stopped: set[str] = set()  # P: ids of jobs told to stop
-        self.early: set[str] = set()  # P: of those, told while in no window: the next one raises
+        self.early: dict[str, type[BaseException]] = {}  # P: jobs told while in no window: what
+        # the next window they open raises
 
-    def stop(self, job_id: str) -> bool:
-        """Raise JobStopped in the window running ``job_id``, or in the next one it opens; True if
-        it was running in one."""
+    def stop(self, job_id: str, exc_type: type[BaseException] = JobStopped) -> bool:
+        """Raise ``exc_type`` (JobStopped, or Killed) in the window running ``job_id``, or in the next
+        one it opens; True if it was running in one."""
         with self._lock:
-            self.stopped.add(job_id)
+            if exc_type is JobStopped:
+                self.stopped.add(job_id)
             found = False
             for window in self.by_thread.values():
                 if window.job_id == job_id and window.unwind is None:
-                    window.unwind = "stopped"
-                    inject(window, JobStopped)
+                    window.unwind = exc_type.__name__
+                    inject(window, exc_type)
                     found = True
             if not found:
-                self.early.add(job_id)
+                self.early[job_id] = exc_type
             return found
 
     def expire(self, window: _Window, exc_type: type[BaseException]) -> None:
@@ -145,13 +153,12 @@ class DeathPenalty(BaseDeathPenalty):
     def setup_death_penalty(self) -> None:
         window = self._window = _Window(self._job_id)
         with _windows._lock:
-            if window.job_id in _windows.early:
-                _windows.early.discard(window.job_id)
-                window.revoked_early = True
+            early = _windows.early.pop(window.job_id, None) if window.job_id is not None else None
+            window.revoked_early = early is not None
             _windows.by_thread[window.thread_id] = window
         if not open_window(window):
             self._forget(window)
-            raise JobStopped(f"job {self._job_id} was stopped before it ran")
+            raise (early or JobStopped)(f"job {self._job_id} was ended before it ran")
         if self._timeout is not None and self._timeout > 0:
             exc_type = _timeout_class(self._exception, self._timeout)
             expire = functools.partial(_windows.expire, window, exc_type)
@@ -265,13 +272,30 @@ class Worker(BaseWorker):
         super().set_state(state, pipeline=pipeline)
 
     def _shutdown(self) -> None:
-        """Warm shutdown: stop dequeuing; the jobs handed over finish (see teardown)."""
-        self._stop_requested = True
-        self.set_shutdown_requested_date()
-        if self.scheduler:
-            self.stop_scheduler()
-        if not self._handing_over:
-            raise StopRequested()  # out of the dequeue at once, as RQ's idle worker
+        """Warm shutdown (the signal handler, main thread): as RQ's worker, a busy worker (jobs
+        handed over) records the request and stops its scheduler, an idle one raises StopRequested;
+        this one also raises it while its main thread dequeues, so the dequeue ends at once. The
+        jobs handed over finish (see teardown)."""
+        if self._handing_over or self._running:
+            self._stop_requested = True
+            self.set_shutdown_requested_date()
+            if self.scheduler:
+                self.stop_scheduler()
+            if self._handing_over:
+                return  # the work loop stops once the hand-over returns
+        raise StopRequested()
+
+    def request_force_stop(self, signum: int, frame: Any) -> None:
+        """Cold shutdown: as RQ's worker kills its horse, end every running job at once (Killed in
+        its thread), recording nothing: each stays in the StartedJobRegistry for RQ's cleanup."""
+        try:
+            super().request_force_stop(signum, frame)
+        except SystemExit:
+            with self._lock:
+                running = [job.id for job, _ in self._running.values()]
+            for job_id in running:
+                _windows.stop(job_id, Killed)
+            raise
 
     def teardown(self) -> None:
         """Wait for the jobs handed over, then RQ's teardown. A cold shutdown cuts the wait short:
@@ -357,6 +381,8 @@ class Worker(BaseWorker):
 
     def _finalize_failure(self, job: Any, queue: Any, execution: Any, exc_info: Any) -> None:
         """A job stopped by command ends as RQ ends a stopped work horse."""
+        if isinstance(exc_info[1], Killed):
+            return  # a cold shutdown: nothing recorded, as for a killed work horse
         if isinstance(exc_info[1], JobStopped):
             job.ended_at = job.ended_at or _now()
             self._handle_stopped_job(job, queue, execution)
@@ -390,7 +416,7 @@ class Worker(BaseWorker):
             self.executions.pop(execution.id, None)
             with _windows._lock:
                 _windows.stopped.discard(job.id)
-                _windows.early.discard(job.id)
+                _windows.early.pop(job.id, None)
             with self._lock:
                 self._running.pop(execution.id, None)
                 self._changed.notify_all()

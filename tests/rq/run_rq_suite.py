@@ -5,7 +5,8 @@
 Downloads the sdist of exactly the installed RQ version from the package index (``pip download
 --no-deps --no-binary :all:``, as tests/huey/run_huey_suite.py does: nothing of RQ's is kept in
 this repository), unpacks its ``tests/`` into a temporary directory, and runs pytest there on
-``tests/test_worker.py`` (``SUITE``) plus the remaining arguments. RQ's tests need ``psutil``.
+``tests/test_worker.py`` (``SUITE``), its slow tests included (``RUN_SLOW_TESTS_TOO=1``), plus the
+remaining arguments. RQ's tests need ``psutil``.
 
 Redis: RQ's tests take the first empty database from 4 to 16 of ``Redis()`` (localhost:6379) and
 flush it before and after every test. So that they never flush a database of the shared server,
@@ -49,6 +50,14 @@ NOT_CMWQS: dict[str, str] = {
         "and uses RQ's Worker TTL, which test_get_heartbeat_ttl checks (the same class stands in for both)",
     "tests/test_worker.py::TestRandomWorker":
         "tests RQ's RandomWorker class (as above, dequeue_strategy='random')",
+    "tests/test_worker.py::TestWorker::test_heartbeat_busy":
+        "calls execute_job() by hand and expects the job finished, with the heartbeats RQ's horse "
+        "monitor sent meanwhile, when it returns: the cmwq worker's returns once the pool has room "
+        "for another job (this job blocked in time.sleep), and sends heartbeats from the pool",
+    "tests/test_worker.py::WorkerShutdownTestCase::test_work_horse_death_sets_job_failed":
+        "drives RQ's forking Worker by hand (fork_work_horse, monitor_work_horse): no work horse here",
+    "tests/test_worker.py::WorkerShutdownTestCase::test_work_horse_force_death":
+        "drives RQ's forking Worker by hand (fork_work_horse, monitor_work_horse): no work horse here",
 }
 
 
@@ -65,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         into.mkdir(parents=True, exist_ok=True)
         root = download_sdist("rq", version, into, ("tests/",))
         with private_redis(Path(scratch)) as port:
-            env = dict(os.environ, CMWQ_RQ_SUITE_WORKER=options.worker, CMWQ_RQ_SUITE_REDIS_PORT=str(port))
+            env = dict(os.environ, CMWQ_RQ_SUITE_WORKER=options.worker, CMWQ_RQ_SUITE_REDIS_PORT=str(port),
+                       RUN_SLOW_TESTS_TOO="1")
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
             command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "cmwq_rq_suite",
                        "--rootdir", str(root), *SUITE]
