@@ -19,7 +19,7 @@ from celery_harness import Worker, process_gone, wait_for
 from test_celery_pool import a_second_worker_runs_each_once
 from test_processes import CHILDREN, members, start
 
-pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.celery, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 def pids_of(results_redis: Any, key: str) -> list[int]:
@@ -54,15 +54,22 @@ def test_max_tasks_per_child_replaces_children_and_runs_every_task_once(
     node name), and while a CPU changed hands the other child consumed. Each process started sent
     worker_process_init; each replaced one sent worker_process_shutdown and exited."""
     worker, names = start(start_worker, concurrency=2, args=("--max-tasks-per-child", "50"))
-    tokens = [f"t{i}" for i in range(1000)]
-    results = group(celery_app.tasks["t.where"].s(key, token, 0.01) for token in tokens)()
-    runs = results.get(timeout=240)
+    tokens: list[str] = []
+    runs: list[dict[str, Any]] = []
+    # 1,000 tasks, then 500 more at a time while fewer processes than children were replaced: a
+    # replacement is a fresh interpreter, which a busy machine starts slowly, and its slot's old
+    # process consumes meanwhile
+    for batch in range(5):
+        sent = [f"t{len(tokens) + i}" for i in range(500 if batch else 1000)]
+        tokens += sent
+        runs += group(celery_app.tasks["t.where"].s(key, token, 0.01) for token in sent)().get(timeout=120)
+        slots = generations(runs)
+        replaced = [gen for gens in slots.values() for gen in gens[:-1]]
+        if len(replaced) >= CHILDREN:
+            break
     assert members(results_redis, key) == set(tokens)
     assert int(results_redis.get(key + ":runs")) == len(tokens), "a task ran twice"
-
-    slots = generations(runs)
     assert sorted(slots) == list(range(CHILDREN)), slots
-    replaced = [gen for gens in slots.values() for gen in gens[:-1]]
     assert len(replaced) >= CHILDREN, f"too few replacements to test anything: {slots}"
     gaps = []
     for index, gens in slots.items():
