@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import threading
 from typing import Any
@@ -63,6 +62,7 @@ from .core.lockdep import make_lock, must_hold
 from .core.system import get_system
 from .core.workqueue import WQ, Work, WorkQueue
 from .injection import close_window_surely, inject, open_window
+from .metrics import address_from_environment as metrics_address
 
 __all__ = ["Consumer", "Worker", "main"]
 
@@ -71,7 +71,6 @@ log = logging.getLogger("cmwq_exec.huey")
 #: Seconds the interrupting shutdown waits for interrupted tasks to end before Huey reports what is
 #: still in flight (the process worker type waits the same second for its children).
 INTERRUPT_GRACE = 1.0
-PORT_VARIABLE, ADDR_VARIABLE = "CMWQ_METRICS_PORT", "CMWQ_METRICS_ADDR"
 
 
 class _Job:
@@ -382,18 +381,6 @@ class Consumer(HueyConsumer):
             counts["workqueue"] = {k: v for k, v in wq.stats().items()
                                    if k not in ("queue_latency", "execution")}
         return counts
-
-
-def metrics_address() -> tuple[int, str] | None:
-    """(port, address) from ``CMWQ_METRICS_PORT`` / ``CMWQ_METRICS_ADDR``, or None if no port is set;
-    a bad port is a ValueError naming the variable and what is allowed."""
-    raw = os.environ.get(PORT_VARIABLE, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) > 65535:
-        raise ValueError(f"{PORT_VARIABLE} must be a TCP port number from 0 to 65535 (0 picks a free "
-                         f"port), got {raw!r}")
-    return int(raw), os.environ.get(ADDR_VARIABLE) or "127.0.0.1"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ and times are in seconds, as Prometheus' naming conventions ask.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,8 +43,11 @@ from prometheus_client.registry import REGISTRY, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 __all__ = [
+    "ADDR_VARIABLE",
     "CMWQCollector",
     "DEFAULT_PORT",
+    "PORT_VARIABLE",
+    "address_from_environment",
     "TaskPoolCollector",
     "generate_latest",
     "register",
@@ -53,6 +57,23 @@ __all__ = [
 #: The port that ``cmwq-exec top`` reads by default (``http://127.0.0.1:9464/metrics``).
 #: Nothing binds it unless you call :func:`start_http_server` with it.
 DEFAULT_PORT = 9464
+
+#: The environment variables that ask a worker front-end (Huey, RQ, Dramatiq; the Celery pool reads
+#: its app's settings first) for a metrics endpoint, and the address it binds.
+PORT_VARIABLE, ADDR_VARIABLE = "CMWQ_METRICS_PORT", "CMWQ_METRICS_ADDR"
+
+
+def address_from_environment(environ: Mapping[str, str] | None = None) -> tuple[int, str] | None:
+    """(port, address) from ``CMWQ_METRICS_PORT`` / ``CMWQ_METRICS_ADDR``, or None if no port is
+    set; a bad port is a ValueError naming the variable and what is allowed."""
+    env = os.environ if environ is None else environ
+    raw = env.get(PORT_VARIABLE, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ValueError(f"{PORT_VARIABLE} must be a TCP port number from 0 to 65535 (0 picks a free "
+                         f"port), got {raw!r}")
+    return int(raw), env.get(ADDR_VARIABLE) or "127.0.0.1"
 
 
 # (metric name without _total, help, key in WorkerPool.stats())

@@ -36,7 +36,6 @@ the worker serves Prometheus metrics (:mod:`cmwq_exec.metrics`, the workqueue is
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from typing import Any
 
@@ -50,10 +49,10 @@ from .core.lockdep import make_lock, must_hold
 from .core.system import get_system
 from .core.workqueue import WQ, DelayedWork, Work, WorkQueue
 from .injection import close_window_surely, inject, open_window
+from .metrics import address_from_environment as metrics_address
 
 __all__ = ["DeathPenalty", "JobStopped", "Killed", "Worker"]
 
-PORT_VARIABLE, ADDR_VARIABLE = "CMWQ_METRICS_PORT", "CMWQ_METRICS_ADDR"
 STOPPED_MESSAGE = "Job stopped by user, work-horse terminated."
 #: Seconds between two wakes of the thread that reads the worker's command channel (see subscribe).
 PUBSUB_WAKE = 1.0
@@ -481,13 +480,3 @@ def _now() -> Any:
     return now()
 
 
-def metrics_address() -> tuple[int, str] | None:
-    """(port, address) from ``CMWQ_METRICS_PORT`` / ``CMWQ_METRICS_ADDR``, or None if no port is set;
-    a bad port is a ValueError naming the variable and what is allowed."""
-    raw = os.environ.get(PORT_VARIABLE, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) > 65535:
-        raise ValueError(f"{PORT_VARIABLE} must be a TCP port number from 0 to 65535 (0 picks a free "
-                         f"port), got {raw!r}")
-    return int(raw), os.environ.get(ADDR_VARIABLE) or "127.0.0.1"
