@@ -79,6 +79,11 @@ log = logging.getLogger("cmwq_exec.dramatiq")
 DEFAULT_PREFETCH = 128
 PORT_VARIABLE, ADDR_VARIABLE = "CMWQ_METRICS_PORT", "CMWQ_METRICS_ADDR"
 
+#: Dramatiq's default idle wake-up of a worker thread (its WORKER_TIMEOUT since 2.0; 1000 ms before).
+_WORKER_TIMEOUT: int = getattr(dramatiq.worker, "WORKER_TIMEOUT", 1000)
+#: Dramatiq's worker thread class, whose process_message runs a message (_WorkerThread: its name
+#: in Dramatiq 1.x, an alias in 2.x).
+_DRAMATIQ_THREAD: Any = dramatiq.worker._WorkerThread
 # What Dramatiq's command line runs in each worker process (saved before main() replaces it).
 _dramatiq_worker_process = dramatiq.cli.worker_process
 # Per thread: the _Job of the message it runs for a cmwq worker (None: not one of ours).
@@ -194,6 +199,12 @@ def _take_over_managers(broker: Any) -> None:
         elif (isinstance(middleware, ShutdownNotifications)
               and not isinstance(middleware.manager, _ShutdownNotices)):
             middleware.manager = _ShutdownNotices(middleware.manager)  # type: ignore[assignment]
+
+
+def _message_of(item: Any) -> Any:
+    """The message of a work queue item: a ``_WorkQueueItem`` since Dramatiq 2.0, a (priority,
+    message) tuple before."""
+    return item[1] if isinstance(item, tuple) else item.message
 
 
 class _Acks:
@@ -328,7 +339,7 @@ class _Dispatcher:
                 with self._lock:
                     self._links += 1
                 following = self._queue_link()  # started by the pool if this message blocks
-                self._process(item.message)
+                self._process(_message_of(item))
                 if not following.cancel():
                     return  # it runs: it takes the messages now
                 with self._lock:
@@ -365,7 +376,7 @@ class _Dispatcher:
             self._jobs[job.thread_id] = job
         _current.job = job
         try:
-            dramatiq.worker.WorkerThread.process_message(self, message)  # type: ignore[arg-type]
+            _DRAMATIQ_THREAD.process_message(self, message)  # type: ignore[arg-type]
         except (Exception, Interrupt):
             # an exception out of a middleware's after-hook, or an interrupt landing there:
             # a WorkerThread would die of it; the message was acked or nacked in its finally
@@ -423,7 +434,7 @@ class Worker(dramatiq.Worker):
     """
 
     def __init__(self, broker: Any, *, queues: set[str] | None = None,
-                 worker_timeout: int = dramatiq.worker.WORKER_TIMEOUT,
+                 worker_timeout: int = _WORKER_TIMEOUT,
                  worker_threads: int | None = None, prefetch: int | None = None) -> None:
         for name, value in (("worker_threads", worker_threads), ("prefetch", prefetch)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
