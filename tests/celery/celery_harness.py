@@ -108,16 +108,20 @@ class Worker:
         return self.proc.poll() is None
 
     def ping(self) -> bool:
-        """Whether the worker answers ``inspect ping``. A broker connection the test's app pooled
-        may have been closed by the broker meanwhile (RabbitMQ resets one it found idle on a busy
-        machine); such a ping is a "not yet": the app's connections are dropped and the next
-        ping connects afresh."""
+        """Whether the worker answers ``inspect ping``."""
+        return self.name in self.answering([self.name])
+
+    def answering(self, names: list[str]) -> set[str]:
+        """Which of the nodes ``names`` answer ``inspect ping``. A broker connection the test's app
+        pooled may have been closed by the broker meanwhile (RabbitMQ resets one it found idle on a
+        busy machine); such a ping is a "none yet": the app's connections are dropped and the
+        next ping connects afresh."""
         try:
-            replies = self.app.control.ping(destination=[self.name], timeout=0.5)
+            replies = self.app.control.ping(destination=names, timeout=0.5)
         except self.app.connection_for_write().connection_errors:
             self.app.pool.force_close_all()
-            return False
-        return any(self.name in reply for reply in replies)
+            return set()
+        return {name for reply in replies for name in reply}
 
     def wait_ready(self, timeout: float = 30.0) -> Worker:
         def ready() -> bool:
@@ -182,8 +186,7 @@ class Worker:
         def ready() -> bool:
             if not self.alive():
                 raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
-            replies = self.app.control.ping(destination=names, timeout=0.5)
-            return {name for reply in replies for name in reply} >= set(names)
+            return self.answering(names) >= set(names)
 
         wait_for(f"the {n} children of {self.name} to answer ping\n{self.tail()}", ready, timeout,
                  interval=0.2)
