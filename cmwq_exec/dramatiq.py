@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import threading
 from queue import Empty
@@ -68,6 +67,7 @@ from .core.lockdep import make_lock, must_hold
 from .core.system import get_system
 from .core.workqueue import WQ, Work, WorkQueue
 from .injection import close_window_surely, inject, open_window
+from .metrics import address_from_environment as metrics_address
 
 __all__ = ["DEFAULT_PREFETCH", "Worker", "main"]
 
@@ -77,7 +77,6 @@ log = logging.getLogger("cmwq_exec.dramatiq")
 #: ``--threads`` says (arbitrary: enough for 10 ms waits to overlap well past Dramatiq's default
 #: of 16, few enough that one process does not hoard a queue that others consume).
 DEFAULT_PREFETCH = 128
-PORT_VARIABLE, ADDR_VARIABLE = "CMWQ_METRICS_PORT", "CMWQ_METRICS_ADDR"
 
 #: Dramatiq's default idle wake-up of a worker thread (its WORKER_TIMEOUT since 2.0; 1000 ms before).
 _WORKER_TIMEOUT: int = getattr(dramatiq.worker, "WORKER_TIMEOUT", 1000)
@@ -491,18 +490,6 @@ class Worker(dramatiq.Worker):
     def stats(self) -> dict[str, Any]:
         """The chain's counts (running messages, links, the workqueue's counters)."""
         return self.workers[0].stats() if self.workers else {}  # type: ignore[attr-defined]
-
-
-def metrics_address() -> tuple[int, str] | None:
-    """(port, address) from ``CMWQ_METRICS_PORT`` / ``CMWQ_METRICS_ADDR``, or None if no port is set;
-    a bad port is a ValueError naming the variable and what is allowed."""
-    raw = os.environ.get(PORT_VARIABLE, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) > 65535:
-        raise ValueError(f"{PORT_VARIABLE} must be a TCP port number from 0 to 65535 (0 picks a free "
-                         f"port), got {raw!r}")
-    return int(raw), os.environ.get(ADDR_VARIABLE) or "127.0.0.1"
 
 
 def _worker_process(*args: Any, **kwargs: Any) -> Any:

@@ -212,8 +212,10 @@ def test_launcher_overlaps_waiting_messages_and_serves_metrics(app: Any, start: 
 @pytest.mark.celery
 def test_sigterm_finishes_running_messages_and_leaves_the_rest(app: Any, start: Any) -> None:
     """SIGTERM with two messages running and a prefetch of two: the worker waits for both, which
-    finish once each, and exits; the three it never took stay in the broker, and the next worker
-    runs each of them once."""
+    finish once each, and exits; what it never took stays in the broker, and the next worker runs
+    each of those once. (Its consumer may still fetch a message while the stop begins, as
+    Dramatiq's own worker threads take prefetched messages until they are stopped: a message it
+    started, it finished.)"""
     proc = start(dramatiq_queue_prefetch="2")
     for i in range(5):
         app.hold.send(i)
@@ -225,7 +227,7 @@ def test_sigterm_finishes_running_messages_and_leaves_the_rest(app: Any, start: 
     app.log.set(f"{app.KEY}:release", 1)
     assert proc.wait(timeout=60) == 0
     done = sorted(int(x) for x in app.log.lrange(f"{app.KEY}:done", 0, -1))
-    assert len(done) == 2 and count(app, "started") == 2
+    assert len(done) >= 2 and count(app, "started") == len(done), (done, count(app, "started"))
     again = start()
     wait_for("the three others to run", lambda: app.log.llen(f"{app.KEY}:done") == 5, timeout=60)
     assert sorted(int(x) for x in app.log.lrange(f"{app.KEY}:done", 0, -1)) == [0, 1, 2, 3, 4]
