@@ -198,6 +198,7 @@ class Worker(BaseWorker):
         self._changed = threading.Condition(self._lock)  # notified when a job starts or ends
         self._unstarted = 0  # P
         self._running: dict[str, tuple[Any, Any]] = {}  # P: execution id -> (job, execution)
+        self._ended = 0  # P: how many jobs handed over have ended
         self._handing_over = False  # M: inside execute_job (a stop signal then only asks)
         self._wq: WorkQueue | None = None  # M
         self._cpu: int | None = None  # M
@@ -251,18 +252,19 @@ class Worker(BaseWorker):
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         """RQ's dequeue; in burst mode (no timeout) an empty queue ends the burst only once no job
-        handed over is running: a running job may still enqueue its dependents, which RQ's worker,
-        one job at a time, finds on its next dequeue."""
+        handed over is running and none ended since the dequeue began: a job may enqueue its
+        dependents as it ends, which RQ's worker, one job at a time, finds on its next dequeue."""
         while True:
+            with self._lock:
+                ended = self._ended
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
             if result is not None or timeout is not None:
                 return result
             with self._lock:
-                if not self._running:
-                    return None
-                ended = len(self._running)
-                while len(self._running) >= ended:
+                while self._running and self._ended == ended:
                     self._changed.wait()
+                if self._ended == ended:
+                    return None  # no job ended since the queue was found empty: none can enqueue
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """IDLE while jobs still run is BUSY: RQ sets IDLE before each dequeue."""
@@ -418,6 +420,7 @@ class Worker(BaseWorker):
                 _windows.early.pop(job.id, None)
             with self._lock:
                 self._running.pop(execution.id, None)
+                self._ended += 1
                 self._changed.notify_all()
 
     def _lost(self, job: Any, queue: Any, execution: Any, exc: BaseException) -> None:

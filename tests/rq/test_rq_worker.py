@@ -102,6 +102,36 @@ def test_burst_runs_the_dependents_its_jobs_enqueue(queue: Any, connection: Any)
     assert second.latest_result().return_value == 16
 
 
+def test_burst_dequeues_again_when_a_job_ends_as_the_queue_is_found_empty(
+        queue: Any, connection: Any, monkeypatch: Any) -> None:
+    """The race behind the test above, forced: the first job ends (enqueuing its dependent) after
+    RQ's dequeue found the queue empty and before the worker looks at its running jobs."""
+    from rq.worker import BaseWorker
+
+    rqjobs.gate.clear()
+    rqjobs.inside.clear()
+    first = queue.enqueue(rqjobs.meet, 1)
+    second = queue.enqueue(pow, 2, 4, depends_on=first)
+    worker = Worker([queue], connection=connection)
+    dequeue = BaseWorker.dequeue_job_and_maintain_ttl
+    forced = []
+
+    def dequeue_then_end_the_job(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = dequeue(self, *args, **kwargs)
+        if result is None and rqjobs.inside and not forced:
+            forced.append(True)
+            rqjobs.gate.set()
+            wait_for("the first job to end", lambda: not worker._running, timeout=60)
+        return result
+
+    monkeypatch.setattr(BaseWorker, "dequeue_job_and_maintain_ttl", dequeue_then_end_the_job)
+    worker.work(burst=True, logging_level="WARNING")
+    assert forced
+    assert first.latest_result().return_value == 1
+    assert second.get_status(refresh=True) == JobStatus.FINISHED
+    assert second.latest_result().return_value == 16
+
+
 # -- as users start it ---------------------------------------------------------------------------
 
 
