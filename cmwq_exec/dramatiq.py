@@ -308,10 +308,13 @@ class _Dispatcher:
             self.paused_event.clear()
 
     def resume(self) -> None:
+        """As a WorkerThread's: the taking link sees it at its next look (every ``worker_timeout``),
+        not at once, so the consumers, which Worker.resume resumes first, have that long to fill
+        the work queue before a message is taken by priority (Dramatiq's own
+        test_actors_can_prioritize_work counts on it)."""
         with self._lock:
             self.paused = False
             self.paused_event.clear()
-            self._idle.notify_all()
 
     # -- the chain ----------------------------------------------------------------------------
 
