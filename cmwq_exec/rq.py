@@ -219,15 +219,29 @@ class Worker(BaseWorker):
                           self._metrics_server.server_port)
 
     def subscribe(self) -> None:
-        """The worker's command channel, read by a thread that wakes every second: at teardown,
-        redis-py 8 joins that thread, and RQ's one wakes every 60 s (a worker stopping waited that
-        long for it)."""
+        """The worker's command channel, read by a thread that wakes every second (RQ's wakes
+        every 60 s, and a worker stopping waited that long for it: see unsubscribe)."""
         self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
         self.pubsub = self.connection.pubsub()
         self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
         self.pubsub_thread = self.pubsub.run_in_thread(
             sleep_time=PUBSUB_WAKE, daemon=True,
             exception_handler=self._pubsub_exception_handler)  # type: ignore[assignment]
+
+    def unsubscribe(self) -> None:
+        """RQ's, but the channel is closed only once its thread has ended: that thread closes it as
+        it ends, and redis-py's PubSub is not safe to close from two threads at once (redis-py
+        before 8.2 does not wait in ``stop()``, and RQ waits only 1 s, about the thread's wake)."""
+        if self.pubsub_thread:
+            self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
+            self.pubsub.unsubscribe()
+            self.pubsub_thread.stop()
+            self.pubsub_thread.join(timeout=PUBSUB_WAKE * 30)
+            if self.pubsub_thread.is_alive():
+                self.log.warning("Worker %s: the thread of channel %s did not end; left to the exit",
+                                 self.name, self.pubsub_channel_name)
+                return
+            self.pubsub.close()
 
     def execute_job(self, job: Any, queue: Any) -> None:
         """Hand ``job`` to the workqueue and return once the pool has room for another (main

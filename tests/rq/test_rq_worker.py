@@ -132,6 +132,18 @@ def test_burst_dequeues_again_when_a_job_ends_as_the_queue_is_found_empty(
     assert second.latest_result().return_value == 16
 
 
+def test_a_worker_stops_cleanly_when_its_channel_thread_is_slow_to_wake(
+        queue: Any, connection: Any, monkeypatch: Any) -> None:
+    """The command channel's thread ends (closing the channel) before the worker closes it: two
+    threads closing one redis-py PubSub at once fail (seen with redis-py 8.1, whose ``stop()`` does
+    not wait, when the thread woke later than RQ's 1 s wait)."""
+    import cmwq_exec.rq
+
+    monkeypatch.setattr(cmwq_exec.rq, "PUBSUB_WAKE", 3.0)
+    worker = work_in_burst(queue, connection)
+    assert worker.pubsub_thread is not None and not worker.pubsub_thread.is_alive()
+
+
 # -- as users start it ---------------------------------------------------------------------------
 
 
