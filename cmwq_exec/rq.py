@@ -229,19 +229,16 @@ class Worker(BaseWorker):
             exception_handler=self._pubsub_exception_handler)  # type: ignore[assignment]
 
     def unsubscribe(self) -> None:
-        """RQ's, but the channel is closed only once its thread has ended: that thread closes it as
-        it ends, and redis-py's PubSub is not safe to close from two threads at once (redis-py
-        before 8.2 does not wait in ``stop()``, and RQ waits only 1 s, about the thread's wake)."""
-        if self.pubsub_thread:
-            self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
+        """RQ's, but the channel is closed only once its thread has ended (the thread closes it too,
+        and a redis-py PubSub closed by two threads at once fails: redis-py before 8.2 does not wait
+        in ``stop()``, and RQ waits 1 s, about the thread's wake)."""
+        thread = self.pubsub_thread
+        if thread:
             self.pubsub.unsubscribe()
-            self.pubsub_thread.stop()
-            self.pubsub_thread.join(timeout=PUBSUB_WAKE * 30)
-            if self.pubsub_thread.is_alive():
-                self.log.warning("Worker %s: the thread of channel %s did not end; left to the exit",
-                                 self.name, self.pubsub_channel_name)
-                return
-            self.pubsub.close()
+            thread.stop()
+            thread.join(timeout=PUBSUB_WAKE * 30)
+            if not thread.is_alive():  # else left to the exit: a daemon thread
+                self.pubsub.close()
 
     def execute_job(self, job: Any, queue: Any) -> None:
         """Hand ``job`` to the workqueue and return once the pool has room for another (main
@@ -425,7 +422,7 @@ class Worker(BaseWorker):
         try:
             self.perform_job(job, queue, execution)
         except BaseException as exc:  # noqa: BLE001 - RQ's perform_job catches all; what escapes it
-            self._lost(job, queue, execution, exc)  # is a dead work horse
+            _lost(self, job, queue, execution, exc)  # is a dead work horse
         finally:
             _current.job_id = None
             self.executions.pop(execution.id, None)
@@ -436,21 +433,6 @@ class Worker(BaseWorker):
                 self._running.pop(execution.id, None)
                 self._ended += 1
                 self._changed.notify_all()
-
-    def _lost(self, job: Any, queue: Any, execution: Any, exc: BaseException) -> None:
-        """The job's thread left perform_job by an exception: as RQ's Worker for a work horse that
-        died, the job fails unless it has ended already."""
-        from rq.job import JobStatus
-
-        try:
-            if job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED):
-                return
-            job.ended_at = _now()
-            exc_string = f"Work-horse terminated unexpectedly: {exc!r}"
-            self.log.warning("Worker %s: job %s failed (%s)", self.name, job.id, exc_string)
-            self.handle_job_failure(job, queue=queue, exc_string=exc_string, execution=execution)
-        except Exception:  # noqa: BLE001 - logged: the job is left in the StartedJobRegistry for RQ's cleanup
-            self.log.exception("Worker %s: could not record the failure of job %s", self.name, job.id)
 
     def _heartbeats(self) -> None:
         """Every job_monitoring_interval while jobs run: their heartbeats, as RQ's monitor sends."""
@@ -489,6 +471,22 @@ class Worker(BaseWorker):
 
 
 _current = threading.local()  # job_id: the job this thread performs; failing: the one it fails
+
+
+def _lost(worker: Worker, job: Any, queue: Any, execution: Any, exc: BaseException) -> None:
+    """The job's thread left perform_job by an exception: as RQ's Worker for a work horse that
+    died, the job fails unless it has ended already."""
+    from rq.job import JobStatus
+
+    try:
+        if job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED):
+            return
+        job.ended_at = _now()
+        exc_string = f"Work-horse terminated unexpectedly: {exc!r}"
+        worker.log.warning("Worker %s: job %s failed (%s)", worker.name, job.id, exc_string)
+        worker.handle_job_failure(job, queue=queue, exc_string=exc_string, execution=execution)
+    except Exception:  # noqa: BLE001 - logged: the job is left in the StartedJobRegistry for RQ's cleanup
+        worker.log.exception("Worker %s: could not record the failure of job %s", worker.name, job.id)
 
 
 def _now() -> Any:
