@@ -40,3 +40,8 @@ def hold(key: str) -> str:
 
 def record_stopped(job, connection) -> None:  # noqa: ANN001 - RQ's callback signature
     connection.rpush(job.id + ":stopped-callback", os.getpid())
+
+
+def where() -> tuple[int, str]:
+    """The process and the thread that ran the job."""
+    return os.getpid(), threading.current_thread().name

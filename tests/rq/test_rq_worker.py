@@ -231,3 +231,34 @@ def test_metrics_show_the_rq_workqueue(queue: Any, connection: Any, rq_worker: A
     assert wait_for("the rq workqueue in cmwq-exec top", rq_row, timeout=30)["started"] >= 20
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
+
+
+def test_rq_worker_pool_runs_one_cmwq_worker_per_process(queue: Any, connection: Any) -> None:
+    """``rq worker-pool -w cmwq_exec.rq.Worker -n 2``: RQ's own pool of worker processes (one per
+    CPU here), each a cmwq worker; the jobs run in its worker processes, and SIGINT stops them all."""
+    from rq import Worker as RQWorker
+
+    path = os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rq.cli", "worker-pool", "-w", "cmwq_exec.rq.Worker", "--url", rqjobs.URL,
+         "-n", "2", "--logging-level", "WARNING", queue.name],
+        env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def registered() -> Any:
+            found = RQWorker.all(connection=connection, queue=queue)
+            return found if len(found) == 2 else None
+
+        pids = {worker.pid for worker in wait_for("two workers registered", registered, timeout=60)}
+        assert len(pids) == 2 and proc.pid not in pids
+        jobs = [queue.enqueue(rqjobs.where) for _ in range(20)]
+        wait_for("twenty results", lambda: all(
+            j.get_status(refresh=True) == JobStatus.FINISHED for j in jobs), timeout=60)
+        ran = [job.latest_result().return_value for job in jobs]
+        assert {pid for pid, _ in ran} <= pids
+        assert all(thread.startswith("cmwq/") for _, thread in ran)  # a cmwq pool's worker thread
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        print(proc.communicate(timeout=30)[0])  # shown if the test failed
