@@ -128,7 +128,7 @@ def pool_stats(info: dict[str, Any], counts: Mapping[str, Any], child: int | Non
     info["workers"] = sum(p.get("nr_workers", 0) for p in pools)
     info["pools"] = pools
     if wq is not None:
-        info["workqueue"] = {k: v for k, v in wq.stats().items() if k not in ("queue_latency", "execution")}
+        info["workqueue"] = wq.counters()
 
 
 def show_abandoned_in_inspect_active() -> None:

@@ -421,8 +421,7 @@ class _Dispatcher:
                                       "max-running": self.max_running, "paused": self._holding}
         wq = self._wq
         if wq is not None:
-            counts["workqueue"] = {k: v for k, v in wq.stats().items()
-                                   if k not in ("queue_latency", "execution")}
+            counts["workqueue"] = wq.counters()
         return counts
 
 

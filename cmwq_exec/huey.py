@@ -378,8 +378,7 @@ class Consumer(HueyConsumer):
                                       "links": self._links, "max-running": self.workers}
         wq = self._wq
         if wq is not None:
-            counts["workqueue"] = {k: v for k, v in wq.stats().items()
-                                   if k not in ("queue_latency", "execution")}
+            counts["workqueue"] = wq.counters()
         return counts
 
 

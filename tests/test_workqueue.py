@@ -1037,3 +1037,15 @@ def test_unbound_workqueue_runs_on_the_unbound_pool() -> None:
         wq.queue_work(Work(lambda: pools.append(current_worker().pool)))  # type: ignore[union-attr]
     wq.flush()
     assert {p.name for p in pools} == {"unbound"}
+
+
+def test_counters_are_the_stats_without_their_histograms() -> None:
+    wq = WorkQueue("counters")
+    try:
+        wq.queue_work(Work(lambda: None))
+        wq.flush()
+        counters, stats = wq.counters(), wq.stats()
+        assert counters["completed"] == stats["completed"] == 1
+        assert set(stats) - set(counters) == {"queue_latency", "execution"}
+    finally:
+        wq.destroy()

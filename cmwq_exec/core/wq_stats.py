@@ -1,7 +1,8 @@
 """A workqueue's figures and its list of works not yet started (for metrics, ``top`` and the
 executor's ``cancel_futures``).
 
-This module owns reading a workqueue: :meth:`WorkQueueStats.stats` (totals over its pools) and
+This module owns reading a workqueue: :meth:`WorkQueueStats.stats` (totals over its pools),
+:meth:`WorkQueueStats.counters` (the same without histograms) and
 :meth:`WorkQueueStats.pending_works`. It changes nothing.
 """
 
@@ -41,6 +42,11 @@ class WorkQueueStats(WorkQueueState):
         total["queue_latency"] = {"buckets": BUCKETS, "counts": latency, "sum": latency_sum}
         total["execution"] = {"buckets": BUCKETS, "counts": execution, "sum": execution_sum}
         return total
+
+    def counters(self) -> dict[str, Any]:
+        """:meth:`stats` without its two histograms: what a front-end's own stats and ``inspect``
+        show of its workqueue."""
+        return {k: v for k, v in self.stats().items() if k not in ("queue_latency", "execution")}
 
     def pending_works(self) -> list[WorkItem]:
         """Works of this workqueue not yet started (on a worklist, inactive)."""
