@@ -234,6 +234,7 @@ class Worker(BaseWorker):
         in ``stop()``, and RQ waits 1 s, about the thread's wake)."""
         thread = self.pubsub_thread
         if thread:
+            self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
             self.pubsub.unsubscribe()
             thread.stop()
             thread.join(timeout=PUBSUB_WAKE * 30)
