@@ -52,6 +52,10 @@ class Unwind(BaseException):
 QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
 
 
+#: Seconds between two looks for the window of a job whose soft limit passed before its code ran.
+SOFT_RETRY = 0.01
+
+
 class Job:
     """One task handed to the pool; also the ApplyResult Celery keeps a weak reference to.
 
@@ -273,9 +277,17 @@ class JobLimits:
         job.timers = ()
 
     def soft_limit(self, job: Job) -> None:
+        """The soft limit passed (timer thread). If the task's code has not started yet (a busy
+        machine: its window still closed), it is raised once the code runs, looked for every
+        ``SOFT_RETRY`` s, not dropped: prefork's signal would land there too."""
         pool = self.pool
         with pool._lock:
             if job.state is not RUNNING or job.soft_sent or job.unwind is not None or job.finished:
+                return
+            with job.gate:
+                opened = job.in_target
+            if not opened:
+                _timer.add_timer(SOFT_RETRY, functools.partial(self.soft_limit, job))
                 return
             job.soft_sent = True
             inject(job, SoftTimeLimitExceeded)
