@@ -1,7 +1,7 @@
 """Dramatiq's stock worker beside the cmwq worker, in one run, on Redis (database 7) or RabbitMQ.
 
     python benchmarks/bench_dramatiq.py [--broker redis|rabbitmq] [--processes 1] [--tuned 32]
-                                        [--tasks-io 400] [--tasks-cpu 100] [--repeat 3]
+                                        [--tasks-io 400] [--tasks-cpu 300] [--repeat 5]
 
 Three workers, each a real command line as its users start it, with the same ``--processes``:
 ``dramatiq`` at its documented default (``--threads 8``) and at a tuned size (``--threads
@@ -13,10 +13,16 @@ Three workers, each a real command line as its users start it, with the same ``-
 * **io-plain**: the same without ``blocking()``: the cmwq pool finds the waits by its watchdog;
 * **cpu**: ``--tasks-cpu`` messages of pure-Python arithmetic (``--cpu-n`` additions), holding the GIL.
 
-A run sends every message at once to a worker that is up (it ran a first message), and ends when
-the last message has pushed its mark on a Redis list the benchmark waits on (BLPOP, no polling).
-Every figure is the median of ``--repeat`` runs. The ratios are cmwq's messages/s over the stock
-worker's: the targets are io >= 2x the default, cpu >= 0.95x.
+A round starts each worker in turn, runs a first io batch that is not measured (a worker that
+has been running holds the threads a burst needs: the stock worker from its start, this one once
+it met a burst), then every workload's batch, and stops it, so one worker runs at a time and each round measures the three within a minute or two; the ratios below
+the table compare the batches of the same round, so a slower spell of the machine (other jobs,
+steal time on a shared VM) that spans a round falls on the three alike. Each worker consumes a
+queue of its own (the app's queue name comes from the worker's environment). A batch sends every
+message at once and ends when the last message has pushed its mark on the worker's Redis list,
+which the benchmark waits on (BLPOP, no polling). Every rate is the median of ``--repeat``
+rounds. The ratios are cmwq's messages/s over the stock worker's: the targets are io >= 2x the
+default, cpu >= 0.95x.
 """
 
 from __future__ import annotations
@@ -81,24 +87,33 @@ def cpu(n):
 
 
 class Launched:
-    """One worker command line on the benchmark's app, up once it ran a first message."""
+    """One worker command line on the benchmark's app, consuming the queue ``queue`` only; up once
+    it ran a first message."""
 
-    def __init__(self, label: str, command: list[str], app: Any, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, label: str, command: list[str], app: Any, env: dict[str, str], cwd: Path,
+                 queue: str) -> None:
         self.label = label
         self.app = app
-        self.proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        self.run_batch(lambda: self.app.io.send(0), 1, timeout=60)
+        self.queue = queue
+        self.done = queue + ":done"
+        self.proc = subprocess.Popen(command, env=dict(env, BENCH_NAME=queue), cwd=cwd,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.run_batch(app.io, 0, 1, timeout=60)
 
-    def run_batch(self, send: Any, n: int, timeout: float = 600) -> float:
-        """Send ``n`` messages with ``send()`` and wait for their marks; the seconds it took."""
-        marks, done = self.app.marks, self.app.DONE
-        marks.delete(done)
+    def send(self, actor: Any, argument: Any) -> None:
+        """Send ``actor(argument)`` to this worker's queue."""
+        self.app.broker.enqueue(actor.message(argument).copy(queue_name=self.queue))
+
+    def run_batch(self, actor: Any, argument: Any, n: int, timeout: float = 600) -> float:
+        """Send ``n`` messages ``actor(argument)`` and wait for their marks; the seconds it took."""
+        marks = self.app.marks
+        marks.delete(self.done)
         start = time.perf_counter()
         for _ in range(n):
-            send()
+            self.send(actor, argument)
         for _ in range(n):
-            if marks.blpop([done], timeout=timeout) is None:
+            if marks.blpop([self.done], timeout=timeout) is None:
                 raise SystemExit(f"{self.label}: no mark within {timeout} s")
         return time.perf_counter() - start
 
@@ -116,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", choices=("redis", "rabbitmq"), default="redis")
     parser.add_argument("--processes", type=int, default=1, help="--processes of every worker (default 1)")
     parser.add_argument("--tasks-io", type=int, default=400)
-    parser.add_argument("--tasks-cpu", type=int, default=100)
+    parser.add_argument("--tasks-cpu", type=int, default=300)
     parser.add_argument("--sleep-ms", type=float, default=10.0)
     parser.add_argument("--cpu-n", type=int, default=100_000)
     parser.add_argument("--tuned", type=int, default=32,
                         help="the stock worker's tuned --threads (default 32)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--workloads", default="io,io-plain,cpu", help="comma-separated (default: all three)")
     args = parser.parse_args(argv)
     for option in ("processes", "tasks_io", "tasks_cpu", "tuned", "repeat"):
@@ -148,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         sleep = args.sleep_ms / 1000
         workloads = {
-            "io": (lambda: app.io.send(sleep), args.tasks_io),
-            "io-plain": (lambda: app.io_plain.send(sleep), args.tasks_io),
-            "cpu": (lambda: app.cpu.send(args.cpu_n), args.tasks_cpu),
+            "io": (app.io, sleep, args.tasks_io),
+            "io-plain": (app.io_plain, sleep, args.tasks_io),
+            "cpu": (app.cpu, args.cpu_n, args.tasks_cpu),
         }
         chosen = args.workloads.split(",")
         unknown = sorted(set(chosen) - set(workloads))
@@ -160,33 +175,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dramatiq workers on {args.broker}, --processes {args.processes}, "
               f"{len(os.sched_getaffinity(0))} CPUs; io: {args.tasks_io} x {args.sleep_ms:g} ms sleeps; "
               f"cpu: {args.tasks_cpu} x {args.cpu_n} additions; median of {args.repeat}", flush=True)
-        rate: dict[tuple[str, str], float] = {}
+        seconds: dict[tuple[str, str], list[float]] = {}
+        workers: list[Launched] = []
         try:
-            for label, command in configs.items():
-                worker = Launched(label, command, app, env, Path(scratch))
-                try:
-                    for workload, (send, n) in workloads.items():
-                        seconds = median(worker.run_batch(send, n) for _ in range(args.repeat))
-                        rate[label, workload] = n / seconds
-                        print(f"  {workload:9} {label:12} {seconds:7.3f} s  {n / seconds:8.1f} messages/s",
-                              flush=True)
-                finally:
-                    worker.stop()
+            for round_ in range(args.repeat):
+                for i, (label, command) in enumerate(configs.items()):
+                    worker = Launched(label, command, app, env, Path(scratch), f"{name}-{i}")
+                    workers.append(worker)
+                    try:
+                        worker.run_batch(app.io, sleep, args.tasks_io)  # warm-up, not measured
+                        for workload, (actor, argument, n) in workloads.items():
+                            took = worker.run_batch(actor, argument, n)
+                            seconds.setdefault((label, workload), []).append(took)
+                            print(f"  {round_ + 1:2} {workload:9} {label:12} {took:7.3f} s "
+                                  f"{n / took:8.1f} messages/s", flush=True)
+                    finally:
+                        worker.stop()
         finally:
+            for worker in workers:
+                worker.stop()
             app.broker.flush_all()
             if args.broker == "rabbitmq":
-                for queue in list(app.broker.queues):
-                    app.broker.channel.queue_delete(queue)
+                for queue in {*app.broker.queues, *(worker.queue for worker in workers)}:
+                    for variant in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                        app.broker.channel.queue_delete(variant)
             app.broker.close()
             keys = list(app.marks.scan_iter(f"*{name}*"))
             if keys:
                 app.marks.delete(*keys)
-    print("\ncmwq's messages/s over the stock worker's:")
-    print(f"  {'workload':9} {'vs -t 8':>9} {f'vs -t {args.tuned}':>9}")
+    rate = {key: workloads[key[1]][2] / median(runs) for key, runs in seconds.items()}
+    print("\nmedians:")
+    for (label, workload), value in rate.items():
+        print(f"  {workload:9} {label:12} {value:8.1f} messages/s")
+    print("\ncmwq's messages/s over the stock worker's, per round (the same round's batches, run one after\n"
+          "the other): the median, and the lowest and highest round")
+    stocks = ("stock -t 8", f"stock -t {args.tuned}")
+    print(f"  {'workload':9} " + " ".join(f"{'vs ' + label[6:]:>22}" for label in stocks))
     for workload in workloads:
-        cmwq = rate["cmwq", workload]
-        print(f"  {workload:9} {cmwq / rate['stock -t 8', workload]:8.2f}x "
-              f"{cmwq / rate[f'stock -t {args.tuned}', workload]:8.2f}x")
+        cells = []
+        for stock in stocks:
+            pairs = zip(seconds["cmwq", workload], seconds[stock, workload], strict=True)
+            ratios = [theirs / mine for mine, theirs in pairs]
+            cells.append(f"{median(ratios):6.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)")
+        print(f"  {workload:9} " + " ".join(f"{cell:>22}" for cell in cells))
     return 0
 
 
