@@ -1,9 +1,12 @@
 """Celery worker pools side by side: cmwq_exec.celery:TaskPool (one process, or one child process
-per CPU) vs ``-P threads`` vs prefork.
+per CPU) vs ``-P threads`` vs prefork vs gevent.
 
 Same broker (RabbitMQ by default, ``--broker redis`` for Redis), same tasks (tests/celery/app.py:
-``b.io`` sleeps ``--io-ms`` (10) ms inside ``cmwq_exec.blocking()``, ``b.cpu`` spins pure Python,
-``mix`` is half of each; none stores a result, each counts its completion with one Redis INCR).
+``b.io`` sleeps ``--io-ms`` (10) ms inside ``cmwq_exec.blocking()``; ``b.http`` GETs a local
+server (benchmarks/slow_http.py, started by the benchmark) that answers after ``--io-ms`` ms,
+through ``urllib`` and without ``blocking()``, as most task code waits on the network; ``b.cpu``
+spins pure Python; ``mix`` is half io, half cpu; none stores a result, each counts its completion
+with one Redis INCR).
 For every pool configuration a real ``celery worker`` is started; for every workload its queue
 consumers are paused, the whole batch is published, the consumers resumed and the clock runs
 until the last completion is counted. Meanwhile the threads and the resident memory (VmRSS) of
@@ -16,6 +19,18 @@ are the nodes (``{name}.{i}@{host}``), each with ``-c C`` running tasks and its 
 consumer. Every control command (ping, cancel_consumer, add_consumer) goes to all the children
 and waits for each of them to answer. Its peer at the same number of processes is
 ``prefork -c N`` (N = the CPUs).
+
+``--from-start`` measures another way: for every batch the tasks are published to a new queue
+first, then a worker is started on it, and the clock runs from the first completion counted to
+the last; the worker is killed after the batch. Only this way are the gevent pools run: ``gevent
+-c L`` (L = ``--large``, 100) is Celery's gevent pool in one process and ``gevent procs -c L``
+one such worker per CPU on the same queue, as teams run it. A gevent worker whose consumer is
+paused and resumed (``cancel_consumer``, ``add_consumer``, as the default way does) runs ~30%
+slower afterwards (736 against 1045 tasks/s of 10 ms sleeps, measured on 2026-12-07), which
+would not be a fair peer. They need gevent (``pip install -e '.[bench]'``; otherwise they are
+left out, and naming them in ``--pools`` is an error), and their workers get
+``broker_heartbeat=0``: with AMQP heartbeats on, gevent workers lose their broker connection
+under load here.
 
     python benchmarks/bench_celery.py --quick        # a few minutes
     python benchmarks/bench_celery.py                # larger batches, median of 3: ~15 minutes
@@ -34,15 +49,19 @@ relative to ``-P threads`` at the same -c, peak threads and peak RSS of the work
 still shares with its parent count once per process), and the CPU time the tree used per task
 (user + system, from /proc). Below it, one line per workload compares ``cmwq procs -c C`` with
 its targets: CPU-bound at least as fast as prefork with as many processes, I/O at least twice
-``-P threads -c C`` and prefork, mixed ahead of both. ``--json PATH`` writes the conditions and
-every run (all repeats, incomplete ones too) as JSON.
+``-P threads -c C`` and prefork, mixed ahead of both; and, with gevent installed, one line per I/O
+workload compares ``cmwq -c C`` with ``gevent -c L`` and ``cmwq procs -c C`` with ``gevent procs
+-c L`` (at least as fast). ``--json PATH`` writes the conditions and every run (all repeats,
+incomplete ones too) as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -80,6 +99,7 @@ class Config:
     concurrency: int
     processes: int = 0  # cmwq only: child processes (CMWQ_PROCESSES=auto), 0 for the pool in-process
     max_tasks: int = 0  # --max-tasks-per-child, 0 for none
+    workers: int = 1  # separate ``celery worker`` processes on the same queue (gevent procs: one per CPU)
 
     @property
     def slug(self) -> str:
@@ -126,9 +146,17 @@ class Setup:
 
     config: Config
     app: Any
-    worker: Worker
+    workers: list[Worker]  # the ``celery worker`` processes started (one unless config.workers says)
     queue: str
-    nodes: list[str]  # the worker itself, or its child processes' nodes
+    nodes: list[str]  # the workers themselves, or the child processes' nodes
+
+    @property
+    def worker(self) -> Worker:
+        return self.workers[0]
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self.workers]
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -150,10 +178,10 @@ def tree_pids(pid: int) -> list[int]:
     return pids
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time used so far by ``pid`` and its descendants."""
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by ``pids`` and their descendants."""
     ticks = 0
-    for p in tree_pids(pid):
+    for p in (p for pid in pids for p in tree_pids(pid)):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
@@ -162,10 +190,10 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def tree_threads_rss(pid: int) -> tuple[int, int]:
-    """Threads and VmRSS (KiB), each summed over ``pid`` and its descendants."""
+def tree_threads_rss(pids: list[int]) -> tuple[int, int]:
+    """Threads and VmRSS (KiB), each summed over ``pids`` and their descendants."""
     threads = rss = 0
-    for p in tree_pids(pid):
+    for p in (p for pid in pids for p in tree_pids(pid)):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("Threads:"):
@@ -178,19 +206,22 @@ def tree_threads_rss(pid: int) -> tuple[int, int]:
 
 
 class TreeSampler(threading.Thread):
-    """Samples the threads and the RSS of a process tree every 20 ms; keeps the peaks."""
+    """Samples the threads and the RSS of process trees every 20 ms; keeps the peaks."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pids: list[int]) -> None:
         super().__init__(daemon=True)
-        self.pid = pid
+        self.pids = pids
         self.peak_threads = self.peak_rss_kib = 0
         self.stopping = threading.Event()
-        self.before = set(tree_pids(pid))  # the processes of the tree when sampling starts
-        self.seen: set[int] = set()  # every process seen in the tree since
+        self.before = self.processes()  # the processes of the trees when sampling starts
+        self.seen: set[int] = set()  # every process seen in the trees since
+
+    def processes(self) -> set[int]:
+        return {p for pid in self.pids for p in tree_pids(pid)}
 
     def sample(self) -> None:
-        self.seen.update(tree_pids(self.pid))
-        threads, rss = tree_threads_rss(self.pid)
+        self.seen.update(self.processes())
+        threads, rss = tree_threads_rss(self.pids)
         self.peak_threads = max(self.peak_threads, threads)
         self.peak_rss_kib = max(self.peak_rss_kib, rss)
 
@@ -212,7 +243,8 @@ def wait_nodes_ready(setup: Setup, timeout: float) -> None:
     if setup.config.processes:
         setup.worker.wait_children(setup.config.processes, timeout=timeout)
     else:
-        setup.worker.wait_ready(timeout=timeout)
+        for worker in setup.workers:
+            worker.wait_ready(timeout=timeout)
 
 
 def replied(replies: list[dict[str, Any]] | None) -> set[str]:
@@ -245,24 +277,73 @@ def settle(setup: Setup, timeout: float = 60.0) -> None:
     control_every_node(setup, "cancel_consumer")
 
 
-def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: float,
-              io_seconds: float) -> Result:
-    """With the worker's consumers paused: publish ``n`` tasks, resume them, time until all are
-    counted (or ``timeout``), pause them again."""
-    app, worker = setup.app, setup.worker
-    key = f"cmwq-bench:{uuid.uuid4().hex[:8]}"
-    io, cpu = app.tasks["b.io"], app.tasks["b.cpu"]
-    if setup.config.max_tasks and setup.config.processes:
-        settle(setup)
+def publish(app: Any, workload: str, n: int, key: str, io_seconds: float, url: str | None) -> None:
+    """Send ``n`` tasks of ``workload`` to the app's queue, each counting itself done on ``key``."""
+    io, http, cpu = app.tasks["b.io"], app.tasks["b.http"], app.tasks["b.cpu"]
     with app.producer_or_acquire() as producer:
         for i in range(n):
             if workload == "io" or (workload == "mix" and i % 2 == 0):
                 io.apply_async((key, io_seconds), producer=producer)
+            elif workload == "http":
+                http.apply_async((key, url), producer=producer)
             else:
                 cpu.apply_async((key, CPU_ITERATIONS), producer=producer)
-    sampler = TreeSampler(worker.pid)
+
+
+def run_batch_from_start(config: Config, broker: str, backend: str, logs: Path, store: redis.Redis,
+                         workload: str, n: int, timeout: float, io_seconds: float,
+                         url: str | None) -> Result:
+    """``--from-start``: publish ``n`` tasks to a new queue, then start ``config``'s worker on it;
+    time from the first completion counted to the last (or ``timeout``), then kill the worker.
+    The figures are the worker's from its first task on: the tasks done when the counter was first
+    seen above zero are not counted."""
+    key = f"cmwq-bench:{uuid.uuid4().hex[:8]}"
+    queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
+    app = make_app(broker, backend=backend, queue=queue)
+    publish(app, workload, n, key, io_seconds, url)
+    setup = start(config, broker, backend, logs, app=app, queue=queue)
+    try:
+        sampler = TreeSampler(setup.pids)
+        sampler.start()
+        deadline = time.monotonic() + timeout
+        done = 0
+        while done == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+            done = int(store.get(key) or 0)
+        first, started, cpu_started = done, time.perf_counter(), tree_cpu_seconds(setup.pids)
+        while done < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+            done = int(store.get(key) or 0)
+        seconds = time.perf_counter() - started
+        cpu_seconds = tree_cpu_seconds(setup.pids) - cpu_started
+        peak_threads, peak_rss = sampler.stop()
+    finally:
+        for worker in setup.workers:
+            worker.kill()
+        store.delete(key)
+        try:
+            with app.connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
+        finally:
+            app.close()
+    if done < n:
+        print(f"  {workload}: only {done}/{n} done within {timeout}s", file=sys.stderr)
+    return Result(config, workload, n - first, done - first, seconds, peak_threads, peak_rss, cpu_seconds,
+                  len(sampler.seen - sampler.before))
+
+
+def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: float,
+              io_seconds: float, url: str | None) -> Result:
+    """With the worker's consumers paused: publish ``n`` tasks, resume them, time until all are
+    counted (or ``timeout``), pause them again."""
+    app = setup.app
+    key = f"cmwq-bench:{uuid.uuid4().hex[:8]}"
+    if setup.config.max_tasks and setup.config.processes:
+        settle(setup)
+    publish(app, workload, n, key, io_seconds, url)
+    sampler = TreeSampler(setup.pids)
     sampler.start()
-    cpu_started = tree_cpu_seconds(worker.pid)
+    cpu_started = tree_cpu_seconds(setup.pids)
     started = time.perf_counter()
     control_every_node(setup, "add_consumer")
     deadline = time.monotonic() + timeout
@@ -271,7 +352,7 @@ def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: 
         time.sleep(0.005)
         done = int(store.get(key) or 0)
     seconds = time.perf_counter() - started
-    cpu_seconds = tree_cpu_seconds(worker.pid) - cpu_started
+    cpu_seconds = tree_cpu_seconds(setup.pids) - cpu_started
     peak_threads, peak_rss = sampler.stop()
     control_every_node(setup, "cancel_consumer")
     store.delete(key)
@@ -283,19 +364,41 @@ def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: 
                   len(sampler.seen - sampler.before))
 
 
-def start(config: Config, broker: str, backend: str, logs: Path) -> Setup:
-    """Start ``config``'s worker on a queue of its own (it answers once it is up)."""
-    queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
-    app = make_app(broker, backend=backend, queue=queue)
+def start(config: Config, broker: str, backend: str, logs: Path, app: Any = None,
+          queue: str | None = None) -> Setup:
+    """Start ``config``'s worker on a queue of its own (it answers once it is up), or on ``queue``
+    of ``app``."""
+    if app is None or queue is None:
+        queue = f"cmwq-bench-{uuid.uuid4().hex[:8]}"
+        app = make_app(broker, backend=backend, queue=queue)
     via = "custom" if config.pool == "cmwq" else config.pool
     env = {"CMWQ_TEST_BACKEND": backend}
     if config.processes:
         env["CMWQ_PROCESSES"] = "auto"
+    if config.pool == "gevent":
+        env["CMWQ_TEST_CONF"] = json.dumps({"broker_heartbeat": 0})
     args = ("--max-tasks-per-child", str(config.max_tasks)) if config.max_tasks else ()
-    worker = Worker(app, broker, queue, logs / f"bench-{config.slug}.log", concurrency=config.concurrency,
-                    via=via, env=env, loglevel="warning", args=args)
-    nodes = children_names(worker, config.processes) if config.processes else [worker.name]
-    return Setup(config, app, worker, queue, nodes)
+    workers = [Worker(app, broker, queue, logs / f"bench-{config.slug}-{i}.log",
+                      concurrency=config.concurrency, via=via, env=env, loglevel="warning", args=args)
+               for i in range(config.workers)]
+    if config.processes:
+        nodes = children_names(workers[0], config.processes)
+    else:
+        nodes = [worker.name for worker in workers]
+    return Setup(config, app, workers, queue, nodes)
+
+
+def start_http_server(delay_ms: float) -> tuple[subprocess.Popen[str], str]:
+    """benchmarks/slow_http.py in a process of its own; it and the URL to GET."""
+    script = ROOT / "benchmarks" / "slow_http.py"
+    server = subprocess.Popen([sys.executable, str(script), "--delay-ms", str(delay_ms)],
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    if not line.startswith("port "):
+        server.kill()
+        raise SystemExit(f"benchmarks/slow_http.py did not start: {line!r}")
+    return server, f"http://127.0.0.1:{int(line.split()[1])}/"
 
 
 def main() -> int:
@@ -304,14 +407,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small batches (about a minute in all)")
     parser.add_argument("-c", "--concurrency", type=int, default=8, help="the common -c (default 8)")
     parser.add_argument("--large", type=int, default=100, help="the large -c (default 100)")
-    parser.add_argument("--workloads", default="io,cpu,mix")
+    parser.add_argument("--workloads", default="io,http,cpu,mix",
+                        help="comma-separated, of io, http, cpu, mix (default: all four)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="batches per workload, the median is kept (default 1 with --quick, else 3)")
     parser.add_argument("--pools", default=None,
                         help="comma-separated labels to run, e.g. 'cmwq -c 8,threads -c 8' (default: all)")
     parser.add_argument("--logs", default="/tmp", help="where worker logs go")
     parser.add_argument("--io-ms", type=float, default=10.0,
-                        help="how long an io task waits, in ms (default 10)")
+                        help="how long an io task waits, and the http server before it answers, in ms "
+                             "(default 10)")
     parser.add_argument("--broker", choices=BROKERS, default="amqp",
                         help="the broker every pool is fed from (default amqp: kombu's Redis transport "
                              "costs ~2 ms of CPU per task here and caps every pool near 500 tasks/s)")
@@ -321,6 +426,9 @@ def main() -> int:
                         help=f"the Redis database of the results and counters (default {REDIS_BACKEND_DB})")
     parser.add_argument("--max-tasks-per-child", type=int, default=0, metavar="N",
                         help="also run cmwq procs and prefork with --max-tasks-per-child N (default: not)")
+    parser.add_argument("--from-start", action="store_true",
+                        help="start a worker per batch on a queue filled first and time it from its first "
+                             "task to its last (the gevent pools run only so)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write the conditions and every run's figures (all repeats) to PATH")
     args = parser.parse_args()
@@ -330,7 +438,7 @@ def main() -> int:
                          f"default 'databases 16'), got {getattr(args, option)}")
 
     scale = 1 if args.quick else 2
-    sizes = {"io": 1500 * scale, "cpu": 400 * scale, "mix": 1000 * scale}
+    sizes = {"io": 1500 * scale, "http": 1500 * scale, "cpu": 400 * scale, "mix": 1000 * scale}
     c, big, cpus = args.concurrency, args.large, PROCESSES
     # threads at 2c and 4c show how many threads -P threads needs to catch up with cmwq at c;
     # cmwq procs and prefork both run one process per CPU
@@ -344,9 +452,17 @@ def main() -> int:
         Config(f"threads -c {big}", "threads", big),
         Config(f"prefork -c {cpus}", "prefork", cpus),
     ]
+    gevent = [Config(f"gevent -c {big}", "gevent", big),
+              Config(f"gevent procs -c {big}", "gevent", big, workers=cpus)]
+    have_gevent = importlib.util.find_spec("gevent") is not None
+    if have_gevent and args.from_start:
+        configs += gevent
     if args.pools:
         wanted = {label.strip() for label in args.pools.split(",")}
         unknown = wanted - {config.label for config in configs}
+        if unknown & {config.label for config in gevent}:
+            why = "run only with --from-start" if have_gevent else "need gevent (pip install -e '.[bench]')"
+            parser.error(f"--pools {sorted(unknown)}: the gevent pools {why}")
         if unknown:
             parser.error(f"unknown --pools {sorted(unknown)}; known: {[config.label for config in configs]}")
         configs = [config for config in configs if config.label in wanted]
@@ -358,6 +474,8 @@ def main() -> int:
         configs += recycled
     repeat = args.repeat or (1 if args.quick else 3)
     workloads = [w for w in args.workloads.split(",") if w]
+    if not workloads or set(workloads) - set(sizes):
+        parser.error(f"--workloads: {args.workloads!r}; known: {', '.join(sizes)}")
     backend = f"{REDIS}/{args.redis_backend_db}"
     store = redis.Redis.from_url(backend)
     store.ping()
@@ -366,31 +484,45 @@ def main() -> int:
     print(f"broker {broker}, {os.cpu_count()} CPUs ({cpus} usable), Python {sys.version.split()[0]}, "
           f"load average {load_started:.2f}; io = {args.io_ms:g} ms sleep, cpu = {CPU_ITERATIONS} "
           f"loop iterations; median of {repeat}", flush=True)
+    if not have_gevent and args.from_start:
+        print("gevent is not installed: the gevent pools are left out (pip install -e '.[bench]')",
+              flush=True)
     # Every worker is started first and stays up; batches then go round-robin over the pools
     # (repeat, workload, pool), so load from outside the benchmark (other jobs, steal time on a
     # shared VM) falls on every pool alike instead of on whichever ran during it. Idle workers
     # have their consumers paused (run_batch resumes only the one measured).
     setups: list[Setup] = []
     runs: list[tuple[int, Result]] = []
+    server, url = start_http_server(args.io_ms) if "http" in workloads else (None, None)
     try:
-        for config in configs:
+        for config in configs if not args.from_start else ():
             setup = start(config, broker, backend, Path(args.logs))
             setups.append(setup)
             wait_nodes_ready(setup, timeout=60)
             control_every_node(setup, "cancel_consumer")
         for round_ in range(repeat):
             for workload in workloads:
-                for setup in setups:
-                    result = run_batch(setup, store, workload, sizes[workload], timeout=120,
-                                       io_seconds=args.io_ms / 1000)
+                for config in configs:
+                    if args.from_start:
+                        result = run_batch_from_start(config, broker, backend, Path(args.logs), store,
+                                                      workload, sizes[workload], timeout=120,
+                                                      io_seconds=args.io_ms / 1000, url=url)
+                    else:
+                        setup = setups[configs.index(config)]
+                        result = run_batch(setup, store, workload, sizes[workload], timeout=120,
+                                           io_seconds=args.io_ms / 1000, url=url)
                     runs.append((round_, result))
                     if result.complete:
-                        print(f"  {setup.config.label:18} {workload:4} {result.rate:9.0f} tasks/s "
+                        print(f"  {config.label:18} {workload:4} {result.rate:9.0f} tasks/s "
                               f"{result.peak_threads:5d} threads {result.peak_rss_mib:7.1f} MiB RSS "
                               f"{result.cpu_ms_per_task:6.2f} CPU ms/task", flush=True)
     finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
         for setup in setups:
-            setup.worker.kill()
+            for worker in setup.workers:
+                worker.kill()
             try:
                 with setup.app.connection_for_write() as conn:
                     conn.default_channel.queue_delete(setup.queue)
@@ -400,6 +532,8 @@ def main() -> int:
     results = medians([r for _, r in runs], configs, workloads)
     targets = target_lines(results, configs, workloads, c, cpus, args.io_ms)
     print_table(results, targets, c)
+    versus_gevent = gevent_lines(results, workloads, c, big)
+    print_gevent(versus_gevent)
     if args.max_tasks_per_child:
         print_recycling(results, configs, args.max_tasks_per_child)
     load_ended = os.getloadavg()[0]
@@ -409,9 +543,10 @@ def main() -> int:
                       "python": sys.version.split()[0], "io_ms": args.io_ms,
                       "cpu_iterations": CPU_ITERATIONS, "repeat": repeat, "sizes": sizes,
                       "load_average_start": load_started, "load_average_end": load_ended,
-                      "started": started, "max_tasks_per_child": args.max_tasks_per_child}
+                      "started": started, "max_tasks_per_child": args.max_tasks_per_child,
+                      "from_start": args.from_start}
         document = {"conditions": conditions, "runs": [run_record(round_, r) for round_, r in runs],
-                    "targets": targets}
+                    "targets": targets, "versus_gevent": versus_gevent}
         args.json.write_text(json.dumps(document, indent=1) + "\n")
     return 0
 
@@ -507,6 +642,36 @@ def print_table(results: list[Result], targets: list[dict[str, Any]], c: int) ->
                   for key in ("vs_threads", "vs_prefork")]
         met = {True: "met", False: "**not met**", None: "not measured"}[line["met"]]
         print(f"| {line['target']} | {line['workload']} | {ratios[0]} | {ratios[1]} | {met} |")
+
+
+def gevent_lines(results: list[Result], workloads: list[str], c: int, big: int) -> list[dict[str, Any]]:
+    """Per I/O workload run: ``cmwq -c c`` against ``gevent -c big`` (one process each) and ``cmwq
+    procs -c c`` against ``gevent procs -c big`` (one process per CPU each); the target is at least
+    as many tasks/s (met None: a run it needs is missing or did not complete)."""
+    rates = {(r.config.label, r.workload): r.rate for r in results}
+    pairs = ((f"cmwq -c {c}", f"gevent -c {big}"), (f"cmwq procs -c {c}", f"gevent procs -c {big}"))
+    lines = []
+    for workload in (w for w in workloads if w in ("io", "http")):
+        for mine, theirs in pairs:
+            a, b = rates.get((mine, workload)), rates.get((theirs, workload))
+            if a is None and b is None:
+                continue
+            ratio = a / b if a and b else None
+            lines.append({"workload": workload, "pool": mine, "peer": theirs, "ratio": ratio,
+                          "met": None if ratio is None else ratio >= 1.0})
+    return lines
+
+
+def print_gevent(lines: list[dict[str, Any]]) -> None:
+    if not lines:
+        return
+    print()
+    print("| target: at least gevent's tasks/s | workload | ratio | met |")
+    print("|---|---|---:|---|")
+    for line in lines:
+        ratio = f"{line['ratio']:.2f}x" if line["ratio"] is not None else "-"
+        met = {True: "met", False: "**not met**", None: "not measured"}[line["met"]]
+        print(f"| {line['pool']} >= {line['peer']} | {line['workload']} | {ratio} | {met} |")
 
 
 def print_recycling(results: list[Result], configs: list[Config], max_tasks: int) -> None:

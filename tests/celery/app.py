@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import time
+import urllib.request
 from typing import Any
 
 import redis
@@ -249,6 +250,13 @@ def _register_tasks(app: Celery) -> None:
         """I/O-bound: sleeps, saying so (a no-op outside the cmwq pool)."""
         with cmwq_exec.blocking():
             time.sleep(seconds)
+        _redis(app).incr(key)
+
+    @app.task(name="b.http", shared=False, ignore_result=True)
+    def bench_http(key: str, url: str) -> None:
+        """I/O-bound as most task code is: a GET through urllib, not annotated with blocking()."""
+        with urllib.request.urlopen(url, timeout=60) as answer:
+            answer.read()
         _redis(app).incr(key)
 
     @app.task(name="b.cpu", shared=False, ignore_result=True)
