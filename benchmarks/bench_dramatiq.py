@@ -15,14 +15,14 @@ Three workers, each a real command line as its users start it, with the same ``-
 
 A round starts each worker in turn, runs a first io batch that is not measured (a worker that
 has been running holds the threads a burst needs: the stock worker from its start, this one once
-it met a burst), then every workload's batch, and stops it, so one worker runs at a time and each round measures the three within a minute or two; the ratios below
-the table compare the batches of the same round, so a slower spell of the machine (other jobs,
-steal time on a shared VM) that spans a round falls on the three alike. Each worker consumes a
-queue of its own (the app's queue name comes from the worker's environment). A batch sends every
-message at once and ends when the last message has pushed its mark on the worker's Redis list,
-which the benchmark waits on (BLPOP, no polling). Every rate is the median of ``--repeat``
-rounds. The ratios are cmwq's messages/s over the stock worker's: the targets are io >= 2x the
-default, cpu >= 0.95x.
+it met a burst), then every workload's batch, and stops it: one worker runs at a time, and a
+round measures the three within a minute or two. The ratios below the table compare the batches
+of the same round, so a slower spell of the machine (other jobs, steal time on a shared VM) that
+spans a round falls on the three alike. Each worker consumes a queue of its own (the app's queue
+name comes from the worker's environment). A batch sends every message at once and ends when the
+last message has pushed its mark on the worker's Redis list, which the benchmark waits on
+(BLPOP, no polling). Every rate is the median of ``--repeat`` rounds. The ratios are cmwq's
+messages/s over the stock worker's: the targets are io >= 2x the default, cpu >= 0.95x.
 """
 
 from __future__ import annotations
