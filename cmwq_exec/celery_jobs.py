@@ -30,6 +30,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils import log as _celery_log
 from celery.worker import state as _worker_state
 
+from . import detect
 from .core import timer as _timer
 from .core.lockdep import must_hold
 from .injection import async_raise, close_window_surely, inject, open_window
@@ -395,3 +396,7 @@ class JobLimits:
             info.update({"worker_pid": job.pid, "abandoned": job.unwind, "abandoned_at": job.where()})
             listed.append(info)
         return listed
+
+
+# a task's waits are its sleeps, for blocking detection (CMWQ_DETECT_BLOCKING=1)
+detect.add_user_call_site(call_target)

@@ -119,8 +119,14 @@ _user_sites: set[Any] = {Work._execute.__code__}
 
 
 def add_user_call_site(function: Any) -> None:
-    """``function`` calls the user's code (a front-end's run of a submitted call): watch its calls."""
-    _user_sites.add(function.__code__)
+    """``function`` calls the user's code (a front-end's run of a submitted call, a task queue's
+    run of a task): the waits below it are its works' sleeps, and with sys.monitoring its own
+    calls are watched. Each front-end registers its function as it is imported; one registered
+    while detection is on counts for the walk out from a wait at once."""
+    with _lock:
+        _user_sites.add(function.__code__)
+        if _mechanism is not None:
+            _USER_SITES.add(function.__code__)
 
 
 def _user_call_sites() -> set[Any]:

@@ -61,6 +61,7 @@ import dramatiq.worker
 from dramatiq.middleware import Interrupt, Shutdown, ShutdownNotifications, TimeLimit
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
+from . import detect
 from .blocking import blocking
 from .core import timer as _timer
 from .core.lockdep import make_lock, must_hold
@@ -538,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     dramatiq.cli.Worker = Worker  # type: ignore[misc]
     dramatiq.cli.worker_process = _worker_process
     return int(dramatiq.cli.main(args) or 0)
+
+
+# a task's waits are its sleeps, for blocking detection (CMWQ_DETECT_BLOCKING=1)
+detect.add_user_call_site(_Dispatcher._process)
 
 
 if __name__ == "__main__":

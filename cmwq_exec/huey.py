@@ -56,6 +56,7 @@ from huey.consumer import Consumer as HueyConsumer
 from huey.consumer import Worker as HueyWorker
 from huey.exceptions import ConfigurationError, TaskTimeout
 
+from . import detect
 from .blocking import blocking
 from .core import timer as _timer
 from .core.lockdep import make_lock, must_hold
@@ -412,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     values["workers"] = given.get("workers")  # not given: no limit (Huey's default would be 1)
     Consumer(huey, **values).run()
     return 0
+
+
+# a task's waits are its sleeps, for blocking detection (CMWQ_DETECT_BLOCKING=1)
+detect.add_user_call_site(Consumer._run_task)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from rq.exceptions import StopRequested
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException
 from rq.worker import BaseWorker, WorkerStatus
 
+from . import detect
 from .core import timer as _timer
 from .core.lockdep import make_lock, must_hold
 from .core.system import get_system
@@ -496,3 +497,5 @@ def _now() -> Any:
     return now()
 
 
+# a task's waits are its sleeps, for blocking detection (CMWQ_DETECT_BLOCKING=1)
+detect.add_user_call_site(Worker._perform)

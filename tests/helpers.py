@@ -228,3 +228,27 @@ def run_as_work(wq: Any, fn: Callable[[], Any]) -> Any:
         raise out["error"]
     return out["result"]
 
+
+
+def sleeps_as_its_worker_sees(seconds: float = 0.3) -> bool:
+    """Sleep ``seconds`` with a plain ``time.sleep`` (no ``blocking()``) on the calling cmwq worker;
+    True if that worker was flagged SLEEPING meanwhile (it told its pool it sleeps: only
+    ``blocking()`` and blocking detection do that, the watchdog never does)."""
+    from cmwq_exec.core.worker import SLEEPING, current_worker
+
+    me, seen, done = current_worker(), threading.Event(), threading.Event()
+    assert me is not None, "not on a cmwq worker"
+
+    def watch() -> None:
+        while not done.is_set():
+            if me.flags & SLEEPING:
+                seen.set()
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(seconds)
+    done.set()
+    watcher.join()
+    return seen.is_set()

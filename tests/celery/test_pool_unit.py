@@ -717,3 +717,19 @@ def test_a_shutdown_signal_wakes_the_event_loop_at_once(make_pool):
     poked()  # the stop pokes the loop itself (_shutdown)
     signals.worker_shutting_down.send(sender="w@h", sig="SIGTERM", how="Warm", exitcode=0)
     assert not poked(), "a stopped pool still listens to the shutdown signal"
+
+
+def test_with_detection_an_unannotated_wait_in_a_task_is_a_sleep(make_pool):
+    """With blocking detection on (CMWQ_DETECT_BLOCKING=1), a task's own wait that it does not
+    wrap in blocking() tells the pool its worker sleeps, as the same wait in an executor's work
+    does: the walk out from the wait stops at the pool's call of the task, a user call site."""
+    from helpers import sleeps_as_its_worker_sees
+
+    pool, calls = make_pool(limit=2), Calls()
+    cmwq_exec.detect_blocking()
+    try:
+        pool.apply_async(sleeps_as_its_worker_sees, **calls.callbacks("sleeper"))
+        wait_for("the task to end", lambda: {"success", "error"} & set(calls.kinds("sleeper")), 10)
+    finally:
+        cmwq_exec.undetect_blocking()
+    assert calls.of("sleeper", "success") == [(True,)], calls.of("sleeper")

@@ -179,3 +179,31 @@ def test_bad_arguments_are_refused(stub_broker: Any, kwargs: dict[str, Any], mes
 
     with pytest.raises(ValueError, match=message):
         Worker(stub_broker, **kwargs)
+
+
+def test_with_detection_an_unannotated_wait_in_a_message_is_a_sleep(stub_broker: Any) -> None:
+    """With blocking detection on (CMWQ_DETECT_BLOCKING=1), a message's own wait that it does not
+    wrap in blocking() tells the pool its worker sleeps: the chain's run of a message is a user
+    call site of cmwq_exec.detect."""
+    import dramatiq
+    from helpers import sleeps_as_its_worker_sees
+
+    from cmwq_exec.dramatiq import Worker
+
+    seen: list[bool] = []
+
+    @dramatiq.actor(max_retries=0)
+    def sleeper() -> None:
+        seen.append(sleeps_as_its_worker_sees())
+
+    cmwq_exec.detect_blocking()
+    worker = Worker(stub_broker, worker_timeout=100)
+    worker.start()
+    try:
+        sleeper.send()
+        stub_broker.join(sleeper.queue_name, fail_fast=True)
+        worker.join()
+    finally:
+        worker.stop()
+        cmwq_exec.undetect_blocking()
+    assert seen == [True]

@@ -282,3 +282,21 @@ def test_startup_hooks_run_on_the_task_threads(memory_huey: Any, consumer: Any) 
 def test_bad_options_are_refused(memory_huey: Any, options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         Consumer(memory_huey, **options)
+
+
+def test_with_detection_an_unannotated_wait_in_a_task_is_a_sleep(memory_huey: Any, consumer: Any) -> None:
+    """With blocking detection on (CMWQ_DETECT_BLOCKING=1), a task's own wait that it does not wrap
+    in blocking() tells the pool its worker sleeps: the consumer's run of a task is a user call
+    site of cmwq_exec.detect."""
+    from helpers import sleeps_as_its_worker_sees
+
+    @memory_huey.task()
+    def sleeper() -> bool:
+        return sleeps_as_its_worker_sees()
+
+    cmwq_exec.detect_blocking()
+    try:
+        consumer()
+        assert sleeper().get(blocking=True, timeout=30) is True
+    finally:
+        cmwq_exec.undetect_blocking()

@@ -23,6 +23,13 @@ def meet(i: int) -> int:
     return i
 
 
+def detected_sleep() -> bool:
+    """A plain time.sleep: whether this job's worker was told it sleeps (see helpers)."""
+    from helpers import sleeps_as_its_worker_sees
+
+    return sleeps_as_its_worker_sees()
+
+
 def spin() -> None:
     while True:
         pass

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from helpers import wait_for
 
+import cmwq_exec
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 if str(HERE) not in sys.path:
@@ -61,6 +63,19 @@ def test_waiting_jobs_overlap(queue: Any, connection: Any) -> None:
     work_in_burst(queue, connection)
     side.join(5)
     assert [job.latest_result().return_value for job in jobs] == list(range(10))
+
+
+def test_with_detection_an_unannotated_wait_in_a_job_is_a_sleep(queue: Any, connection: Any) -> None:
+    """With blocking detection on (CMWQ_DETECT_BLOCKING=1), a job's own wait that it does not wrap
+    in blocking() tells the pool its worker sleeps: the worker's run of a job is a user call site
+    of cmwq_exec.detect."""
+    job = queue.enqueue(rqjobs.detected_sleep)
+    cmwq_exec.detect_blocking()
+    try:
+        work_in_burst(queue, connection)
+    finally:
+        cmwq_exec.undetect_blocking()
+    assert job.latest_result().return_value is True
 
 
 def test_timeout_is_raised_in_the_job_thread(queue: Any, connection: Any) -> None:
