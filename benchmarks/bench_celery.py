@@ -532,7 +532,7 @@ def main() -> int:
     results = medians([r for _, r in runs], configs, workloads)
     targets = target_lines(results, configs, workloads, c, cpus, args.io_ms)
     print_table(results, targets, c)
-    versus_gevent = gevent_lines(results, workloads, c, big)
+    versus_gevent = gevent_lines(results, workloads, c, big) if have_gevent and args.from_start else []
     print_gevent(versus_gevent)
     if args.max_tasks_per_child:
         print_recycling(results, configs, args.max_tasks_per_child)
