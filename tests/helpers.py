@@ -232,14 +232,17 @@ def run_as_work(wq: Any, fn: Callable[[], Any]) -> Any:
 
 def sleeps_as_its_worker_sees(seconds: float = 0.3) -> bool:
     """Sleep ``seconds`` with a plain ``time.sleep`` (no ``blocking()``) on the calling cmwq worker;
-    True if that worker was flagged SLEEPING meanwhile (it told its pool it sleeps: only
-    ``blocking()`` and blocking detection do that, the watchdog never does)."""
+    True if that worker was flagged SLEEPING during the sleep (it told its pool it sleeps: only
+    ``blocking()`` and blocking detection do that, the watchdog never does). The watcher looks
+    only between ``armed`` and ``done``, so the waits of starting and joining it do not count."""
     from cmwq_exec.core.worker import SLEEPING, current_worker
 
-    me, seen, done = current_worker(), threading.Event(), threading.Event()
+    me = current_worker()
     assert me is not None, "not on a cmwq worker"
+    armed, seen, done = threading.Event(), threading.Event(), threading.Event()
 
     def watch() -> None:
+        armed.wait()
         while not done.is_set():
             if me.flags & SLEEPING:
                 seen.set()
@@ -248,6 +251,7 @@ def sleeps_as_its_worker_sees(seconds: float = 0.3) -> bool:
 
     watcher = threading.Thread(target=watch)
     watcher.start()
+    armed.set()
     time.sleep(seconds)
     done.set()
     watcher.join()
