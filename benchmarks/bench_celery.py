@@ -178,10 +178,15 @@ def tree_pids(pid: int) -> list[int]:
     return pids
 
 
+def trees(pids: list[int]) -> set[int]:
+    """``pids`` and all their descendants."""
+    return {p for pid in pids for p in tree_pids(pid)}
+
+
 def tree_cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time used so far by ``pids`` and their descendants."""
     ticks = 0
-    for p in (p for pid in pids for p in tree_pids(pid)):
+    for p in trees(pids):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
@@ -193,7 +198,7 @@ def tree_cpu_seconds(pids: list[int]) -> float:
 def tree_threads_rss(pids: list[int]) -> tuple[int, int]:
     """Threads and VmRSS (KiB), each summed over ``pids`` and their descendants."""
     threads = rss = 0
-    for p in (p for pid in pids for p in tree_pids(pid)):
+    for p in trees(pids):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("Threads:"):
@@ -213,14 +218,11 @@ class TreeSampler(threading.Thread):
         self.pids = pids
         self.peak_threads = self.peak_rss_kib = 0
         self.stopping = threading.Event()
-        self.before = self.processes()  # the processes of the trees when sampling starts
+        self.before = trees(pids)  # the processes of the trees when sampling starts
         self.seen: set[int] = set()  # every process seen in the trees since
 
-    def processes(self) -> set[int]:
-        return {p for pid in self.pids for p in tree_pids(pid)}
-
     def sample(self) -> None:
-        self.seen.update(self.processes())
+        self.seen.update(trees(self.pids))
         threads, rss = tree_threads_rss(self.pids)
         self.peak_threads = max(self.peak_threads, threads)
         self.peak_rss_kib = max(self.peak_rss_kib, rss)
@@ -277,6 +279,16 @@ def settle(setup: Setup, timeout: float = 60.0) -> None:
     control_every_node(setup, "cancel_consumer")
 
 
+def counted(store: redis.Redis, key: str, at_least: int, deadline: float, interval: float) -> int:
+    """The completions counted on ``key``, looked at every ``interval`` s until there are
+    ``at_least`` or the clock passes ``deadline`` (time.monotonic)."""
+    done = int(store.get(key) or 0)
+    while done < at_least and time.monotonic() < deadline:
+        time.sleep(interval)
+        done = int(store.get(key) or 0)
+    return done
+
+
 def publish(app: Any, workload: str, n: int, key: str, io_seconds: float, url: str | None) -> None:
     """Send ``n`` tasks of ``workload`` to the app's queue, each counting itself done on ``key``."""
     io, http, cpu = app.tasks["b.io"], app.tasks["b.http"], app.tasks["b.cpu"]
@@ -306,14 +318,9 @@ def run_batch_from_start(config: Config, broker: str, backend: str, logs: Path, 
         sampler = TreeSampler(setup.pids)
         sampler.start()
         deadline = time.monotonic() + timeout
-        done = 0
-        while done == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)
-            done = int(store.get(key) or 0)
-        first, started, cpu_started = done, time.perf_counter(), tree_cpu_seconds(setup.pids)
-        while done < n and time.monotonic() < deadline:
-            time.sleep(0.005)
-            done = int(store.get(key) or 0)
+        first = counted(store, key, 1, deadline, 0.001)
+        started, cpu_started = time.perf_counter(), tree_cpu_seconds(setup.pids)
+        done = counted(store, key, n, deadline, 0.005)
         seconds = time.perf_counter() - started
         cpu_seconds = tree_cpu_seconds(setup.pids) - cpu_started
         peak_threads, peak_rss = sampler.stop()
@@ -346,11 +353,7 @@ def run_batch(setup: Setup, store: redis.Redis, workload: str, n: int, timeout: 
     cpu_started = tree_cpu_seconds(setup.pids)
     started = time.perf_counter()
     control_every_node(setup, "add_consumer")
-    deadline = time.monotonic() + timeout
-    done = 0
-    while done < n and time.monotonic() < deadline:
-        time.sleep(0.005)
-        done = int(store.get(key) or 0)
+    done = counted(store, key, n, time.monotonic() + timeout, 0.005)
     seconds = time.perf_counter() - started
     cpu_seconds = tree_cpu_seconds(setup.pids) - cpu_started
     peak_threads, peak_rss = sampler.stop()

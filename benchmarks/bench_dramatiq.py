@@ -99,7 +99,11 @@ class Launched:
         self.proc = subprocess.Popen(command, env=dict(env, BENCH_NAME=queue), cwd=cwd,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        self.run_batch(app.io, 0, 1, timeout=60)
+        try:
+            self.run_batch(app.io, 0, 1, timeout=60)
+        except BaseException:
+            self.stop()
+            raise
 
     def send(self, actor: Any, argument: Any) -> None:
         """Send ``actor(argument)`` to this worker's queue."""
@@ -176,12 +180,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(os.sched_getaffinity(0))} CPUs; io: {args.tasks_io} x {args.sleep_ms:g} ms sleeps; "
               f"cpu: {args.tasks_cpu} x {args.cpu_n} additions; median of {args.repeat}", flush=True)
         seconds: dict[tuple[str, str], list[float]] = {}
-        workers: list[Launched] = []
+        queues = [f"{name}-{i}" for i in range(len(configs))]  # one per worker command
         try:
             for round_ in range(args.repeat):
-                for i, (label, command) in enumerate(configs.items()):
-                    worker = Launched(label, command, app, env, Path(scratch), f"{name}-{i}")
-                    workers.append(worker)
+                for queue, (label, command) in zip(queues, configs.items(), strict=True):
+                    worker = Launched(label, command, app, env, Path(scratch), queue)
                     try:
                         worker.run_batch(app.io, sleep, args.tasks_io)  # warm-up, not measured
                         for workload, (actor, argument, n) in workloads.items():
@@ -192,11 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                     finally:
                         worker.stop()
         finally:
-            for worker in workers:
-                worker.stop()
             app.broker.flush_all()
             if args.broker == "rabbitmq":
-                for queue in {*app.broker.queues, *(worker.queue for worker in workers)}:
+                for queue in {*app.broker.queues, *queues}:
                     for variant in (queue, f"{queue}.DQ", f"{queue}.XQ"):
                         app.broker.channel.queue_delete(variant)
             app.broker.close()
