@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from helpers import wait_for
 
 import cmwq_exec
+from cmwq_exec.core import timer
 from cmwq_exec.core.interrupts import deferred_interrupts
 
 #: Call returns are counted in code under this directory (the package).
@@ -219,7 +220,8 @@ def workqueue_at_rest(wq: cmwq_exec.WorkQueue, run: Run, works: Iterable[cmwq_ex
                       timeout: float = 20.0) -> None:
     """The invariants of a workqueue at rest after a run: a flush completes; nothing of it is in
     flight, active, waiting or asleep; its inactive list is empty; none of ``works`` is pending or
-    running; no flusher or drain is left counted; every pool's own invariants hold."""
+    running; no flusher or drain is left counted; every pool's own invariants hold; the timer
+    thread is not asleep past its earliest timer."""
     flushed = threading.Event()
 
     def flush() -> None:
@@ -242,3 +244,6 @@ def workqueue_at_rest(wq: cmwq_exec.WorkQueue, run: Run, works: Iterable[cmwq_ex
         with pool.lock:
             pool.check_invariants()
             assert not any(w._pwq is not None and w._pwq.wq is wq for w in pool.worklist), str(run)
+    wheel = timer._wheel
+    with wheel.lock:
+        wheel.check_invariants()  # its thread is not asleep past a timer (the watchdog's, say)

@@ -164,7 +164,24 @@ class SubmitScenario:
         wait_for(f"executor {self.executor.workqueue.name} shut down", done.is_set)
 
 
-SCENARIOS = [QueueScenario, CancelScenario, FlushScenario, SubmitScenario]
+class FreshPoolsScenario(SubmitScenario):
+    """An unlimited executor's submits on fresh pools, as a process's first submits are: each
+    pool has its first worker only, the first call blocks (on the gate), so the next calls need
+    a worker created while it sleeps (the handover, the manager, the pacing timer). Fresh pools for
+    every run: on pools that kept the workers of earlier runs, the injection never lands in the
+    paths that create one."""
+
+    def setup(self) -> None:
+        from cmwq_exec.core import system
+
+        system._reset_for_tests(hotplug=False)
+        self.executor = CMWQExecutor(name=f"inject-{next(_names)}")
+        self.tally = Tally()
+        self.futures = []
+        self.gate = threading.Event()
+
+
+SCENARIOS = [QueueScenario, CancelScenario, FlushScenario, SubmitScenario, FreshPoolsScenario]
 
 
 # an injection that lands in a finalizer run on the scenario's thread (an earlier run's executor

@@ -601,3 +601,58 @@ def test_timer_model(monkeypatch: pytest.MonkeyPatch) -> None:
     run_state_machine_as_test(TimerModel, settings=settings(
         max_examples=150, stateful_step_count=40, deadline=None,
         suppress_health_check=[HealthCheck.too_slow]))
+
+
+# -- an exception at any call return of add() leaves the thread serving the heap ---------------------
+
+
+class _AddScenario:
+    """``add()`` of a timer earlier than the head, on a wheel whose thread sleeps until a far timer
+    (in ``Condition.wait``, or in ``select`` while a socket is watched), the exception injected at
+    each call return of ``add()`` in turn (tests/async_inject.py). Whatever the injection cut, a
+    timer that made it into the heap fires: the thread is never left asleep past the heap's head.
+
+    Once an exception landing as ``heappush`` returned skipped the wakeup after it: the thread slept
+    on until its old deadline (for ever, with an empty heap), and every later timer, the watchdog's
+    included, waited with it."""
+
+    watched = False
+
+    def setup(self) -> None:
+        import socket
+
+        self.wheel = timer._Wheel()
+        self.sockets = socket.socketpair() if self.watched else ()
+        if self.watched:
+            self.wheel.watch(self.sockets[0], lambda: None)
+        self.wheel.add(3600, lambda: None)
+        wait_for("the timer thread asleep", lambda: self.wheel.sleep_until is not None)
+        self.event = threading.Event()
+        self.added: Any = None
+
+    def body(self) -> None:
+        self.added = self.wheel.add(0.02, self.event.set)
+
+    def check(self, run: Any) -> None:
+        with self.wheel.lock:
+            self.wheel.check_invariants()
+            queued = any(entry[2].callback == self.event.set for entry in self.wheel.heap)
+        if self.added is not None or queued:
+            assert self.event.wait(5), f"{run}: a timer in the heap never fired"
+
+    def teardown(self) -> None:
+        self.wheel.shutdown(timeout=5)
+        for sock in self.sockets:
+            sock.close()
+
+
+class _WatchedAddScenario(_AddScenario):
+    watched = True
+
+
+@pytest.mark.parametrize("scenario", [_AddScenario, _WatchedAddScenario], ids=["wait", "select"])
+def test_an_exception_at_any_call_return_of_add_never_leaves_the_thread_asleep(scenario: type) -> None:
+    from async_inject import inject_everywhere
+
+    runs = inject_everywhere(scenario, "async")
+    assert runs[-1].injected is False and len(runs) > 3, runs

@@ -253,11 +253,15 @@ class Manager:
         assert_held(self.pool.lock)
         if self.create_pending:
             return
-        self.create_pending = True
         if now:
+            self.create_pending = True
             self._create_worker_locked()
         else:
+            # the timer first, the mark after (calls first, stores after: core/interrupts.py): an
+            # exception landing in add_timer must not leave the mark without its timer, which
+            # would keep every later kick from having a worker created for the pool
             timer.add_timer(0, self._create_worker_from_timer)
+            self.create_pending = True
 
     def _create_worker_from_timer(self) -> None:
         with self.pool.lock:

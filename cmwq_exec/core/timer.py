@@ -17,6 +17,10 @@ Every pool depends on that one thread, so nothing may end it but :func:`shutdown
 * whatever a callback raises, BaseException included, is logged and the thread goes on; so does a
   failure of the loop itself;
 * if the thread is dead anyway, the next :func:`add_timer` starts a new one;
+* it never sleeps past the earliest timer: a timer that becomes the earliest wakes it, and the
+  wakeup comes before the timer is pushed, so an exception landing in :func:`add_timer` (a Ctrl-C,
+  a Celery time limit on a task's thread) cannot leave a timer in the heap with the thread asleep
+  past it (``_Wheel.check_invariants``, which the interruption tests run after every injection);
 * in a child process, the wheel starts afresh (new lock, no timers, no thread) at fork.
 
 A cancelled timer costs nothing but its small ``Timer`` object: ``cancel()`` drops the callback (a
@@ -124,6 +128,9 @@ class _Wheel:
         self.thread: threading.Thread | None = None  # L: lock; the thread serving the heap
         self.watched: tuple[Any, Callable[[], None]] | None = None  # L: lock; (socket, on_ready)
         self.selecting = False  # L: lock; the thread is (about to be) in select: poke to wake it
+        # L: lock; the deadline the thread sleeps until (inf: none), None while it is awake or a
+        # wakeup is on its way to it. Invariant: never later than the heap's head (check_invariants)
+        self.sleep_until: float | None = None
         self.wake_r: int | None = None  # L: lock; the wake-up pipe, made by the first watch()
         self.wake_w: int | None = None
 
@@ -134,12 +141,26 @@ class _Wheel:
         timer = Timer(self.clock() + delay, callback, self)
         with self.lock:
             self.start_locked()  # first: a timer is queued only if a thread will serve it
-            head = self.heap[0][0] if self.heap else None
-            heapq.heappush(self.heap, (timer.deadline, next(self.seq), timer))
-            if head is None or timer.deadline < head:
+            entry = (timer.deadline, next(self.seq), timer)
+            heap = self.heap
+            if not heap or timer.deadline < heap[0][0]:
+                # The wakeup before the push (calls first, stores after: core/interrupts.py): the
+                # thread looks at the heap only once this lock is released, so it finds the entry,
+                # and an exception landing as heappush returns comes after both. Pushed first, an
+                # exception landing there skipped the wakeup, and the thread slept past its head.
                 self.cond.notify()
                 self.poke_locked()
+                self.sleep_until = None
+            heapq.heappush(heap, entry)
         return timer
+
+    @must_hold("lock")
+    def check_invariants(self) -> None:
+        """The thread is never asleep past the heap's head: a timer that became the earliest woke
+        it (or is waking it). L: held."""
+        heap = self.heap
+        assert self.sleep_until is None or not heap or self.sleep_until <= heap[0][0], \
+            (self.sleep_until, heap[0][0])
 
     @must_hold("lock")
     def compact_locked(self) -> None:
@@ -236,8 +257,10 @@ class _Wheel:
                     break
                 timeout = min(heap[0][0] - now, MAX_DELAY) if heap else None
                 watched = self.watched
+                self.sleep_until = heap[0][0] if heap else float("inf")
                 if watched is None:
                     self.cond.wait(timeout)
+                    self.sleep_until = None
                     continue
                 self.selecting = True  # from here on, add() pokes the pipe
                 wake_r = self.wake_r
@@ -270,6 +293,7 @@ class _Wheel:
         finally:
             with self.lock:
                 self.selecting = False
+                self.sleep_until = None
         if wake_r in ready:
             try:
                 os.read(wake_r, 4096)  # type: ignore[arg-type]
