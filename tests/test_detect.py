@@ -247,3 +247,60 @@ def test_a_user_wait_below_a_user_call_site_still_counts(detecting: str) -> None
     # the walk out from a blocking call stops at the first frame of cmwq_exec: the user's function
     # runs below a user call site, so its waits count, however deep in its own calls
     assert _seen_sleeping(_deep_sleep)
+
+
+class _Clock:
+    """detect's clock for a test: each reading is ``step`` seconds after the one before, so every
+    wait measures ``step`` (a wait is two readings: its start and its end) on an idle machine and a
+    busy one alike."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.step = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def _sleeps_told(monkeypatch: Any, waits: list[float]) -> list[bool]:
+    """Run one work that waits at one call site once per item of ``waits``, each measuring that
+    many seconds; for each, whether its worker told the pool it slept (Worker.sleep_begin called
+    during it)."""
+    told: list[bool] = []
+    begun: list[Worker] = []
+    sleep_begin = Worker.sleep_begin
+    clock = _Clock()
+
+    def spy(self: Worker) -> None:
+        begun.append(self)
+        sleep_begin(self)
+
+    monkeypatch.setattr(Worker, "sleep_begin", spy)
+    monkeypatch.setattr(detect, "_monotonic", clock)
+
+    def work() -> None:
+        for seconds in waits:
+            before = len(begun)
+            clock.step = seconds / 2
+            time.sleep(0)  # one call site for every wait
+            told.append(len(begun) > before)
+
+    with CMWQExecutor() as ex:
+        ex.submit(work).result(timeout=30)
+    return told
+
+
+def test_a_site_of_short_waits_is_not_told_after_its_first_wait(detecting: str, monkeypatch: Any) -> None:
+    """A wait of 50 µs (a send into a socket buffer with room, an uncontended lock) is over before
+    a woken worker would run: a handover for it costs CPU for nothing. The site's first wait is
+    told (nothing is known of it yet), the next ones are not."""
+    told = _sleeps_told(monkeypatch, [0.00005] * 40)
+    assert told == [True] + [False] * 39, told
+
+
+def test_a_site_whose_waits_grow_is_told_again(detecting: str, monkeypatch: Any) -> None:
+    """Short waits, then 20 ms ones at the same site: the site's average passes the threshold with
+    the first long wait, and the next ones are told."""
+    told = _sleeps_told(monkeypatch, [0.00005] * 20 + [0.02] * 10)
+    assert told[20:] == [False] + [True] * 9, told[20:]
