@@ -12,22 +12,17 @@ the "async" model raises it anywhere, as ``PyThreadState_SetAsyncExc`` does (a C
 from __future__ import annotations
 
 import itertools
-import sys
 import threading
 from concurrent.futures import CancelledError
 from typing import Any
 
 import pytest
-from async_inject import Run, Tally, inject_everywhere, workqueue_at_rest
+from async_inject import NOT_ON_311, Run, Tally, inject_everywhere, workqueue_at_rest
 from helpers import wait_for
 
 from cmwq_exec import CMWQExecutor, DelayedWork, Work, WorkQueue
 
-# On CPython 3.11 the injection through sys.setprofile misbehaves where the pools already ran other
-# tests in the process (these pass alone there; the whole suite's py311 lane failed five of them);
-# 3.10, 3.12, 3.13 and the lockdep lane run them.
-pytestmark = pytest.mark.skipif(sys.version_info[:2] == (3, 11),
-                                reason="setprofile injection misbehaves on CPython 3.11 in a long process")
+pytestmark = NOT_ON_311
 
 _names = itertools.count()
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from async_inject import NOT_ON_311, inject_everywhere
 from helpers import log_messages, wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -650,9 +651,8 @@ class _WatchedAddScenario(_AddScenario):
     watched = True
 
 
+@NOT_ON_311
 @pytest.mark.parametrize("scenario", [_AddScenario, _WatchedAddScenario], ids=["wait", "select"])
 def test_an_exception_at_any_call_return_of_add_never_leaves_the_thread_asleep(scenario: type) -> None:
-    from async_inject import inject_everywhere
-
     runs = inject_everywhere(scenario, "async")
     assert runs[-1].injected is False and len(runs) > 3, runs
