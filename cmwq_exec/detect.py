@@ -24,6 +24,12 @@ GIL: for a wait shorter than the wakeup (a send into a socket buffer with room, 
 Redis round trip on this host, an uncontended lock) it costs CPU and gains nothing. A site's
 first wait counts; a short site whose waits grow counts again once its average passes the
 threshold, and meanwhile the watchdog catches a long wait as it catches any un-annotated one.
+
+With ``sys.monitoring``, a blocking call site that only threads running no work call (a task
+queue's consumer reading its broker socket, the main thread) is no longer watched after
+:data:`OUTSIDE_CALLS` such calls: a watched site costs a callback per call. A site unwatched that
+way is unwatched for every thread, so if works call it later, their waits there are not told (the
+watchdog still finds them blocked).
 """
 
 from __future__ import annotations
@@ -65,6 +71,15 @@ def _waited(site: Any, seconds: float) -> None:
     """A wait at ``site`` ended after ``seconds``: move the site's average."""
     average = _site_waits.get(site)
     _site_waits[site] = seconds if average is None else average + (seconds - average) * WAIT_WEIGHT
+
+
+#: (sys.monitoring) A blocking call site that threads running no work (a task queue's consumer,
+#: the main thread) have called this many times, and no work ever, is no longer watched.
+OUTSIDE_CALLS = 64
+#: Calls of each blocking site by threads running no work, until it is unwatched (no lock: a lost
+#: update only delays that by one call).
+_outside_calls: dict[Any, int] = {}
+
 _mechanism: str | None = None  # under _lock: None, "sys.monitoring" or "wrappers"
 
 #: blocking functions of the stdlib's C modules
@@ -192,7 +207,21 @@ def _on_call(code: Any, offset: int, fn: object, arg0: object) -> Any:
     if code.co_filename.startswith(_PACKAGE_DIR) and code not in _USER_SITES:
         return _DISABLE
     worker = current.worker
-    if (worker is not None and worker.current_work is not None
+    if worker is None:
+        # a thread that runs no work: once it (or others like it) made enough calls here and no
+        # work ever waited here, stop watching the site. A Celery consumer's socket reads were
+        # otherwise watched on every message, which cost the worker more CPU per task than all
+        # of its works' detected waits.
+        site = (code, offset)
+        if site in _site_waits:
+            return None
+        calls = _outside_calls.get(site, 0) + 1
+        if calls >= OUTSIDE_CALLS:
+            _outside_calls.pop(site, None)
+            return _DISABLE
+        _outside_calls[site] = calls
+        return None
+    if (worker.current_work is not None
             and _for_the_user(sys._getframe(1), _USER_SITES)):
         site = (code, offset)
         counted = _counts(site)
@@ -221,6 +250,7 @@ def _on_return(code: Any, offset: int, fn: object, arg0: object) -> Any:
 def _enable_monitoring() -> None:
     global _tool_id
     _USER_SITES.update(_user_call_sites())
+    _outside_calls.clear()
     mon = sys.monitoring  # type: ignore[attr-defined]
     for tool_id in (4, 3):
         if mon.get_tool(tool_id) is None:

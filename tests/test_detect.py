@@ -304,3 +304,36 @@ def test_a_site_whose_waits_grow_is_told_again(detecting: str, monkeypatch: Any)
     the first long wait, and the next ones are told."""
     told = _sleeps_told(monkeypatch, [0.00005] * 20 + [0.02] * 10)
     assert told[20:] == [False] + [True] * 9, told[20:]
+
+
+def _nap(seconds: float) -> None:
+    time.sleep(seconds)  # one call site, for the main thread and for works
+
+
+def test_a_site_only_threads_without_works_call_is_unwatched(detecting: str) -> None:
+    """The main thread (no work) calls a blocking site: the calls are counted up to OUTSIDE_CALLS,
+    then the site is unwatched, so later calls no longer reach detection at all."""
+    if detecting != "sys.monitoring":
+        pytest.skip("the wrappers have no per-site unwatching")
+
+    def outside() -> None:
+        time.sleep(0)
+
+    def calls() -> list[int]:
+        return [n for site, n in detect._outside_calls.items() if site[0] is outside.__code__]
+
+    for _ in range(10):
+        outside()
+    assert calls() == [10]
+    for _ in range(detect.OUTSIDE_CALLS + 10):
+        outside()
+    assert calls() == [], "the site is still watched"
+
+
+def test_a_site_a_work_waited_at_stays_watched_for_works(detecting: str) -> None:
+    """A site where a work waited is never unwatched for the main thread's calls: the work's next
+    wait there is still told to the pool."""
+    assert _seen_sleeping(lambda: _nap(0.3))
+    for _ in range(detect.OUTSIDE_CALLS + 10):
+        _nap(0)
+    assert _seen_sleeping(lambda: _nap(0.3))
