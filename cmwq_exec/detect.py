@@ -15,21 +15,6 @@ sleeps for the duration of the call, exactly as if the call were wrapped in ``bl
 
 Calls made by cmwq_exec's own code are never counted (the pool's locks are not sleeps), except where
 it calls the user's function (submitting ``time.sleep`` itself counts).
-
-Only waits worth a handover are told to the pool. Each wait is timed, and a call site (the code
-and offset of the call, or with the wrappers the wrapped function and its caller) keeps an
-average of its waits; while that average is below :data:`MIN_WAIT` the site's waits are not
-counted as sleeps. A handover wakes another worker, which then competes with this one for the
-GIL: for a wait shorter than the wakeup (a send into a socket buffer with room, a connect or a
-Redis round trip on this host, an uncontended lock) it costs CPU and gains nothing. A site's
-first wait counts; a short site whose waits grow counts again once its average passes the
-threshold, and meanwhile the watchdog catches a long wait as it catches any un-annotated one.
-
-With ``sys.monitoring``, a blocking call site that only threads running no work call (a task
-queue's consumer reading its broker socket, the main thread) is no longer watched after
-:data:`OUTSIDE_CALLS` such calls: a watched site costs a callback per call. A site unwatched that
-way is unwatched for every thread, so if works call it later, their waits there are not told (the
-watchdog still finds them blocked).
 """
 
 from __future__ import annotations
@@ -51,35 +36,6 @@ from .core.workqueue import Work
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _lock = threading.Lock()
-_monotonic = time.monotonic
-
-#: A call site whose waits average less than this (seconds) is not told to the pool as sleeping.
-MIN_WAIT = 0.0005
-#: Weight of a new wait in its site's average (the kernel's sleep_avg-style moving average).
-WAIT_WEIGHT = 0.125
-#: Average wait per call site, in seconds; written without a lock (a lost update only delays
-#: the average by one wait).
-_site_waits: dict[Any, float] = {}
-
-
-def _counts(site: Any) -> bool:
-    """Are the waits at ``site`` long enough to tell the pool (a site not seen yet: yes)?"""
-    return _site_waits.get(site, MIN_WAIT) >= MIN_WAIT
-
-
-def _waited(site: Any, seconds: float) -> None:
-    """A wait at ``site`` ended after ``seconds``: move the site's average."""
-    average = _site_waits.get(site)
-    _site_waits[site] = seconds if average is None else average + (seconds - average) * WAIT_WEIGHT
-
-
-#: (sys.monitoring) A blocking call site that threads running no work (a task queue's consumer,
-#: the main thread) have called this many times, and no work ever, is no longer watched.
-OUTSIDE_CALLS = 64
-#: Calls of each blocking site by threads running no work, until it is unwatched (no lock: a lost
-#: update only delays that by one call).
-_outside_calls: dict[Any, int] = {}
-
 _mechanism: str | None = None  # under _lock: None, "sys.monitoring" or "wrappers"
 
 #: blocking functions of the stdlib's C modules
@@ -207,50 +163,29 @@ def _on_call(code: Any, offset: int, fn: object, arg0: object) -> Any:
     if code.co_filename.startswith(_PACKAGE_DIR) and code not in _USER_SITES:
         return _DISABLE
     worker = current.worker
-    if worker is None:
-        # a thread that runs no work: once it (or others like it) made enough calls here and no
-        # work ever waited here, stop watching the site. A Celery consumer's socket reads were
-        # otherwise watched on every message, which cost the worker more CPU per task than all
-        # of its works' detected waits.
-        site = (code, offset)
-        if site in _site_waits:
-            return None
-        calls = _outside_calls.get(site, 0) + 1
-        if calls >= OUTSIDE_CALLS:
-            _outside_calls.pop(site, None)
-            return _DISABLE
-        _outside_calls[site] = calls
-        return None
-    if (worker.current_work is not None
+    if (worker is not None and worker.current_work is not None
             and _for_the_user(sys._getframe(1), _USER_SITES)):
-        site = (code, offset)
-        counted = _counts(site)
-        if counted:
-            worker.sleep_begin()
+        worker.sleep_begin()
         stack = current.detected
         if stack is None:
             stack = current.detected = []
-        stack.append((site, _monotonic(), counted))
+        stack.append((code, offset))
     return None
 
 
 def _on_return(code: Any, offset: int, fn: object, arg0: object) -> Any:
     stack = current.detected
-    if stack:
-        site, started, counted = stack[-1]
-        if site[1] == offset and site[0] is code:
-            stack.pop()
-            _waited(site, _monotonic() - started)
-            worker = current.worker
-            if counted and worker is not None:
-                worker.sleep_end()
+    if stack and stack[-1] == (code, offset):
+        stack.pop()
+        worker = current.worker
+        if worker is not None:
+            worker.sleep_end()
     return None
 
 
 def _enable_monitoring() -> None:
     global _tool_id
     _USER_SITES.update(_user_call_sites())
-    _outside_calls.clear()
     mon = sys.monitoring  # type: ignore[attr-defined]
     for tool_id in (4, 3):
         if mon.get_tool(tool_id) is None:
@@ -293,20 +228,11 @@ def _wrap(owner: Any, name: str) -> None:
         # only a work's own waits, as with sys.monitoring: a worker between works (a manager
         # starting a thread waits on an Event) is not running, and its wait is no sleep to learn
         worker = current.worker
-        if worker is None or worker.current_work is None:
+        if (worker is None or worker.current_work is None
+                or not _for_the_user(sys._getframe(1), _user_sites)):
             return original(*args, **kwargs)
-        caller = sys._getframe(1)
-        if not _for_the_user(caller, _user_sites):
+        with blocking():
             return original(*args, **kwargs)
-        site = (original, caller.f_code)
-        started = _monotonic()
-        try:
-            if not _counts(site):
-                return original(*args, **kwargs)
-            with blocking():
-                return original(*args, **kwargs)
-        finally:
-            _waited(site, _monotonic() - started)
 
     call_blocking.__wrapped__ = original  # type: ignore[attr-defined]
     call_blocking.__name__ = getattr(original, "__name__", name)
