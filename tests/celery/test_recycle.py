@@ -192,7 +192,7 @@ def test_a_warm_shutdown_during_a_handover_finishes_started_tasks_and_loses_none
     the old child consuming or draining): every process exits, each task an old or new child had
     started finished there, and a second worker runs the rest: each task ran once."""
     worker, names = start(start_worker, concurrency=2, args=("--max-tasks-per-child", "3"))
-    tokens = [f"h{i}" for i in range(40)]
+    tokens = [f"h{i}" for i in range(80)]  # more than a busy machine runs before the handover is seen
     for token in tokens:
         celery_app.tasks["t.record_early"].delay(key, token, 0.5)
     # a handover is under way while the worker has more processes than children (the replacement

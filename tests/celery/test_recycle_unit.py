@@ -196,6 +196,17 @@ def sleeper() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
+def deaf_sleeper() -> subprocess.Popen[bytes]:
+    """A sleeper that ignores SIGTERM (an old process that has not stopped consuming yet), once
+    it says so. Not SIGSTOP: a SIGTERM left at its default action kills a stopped process at
+    once, and the handover then saw it gone (released) a moment later, now and then."""
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; "
+                             "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('deaf', flush=True); "
+                             "time.sleep(60)"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"deaf\n"
+    return proc
+
+
 def test_the_handover_stops_the_old_process_once_the_new_is_ready_and_lets_it_go_once_released(tmp_path):
     old, new = sleeper(), sleeper()
     try:
@@ -225,8 +236,7 @@ def test_the_handover_stops_the_old_process_once_the_new_is_ready_and_lets_it_go
 
 
 def test_a_replacement_is_let_go_when_the_old_process_released_its_consumer(tmp_path):
-    old, new = sleeper(), sleeper()
-    old.send_signal(signal.SIGSTOP)  # it ignores the SIGTERM for now
+    old, new = deaf_sleeper(), sleeper()  # the old one ignores its SIGTERM for now
     try:
         old_files, new_files = str(tmp_path / "c.1"), str(tmp_path / "c.2")
         handover = recycle.Handover()
@@ -246,8 +256,7 @@ def test_a_replacement_is_let_go_when_the_old_process_released_its_consumer(tmp_
 
 
 def test_a_replacement_is_let_go_after_release_wait_if_the_old_process_is_wedged(tmp_path):
-    old, new = sleeper(), sleeper()
-    old.send_signal(signal.SIGSTOP)
+    old, new = deaf_sleeper(), sleeper()
     try:
         new_files = str(tmp_path / "c.2")
         handover = recycle.Handover()
