@@ -124,9 +124,15 @@ class SubmitScenario:
     and the worker finishing the call hung on it."""
 
     nr_calls = 3
+    max_workers: int | None = 1
+    fresh_pools = False  # fresh pools for every run (a process's first submits)
 
     def setup(self) -> None:
-        self.executor = CMWQExecutor(max_workers=1, name=f"inject-{next(_names)}")
+        if self.fresh_pools:
+            from cmwq_exec.core import system
+
+            system._reset_for_tests(hotplug=False)
+        self.executor = CMWQExecutor(max_workers=self.max_workers, name=f"inject-{next(_names)}")
         self.tally = Tally()
         self.futures: list[Any] = []
         self.gate = threading.Event()
@@ -166,14 +172,8 @@ class FreshPoolsScenario(SubmitScenario):
     every run: on pools that kept the workers of earlier runs, the injection never lands in the
     paths that create one."""
 
-    def setup(self) -> None:
-        from cmwq_exec.core import system
-
-        system._reset_for_tests(hotplug=False)
-        self.executor = CMWQExecutor(name=f"inject-{next(_names)}")
-        self.tally = Tally()
-        self.futures = []
-        self.gate = threading.Event()
+    max_workers = None
+    fresh_pools = True
 
 
 SCENARIOS = [QueueScenario, CancelScenario, FlushScenario, SubmitScenario, FreshPoolsScenario]

@@ -200,7 +200,7 @@ def deaf_sleeper() -> subprocess.Popen[bytes]:
     """A sleeper that ignores SIGTERM (an old process that has not stopped consuming yet), once
     it says so. Not SIGSTOP: a SIGTERM left at its default action kills a stopped process at
     once, and the handover then saw it gone (released) a moment later, now and then."""
-    proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; "
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; "
                              "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('deaf', flush=True); "
                              "time.sleep(60)"], stdout=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"deaf\n"
